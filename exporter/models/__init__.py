@@ -1,0 +1,15 @@
+"""Loading diffusers-format models and the architecture adapters that know how to call them."""
+
+from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
+from exporter.models.conditioning import Conditioning, load_conditioning
+from exporter.models.loading import LoadedModel, load_model
+
+__all__ = [
+    "ArchitectureAdapter",
+    "Conditioning",
+    "LoadedModel",
+    "adapter_for",
+    "load_conditioning",
+    "load_model",
+    "supported_classes",
+]

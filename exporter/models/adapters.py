@@ -1,0 +1,135 @@
+"""Architecture adapters: one per diffusers model class, registered by class name.
+
+An adapter holds every architecture quirk, so generic code (sampling now; calibration, export and
+the runtime later) never branches on the model class. Today it declares how the model is
+conditioned and how one denoiser call is made; the block partition joins it with calibration.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from exporter.errors import ModelError
+
+ConditioningKind = Literal["embeddings", "class_labels", "none"]
+
+_REGISTRY: dict[str, type[ArchitectureAdapter]] = {}
+
+
+def register(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
+    _REGISTRY[cls.class_name] = cls
+    return cls
+
+
+def supported_classes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for(class_name: str, config: dict) -> ArchitectureAdapter:
+    try:
+        return _REGISTRY[class_name](config)
+    except KeyError:
+        raise ModelError(
+            f"model class {class_name!r} is not supported; supported: {', '.join(supported_classes())}"
+        ) from None
+
+
+class ArchitectureAdapter:
+    class_name: ClassVar[str]
+    subfolder: ClassVar[str]  # where a diffusers pipeline directory keeps this model
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    @property
+    def conditioning(self) -> ConditioningKind:
+        raise NotImplementedError
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of the conditioning embeddings the model expects (kind ``embeddings``)."""
+        return None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of real classes (kind ``class_labels``); the null class is index ``num_classes``."""
+        return None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.config["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.config["in_channels"], h, w)
+
+    def denoise(self, model: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The model's noise prediction for ``sample`` at timesteps ``t`` (one per batch item)."""
+        raise NotImplementedError
+
+    def _drop_learned_sigma(self, out: torch.Tensor) -> torch.Tensor:
+        # DiT-style models may predict [epsilon, variance]; samplers here use epsilon only.
+        channels = self.config["in_channels"]
+        return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
+@register
+class UNet2DConditionAdapter(ArchitectureAdapter):
+    class_name = "UNet2DConditionModel"
+    subfolder = "unet"
+    conditioning = "embeddings"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config["cross_attention_dim"]
+
+    def denoise(self, model, sample, t, cond):
+        return model(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+@register
+class UNet2DAdapter(ArchitectureAdapter):
+    class_name = "UNet2DModel"
+    subfolder = "unet"
+
+    @property
+    def conditioning(self) -> ConditioningKind:
+        return "class_labels" if self.config.get("num_class_embeds") else "none"
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.get("num_class_embeds")
+
+    def denoise(self, model, sample, t, cond):
+        return model(sample, t, class_labels=cond, return_dict=False)[0]
+
+
+@register
+class DiTAdapter(ArchitectureAdapter):
+    class_name = "DiTTransformer2DModel"
+    subfolder = "transformer"
+    conditioning = "class_labels"
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_embeds_ada_norm"]
+
+    def denoise(self, model, sample, t, cond):
+        return self._drop_learned_sigma(model(sample, t, class_labels=cond, return_dict=False)[0])
+
+
+@register
+class PixArtAdapter(ArchitectureAdapter):
+    class_name = "PixArtTransformer2DModel"
+    subfolder = "transformer"
+    conditioning = "embeddings"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config["caption_channels"]
+
+    def denoise(self, model, sample, t, cond):
+        # Resolution/aspect-ratio micro-conditioning is off unless the config enables it.
+        added = {"resolution": None, "aspect_ratio": None}
+        out = model(sample, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+        return self._drop_learned_sigma(out)

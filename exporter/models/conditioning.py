@@ -1,0 +1,98 @@
+"""Precomputed conditioning: what a text encoder or a label table produces, stored as safetensors.
+
+Two layouts, picked by the model's adapter:
+
+* ``embeddings`` (cross-attention models): ``cond`` [N, seq, dim], one row per prompt, and ``uncond``
+  [1, seq, dim], the null prompt for classifier-free guidance.
+* ``class_labels`` (class-conditional models): ``class_labels`` [N] int64 and ``null_class`` [1].
+
+Row ``i`` of the file is what ``--rows i`` selects. Unconditional models need no file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exporter.errors import ConditioningError, UsageError
+from exporter.models.adapters import ArchitectureAdapter
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    kind: str
+    cond: torch.Tensor | None  # [N, seq, dim] float or [N] int64; None when unconditional
+    uncond: torch.Tensor | None  # [1, seq, dim] or [1]
+    source: Path | None = None
+
+    @property
+    def num_rows(self) -> int | None:
+        return None if self.cond is None else int(self.cond.shape[0])
+
+    def check_rows(self, rows: list[int]) -> None:
+        bad = [r for r in rows if r < 0 or (self.num_rows is not None and r >= self.num_rows)]
+        if bad:
+            where = f"{self.source} has {self.num_rows} rows" if self.source else "rows must be >= 0"
+            raise UsageError(f"row(s) {bad} out of range: {where}")
+
+    def batch(self, rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Conditioning for a batch of images of the given rows, and the matching null batch."""
+        if self.cond is None:
+            return None, None
+        index = torch.tensor(rows, dtype=torch.long)
+        uncond = self.uncond.expand(len(rows), *self.uncond.shape[1:])
+        return self.cond[index], uncond
+
+
+def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Conditioning:
+    kind = adapter.conditioning
+    if kind == "none":
+        return Conditioning(kind, None, None, None)
+    if path is None:
+        raise ConditioningError(
+            f"{adapter.class_name} needs conditioning: pass --cond FILE (a safetensors file with "
+            + ("'cond' and 'uncond' embeddings)" if kind == "embeddings" else "'class_labels' and 'null_class')")
+        )
+    tensors = _read(Path(path))
+    if kind == "embeddings":
+        cond, uncond = _require(tensors, path, "cond", "uncond")
+        if cond.ndim != 3 or uncond.shape != (1, *cond.shape[1:]):
+            raise ConditioningError(
+                f"{path}: 'cond' must be [N, seq, dim] and 'uncond' [1, seq, dim]; "
+                f"got {tuple(cond.shape)} and {tuple(uncond.shape)}"
+            )
+        if not cond.is_floating_point() or not uncond.is_floating_point():
+            raise ConditioningError(f"{path}: 'cond' and 'uncond' must be floating point")
+        if adapter.embedding_dim is not None and cond.shape[-1] != adapter.embedding_dim:
+            raise ConditioningError(
+                f"{path}: embeddings are {cond.shape[-1]} wide but the model expects {adapter.embedding_dim}"
+            )
+        return Conditioning(kind, cond.float(), uncond.float(), Path(path))
+    labels, null = _require(tensors, path, "class_labels", "null_class")
+    if labels.ndim != 1 or null.shape != (1,) or labels.is_floating_point() or null.is_floating_point():
+        raise ConditioningError(f"{path}: 'class_labels' must be integer [N] and 'null_class' integer [1]")
+    limit = adapter.num_classes
+    if limit is not None and (int(labels.max()) >= limit or int(labels.min()) < 0):
+        raise ConditioningError(f"{path}: class labels must lie in [0, {limit}) for this model")
+    return Conditioning(kind, labels.long(), null.long(), Path(path))
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConditioningError(f"conditioning file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConditioningError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _require(tensors: dict, path, *keys: str) -> list[torch.Tensor]:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise ConditioningError(f"{path}: missing tensor(s) {missing}; found {sorted(tensors)}")
+    return [tensors[k] for k in keys]

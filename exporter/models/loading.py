@@ -1,0 +1,132 @@
+"""Load a local diffusers-format model: a pipeline directory or a bare model directory.
+
+* pipeline directory: ``unet/`` or ``transformer/`` (config.json + safetensors), ``scheduler/``, and
+  optionally ``conditioning.safetensors`` and ``sampling.json`` (default guidance/steps/scheduler).
+* bare model directory: ``config.json`` + ``diffusion_pytorch_model.safetensors``; the scheduler
+  falls back to diffusers' DDPM defaults (with a warning).
+
+Only safetensors weights are read: a ``.bin`` checkpoint would go through pickle, which can run code.
+Every failure becomes a ``ModelError`` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exporter.errors import ModelError
+from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"
+CONDITIONING = "conditioning.safetensors"
+SAMPLING_DEFAULTS = "sampling.json"
+
+
+@dataclass
+class LoadedModel:
+    directory: Path  # what the user named
+    model_dir: Path  # the folder holding config.json and the weights
+    model: torch.nn.Module
+    adapter: ArchitectureAdapter
+    scheduler_config: dict
+    default_conditioning: Path | None = None
+    sampling_defaults: dict = field(default_factory=dict)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: corrupted {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def find_model_dir(directory: Path) -> Path:
+    if not directory.exists():
+        raise ModelError(f"model directory not found: {directory}")
+    if not directory.is_dir():
+        raise ModelError(f"{directory} is not a directory (expected a diffusers model or pipeline directory)")
+    for sub in ("unet", "transformer"):
+        if (directory / sub / "config.json").is_file():
+            return directory / sub
+    if (directory / "config.json").is_file():
+        return directory
+    raise ModelError(
+        f"{directory}: no config.json, unet/config.json or transformer/config.json; "
+        "expected a diffusers model directory (save_pretrained output) or pipeline directory"
+    )
+
+
+def check_weights(model_dir: Path) -> None:
+    """Fail early, naming the file, on missing, pickled or corrupted weights."""
+    from safetensors import SafetensorError, safe_open
+
+    index = model_dir / WEIGHTS_INDEX
+    if index.is_file():
+        shards = sorted(set(read_json(index, "weights index").get("weight_map", {}).values()))
+        files = [model_dir / s for s in shards]
+    else:
+        files = [model_dir / WEIGHTS]
+    for f in files:
+        if not f.is_file():
+            pickled = list(model_dir.glob("*.bin")) + list(model_dir.glob("*.pt")) + list(model_dir.glob("*.ckpt"))
+            hint = (
+                f"; found {pickled[0].name}, but pickled checkpoints are not loaded (they can run code): "
+                "convert it to safetensors first" if pickled else ""
+            )
+            raise ModelError(f"weights not found: {f}{hint}")
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{f}: corrupted safetensors weights ({e})") from None
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    import diffusers
+
+    directory = Path(directory)
+    model_dir = find_model_dir(directory)
+    config = read_json(model_dir / "config.json", "model config")
+    class_name = config.get("_class_name")
+    if not class_name:
+        raise ModelError(f"{model_dir / 'config.json'}: no '_class_name'; supported: {', '.join(supported_classes())}")
+    adapter = adapter_for(class_name, config)
+    check_weights(model_dir)
+    try:
+        model = getattr(diffusers, class_name).from_pretrained(
+            model_dir, use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        )
+    except Exception as e:  # diffusers raises many kinds; the user needs the file and the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{model_dir}: could not load {class_name} ({reason})") from None
+    model.eval().requires_grad_(False)
+    pipeline_dir = model_dir.parent if model_dir != directory else directory
+    sched_file = pipeline_dir / "scheduler" / "scheduler_config.json"
+    if model_dir != directory and sched_file.is_file():
+        scheduler_config = read_json(sched_file, "scheduler config")
+    else:
+        log.warning("%s has no scheduler/scheduler_config.json; using diffusers' DDPM defaults", directory)
+        scheduler_config = dict(diffusers.DDPMScheduler().config)
+    cond_file = directory / CONDITIONING
+    defaults_file = directory / SAMPLING_DEFAULTS
+    return LoadedModel(
+        directory=directory,
+        model_dir=model_dir,
+        model=model,
+        adapter=adapter,
+        scheduler_config=scheduler_config,
+        default_conditioning=cond_file if cond_file.is_file() else None,
+        sampling_defaults=read_json(defaults_file, "sampling defaults") if defaults_file.is_file() else {},
+    )

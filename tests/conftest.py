@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init diffusers models saved exactly as users' models would be."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def save_tiny_unet(directory: Path, pipeline_layout: bool = True) -> Path:
+    """A 2-level UNet2DConditionModel (random init) with a 3-row conditioning file."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16), cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+    )
+    model_dir = directory / "unet" if pipeline_layout else directory
+    unet.save_pretrained(model_dir, safe_serialization=True)
+    if pipeline_layout:
+        DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_config(directory / "scheduler")
+    save_file({"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8)}, str(directory / "conditioning.safetensors"))
+    return directory
+
+
+def save_tiny_dit(directory: Path) -> Path:
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
+                                num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=4)
+    dit.save_pretrained(directory / "transformer", safe_serialization=True)
+    DDIMScheduler().save_config(directory / "scheduler")
+    save_file({"class_labels": torch.arange(4), "null_class": torch.tensor([4])},
+              str(directory / "conditioning.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory) -> Path:
+    return save_tiny_unet(tmp_path_factory.mktemp("tiny-unet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory) -> Path:
+    return save_tiny_dit(tmp_path_factory.mktemp("tiny-dit"))
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``python -m exporter ARGS`` in a subprocess (what a user's shell sees: exit code, stderr)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "exporter", *map(str, args)], capture_output=True, text=True,
+                              timeout=600)
+
+    return run

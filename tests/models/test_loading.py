@@ -1,0 +1,110 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from exporter import ConditioningError, ModelError
+from exporter.models import load_conditioning, load_model
+from tests.conftest import save_tiny_unet
+
+
+def test_pipeline_dir_loads_with_its_scheduler_and_conditioning(tiny_unet_dir):
+    loaded = load_model(tiny_unet_dir)
+    assert loaded.adapter.class_name == "UNet2DConditionModel"
+    assert loaded.model_dir == tiny_unet_dir / "unet"
+    assert loaded.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    assert loaded.default_conditioning == tiny_unet_dir / "conditioning.safetensors"
+    assert not loaded.model.training
+    assert loaded.adapter.sample_shape == (1, 8, 8)
+
+
+def test_bare_model_dir_falls_back_to_default_scheduler(tmp_path, caplog):
+    save_tiny_unet(tmp_path, pipeline_layout=False)
+    loaded = load_model(tmp_path)
+    assert loaded.model_dir == tmp_path
+    assert loaded.scheduler_config["num_train_timesteps"] == 1000
+    assert "no scheduler" in caplog.text
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_directory_names_it(tmp_path):
+    with pytest.raises(ModelError, match="model directory not found: .*nope"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_corrupted_config_names_the_file(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    (d / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"unet/config.json: corrupted model config"):
+        load_model(d)
+
+
+def test_truncated_weights_name_the_file(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    weights = d / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model.safetensors: corrupted safetensors"):
+        load_model(d)
+
+
+def test_pickled_checkpoint_is_refused_not_loaded(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    (d / "unet" / "diffusion_pytorch_model.safetensors").rename(d / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="pickled checkpoints are not loaded"):
+        load_model(d)
+
+
+def test_unsupported_class_lists_supported(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    cfg["_class_name"] = "AutoencoderKL"
+    (d / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="'AutoencoderKL' is not supported; supported: DiTTransformer2DModel"):
+        load_model(d)
+
+
+def test_weights_that_do_not_fit_the_config(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 32]
+    (d / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="could not load UNet2DConditionModel"):
+        load_model(d)
+
+
+def test_dit_drops_learned_sigma(tiny_dit_dir):
+    loaded = load_model(tiny_dit_dir)
+    cond = load_conditioning(loaded.default_conditioning, loaded.adapter)
+    x = torch.randn(2, 1, 8, 8)
+    eps = loaded.adapter.denoise(loaded.model, x, torch.tensor([10, 500]), cond.cond[:2])
+    assert eps.shape == x.shape  # the config has out_channels=2 (epsilon + variance)
+
+
+def test_conditioning_checks(tiny_unet_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = load_model(tiny_unet_dir).adapter
+    with pytest.raises(ConditioningError, match="conditioning file not found"):
+        load_conditioning(tmp_path / "missing.safetensors", adapter)
+    with pytest.raises(ConditioningError, match="needs conditioning: pass --cond"):
+        load_conditioning(None, adapter)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"cond": torch.randn(3, 2, 8)}, str(bad))
+    with pytest.raises(ConditioningError, match=r"missing tensor\(s\) \['uncond'\]"):
+        load_conditioning(bad, adapter)
+    save_file({"cond": torch.randn(3, 2, 5), "uncond": torch.randn(1, 2, 5)}, str(bad))
+    with pytest.raises(ConditioningError, match="5 wide but the model expects 8"):
+        load_conditioning(bad, adapter)
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ConditioningError, match="not a readable safetensors file"):
+        load_conditioning(bad, adapter)
