@@ -1,0 +1,6 @@
+"""The quality yardstick: digit accuracy, FD-digits, PSNR/SSIM against a reference folder."""
+
+from exporter.eval.metrics import frechet_distance, psnr, ssim
+from exporter.eval.yardstick import evaluate, format_table
+
+__all__ = ["evaluate", "format_table", "frechet_distance", "psnr", "ssim"]

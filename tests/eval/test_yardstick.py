@@ -1,0 +1,63 @@
+"""The yardstick on images whose answer is known: the real digits, noise, and a perturbed copy."""
+
+import numpy as np
+import pytest
+
+from exporter import ImageFolderError
+from exporter.eval import evaluate
+from exporter.eval.classifier import get_classifier
+from exporter.imageio import read_image_folder, write_image_folder
+from exporter.reference.digits import load_digits_16
+
+
+def real_digit_folder(path, per_row=8, shift=0.0):
+    images, labels = load_digits_16()
+    chosen = {}
+    for digit in range(10):
+        for k, idx in enumerate(np.flatnonzero(labels == digit)[:per_row]):
+            chosen[(digit, k)] = np.clip(images[idx] + shift, -1, 1)
+    write_image_folder(path, chosen)
+    return path
+
+
+def test_classifier_is_deterministic_and_accurate():
+    clf = get_classifier()
+    assert clf.test_accuracy >= 0.95
+    assert clf.features(clf.real_images[:5]).shape == (5, 64)
+
+
+def test_real_digits_score_high_and_noise_scores_low(tmp_path):
+    real = evaluate(real_digit_folder(tmp_path / "real"))
+    assert real["n_images"] == 80 and real["accuracy"] >= 0.95
+    noise = {(r, k): np.random.default_rng(r * 8 + k).uniform(-1, 1, (1, 16, 16)) for r in range(10) for k in range(8)}
+    write_image_folder(tmp_path / "noise", noise)
+    bad = evaluate(tmp_path / "noise")
+    assert bad["accuracy"] <= 0.3
+    assert bad["fd_digits"] > 5 * real["fd_digits"]
+    assert real["fd_digits"] < 2 * real["fd_digits_real_floor"]
+
+
+def test_psnr_ssim_against_reference(tmp_path):
+    ref = real_digit_folder(tmp_path / "ref")
+    same = evaluate(ref, ref)
+    assert same["n_identical"] == 80 and same["psnr_mean"] is None and same["ssim_mean"] == pytest.approx(1.0)
+    shifted = evaluate(real_digit_folder(tmp_path / "shifted", shift=0.1), ref)
+    assert 15 < shifted["psnr_mean"] < 40 and shifted["ssim_mean"] < 1.0
+
+
+def test_png_round_trip_is_within_half_a_grey_level(tmp_path):
+    img = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16)).astype(np.float32)
+    write_image_folder(tmp_path, {(0, 0): img})
+    back = read_image_folder(tmp_path)[(0, 0)]
+    assert np.abs(back - img[0]).max() <= 1 / 127.5 / 2 + 1e-6
+
+
+def test_corrupted_png_and_unrelated_reference(tmp_path):
+    real_digit_folder(tmp_path / "a", per_row=1)
+    (tmp_path / "a" / "3_0.png").write_bytes(b"not a png")
+    with pytest.raises(ImageFolderError, match="3_0.png: not a readable PNG"):
+        evaluate(tmp_path / "a")
+    real_digit_folder(tmp_path / "b", per_row=1)
+    write_image_folder(tmp_path / "c", {(11, 5): np.zeros((1, 16, 16))})
+    with pytest.raises(ImageFolderError, match="share no <row>_<k>.png names"):
+        evaluate(tmp_path / "b", tmp_path / "c")
