@@ -1,0 +1,129 @@
+"""The ``exporter`` command. Subcommands stay thin: parse, call the stage, report.
+
+Expected user errors (``ExporterError``) print one ``error: ...`` line and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from exporter import __version__
+from exporter.errors import ExporterError
+
+log = logging.getLogger("exporter")
+
+
+def parse_rows(text: str) -> list[int]:
+    """``0,1,5`` or ``0-9`` or a mix: ``0-3,7``."""
+    rows: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-")
+                rows.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                rows.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rows {text!r}: use e.g. 0,1,2 or 0-9") from None
+    if not rows:
+        raise argparse.ArgumentTypeError("no rows given")
+    return rows
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    from exporter.sampling import SCHEDULERS
+
+    p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
+    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
+    p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 or 0,3,7 (default: all)")
+    p.add_argument("--per-row", type=int, help="images per row (default 8)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: model's sampling.json, else 20)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: model's, else ddim)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(cond=args.cond, rows=args.rows, per_row=args.per_row, steps=args.steps, scheduler=args.scheduler,
+                guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def cmd_sample(args) -> None:
+    from exporter.sampling.reference import sample_reference
+
+    sample_reference(args.model, args.out, **sampling_kwargs(args))
+    print(f"wrote images to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from exporter.eval import evaluate, format_table
+    from exporter.fileio import atomic_write_json
+
+    result = evaluate(args.images, args.reference)
+    out = args.json or Path(args.images) / "metrics.json"
+    atomic_write_json(out, result)
+    print(format_table(result))
+    print(f"wrote {out}")
+
+
+def cmd_pipeline(args) -> None:
+    from exporter.pipeline import run_pipeline
+
+    run_pipeline(args.model, args.out, fmt=args.format, **sampling_kwargs(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exporter",
+        description="Diffusion models (diffusers UNets and DiTs) from PyTorch to quantized engines, with evidence.",
+    )
+    parser.add_argument("--version", action="version", version=f"exporter {__version__}")
+    # -v/-q work before or after the subcommand; SUPPRESS keeps a subparser from resetting them.
+    common = argparse.ArgumentParser(add_help=False)
+    for target, default in ((parser, False), (common, argparse.SUPPRESS)):
+        target.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+        target.add_argument("-q", "--quiet", action="store_true", default=default,
+                            help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("sample", parents=[common], help="FP32 PyTorch reference images: <row>_<k>.png + grid.png")
+    add_sampling_options(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
+    p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")
+    p.add_argument("--reference", type=Path, help="folder generated from the same seeds (e.g. FP32)")
+    p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pipeline", parents=[common], help="all available stages end to end: today FP32 sampling + eval")
+    add_sampling_options(p)
+    p.add_argument("--format", default="fp32", choices=["fp32"], help="precision (more formats land later)")
+    p.add_argument("--out", type=Path, required=True, help="run root: ROOT/images/..., ROOT/metrics.json")
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except ExporterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

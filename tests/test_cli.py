@@ -1,0 +1,52 @@
+"""What a user's shell sees: the command list, exit codes, one-line errors without tracebacks."""
+
+import shutil
+
+import pytest
+
+
+def test_help_lists_the_subcommands(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("sample", "eval", "pipeline"):
+        assert command in result.stdout
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def broken_copy(tiny_unet_dir, tmp_path):
+    return shutil.copytree(tiny_unet_dir, tmp_path / "model")
+
+
+def test_missing_model_directory(run_cli, tmp_path):
+    one_line_error(run_cli("sample", "--model", tmp_path / "absent", "--out", tmp_path / "o"),
+                   "model directory not found", "absent")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupted_weights(run_cli, broken_copy, tmp_path):
+    (broken_copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    one_line_error(run_cli("sample", "--model", broken_copy, "--out", tmp_path / "o"),
+                   "diffusion_pytorch_model.safetensors", "corrupted")
+
+
+def test_missing_and_corrupted_conditioning(run_cli, broken_copy, tmp_path):
+    one_line_error(run_cli("sample", "--model", broken_copy, "--cond", tmp_path / "none.safetensors",
+                           "--out", tmp_path / "o"), "conditioning file not found", "none.safetensors")
+    (broken_copy / "conditioning.safetensors").write_text("not safetensors")
+    one_line_error(run_cli("sample", "--model", broken_copy, "--out", tmp_path / "o"),
+                   "conditioning.safetensors", "not a readable safetensors file")
+
+
+def test_unknown_reference_name_and_bad_images_folder(run_cli, tmp_path):
+    one_line_error(run_cli("eval", "--images", tmp_path / "nothing"), "image folder not found")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("eval", "--images", tmp_path / "empty"), "no images named <row>_<k>.png")
