@@ -112,9 +112,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_dir}: could not load {class_name} ({reason})") from None
     model.eval().requires_grad_(False)
-    pipeline_dir = model_dir.parent if model_dir != directory else directory
-    sched_file = pipeline_dir / "scheduler" / "scheduler_config.json"
-    if model_dir != directory and sched_file.is_file():
+    sched_file = directory / "scheduler" / "scheduler_config.json"
+    if model_dir != directory and sched_file.is_file():  # only a pipeline directory has a scheduler
         scheduler_config = read_json(sched_file, "scheduler config")
     else:
         log.warning("%s has no scheduler/scheduler_config.json; using diffusers' DDPM defaults", directory)
