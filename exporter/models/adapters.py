@@ -67,6 +67,25 @@ class ArchitectureAdapter:
         """The model's noise prediction for ``sample`` at timesteps ``t`` (one per batch item)."""
         raise NotImplementedError
 
+    def units(self, model: torch.nn.Module) -> list:
+        """The model cut into its finest units (see ``exporter.models.units``)."""
+        raise ModelError(f"block partition of {self.class_name} is not implemented yet")
+
+    def named_inputs(self, sample: torch.Tensor, t: torch.Tensor, cond) -> dict[str, torch.Tensor]:
+        """Model inputs under the tensor names the units use."""
+        raise ModelError(f"block partition of {self.class_name} is not implemented yet")
+
+    def split_shortcut_sites(self, model: torch.nn.Module) -> dict[str, int]:
+        """Layers reading a concatenation of two differently ranged tensors: {module name: split
+        channel}. None for architectures without skip concatenation."""
+        return {}
+
+    def blocks(self, model: torch.nn.Module, split=()) -> list:
+        """The model as blocks (one per diffusers block; those in ``split`` cut into layers)."""
+        from exporter.models.blocks import partition
+
+        return partition(self.units(model), ("noise_pred",), split)
+
     def _drop_learned_sigma(self, out: torch.Tensor) -> torch.Tensor:
         # DiT-style models may predict [epsilon, variance]; samplers here use epsilon only.
         channels = self.config["in_channels"]
@@ -85,6 +104,19 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
 
     def denoise(self, model, sample, t, cond):
         return model(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def units(self, model):
+        from exporter.models.units import unet_units
+
+        return unet_units(model, cross_attention=True)
+
+    def split_shortcut_sites(self, model):
+        from exporter.models.units import unet_split_shortcut_sites
+
+        return unet_split_shortcut_sites(model)
+
+    def named_inputs(self, sample, t, cond):
+        return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
 
 
 @register
@@ -116,6 +148,14 @@ class DiTAdapter(ArchitectureAdapter):
 
     def denoise(self, model, sample, t, cond):
         return self._drop_learned_sigma(model(sample, t, class_labels=cond, return_dict=False)[0])
+
+    def units(self, model):
+        from exporter.models.units import dit_units
+
+        return dit_units(model)
+
+    def named_inputs(self, sample, t, cond):
+        return {"sample": sample, "timestep": t, "class_labels": cond}
 
 
 @register

@@ -1,0 +1,199 @@
+"""The finest cut of each architecture into units with named tensor inputs and outputs.
+
+Each wrapper calls the diffusers submodules exactly as the diffusers ``forward`` does, so running
+the units in order reproduces ``model(...)`` (tests check max abs diff <= 1e-5). Tensor names:
+
+UNet: ``sample``, ``timestep``, ``encoder_hidden_states`` in; ``temb`` (time embedding);
+``skip{j}`` the down path's outputs in diffusers' ``down_block_res_samples`` order (``skip0`` is
+conv_in's output; the last one feeds the mid block); ``mid``; ``up{b}_{i}`` / ``up{b}_upsample``;
+``noise_pred`` out. DiT: ``sample``, ``timestep``, ``class_labels`` in; ``hidden{i}`` tokens after
+``i`` transformer blocks; ``noise_pred`` out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exporter.errors import ModelError
+from exporter.models.blocks import Unit
+
+
+class UNetStem(torch.nn.Module):
+    """Time embedding (depends on t only) and conv_in."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.time_proj, self.time_embedding, self.act, self.conv_in = (
+            unet.time_proj, unet.time_embedding, unet.time_embed_act, unet.conv_in)
+        self._get_time_embed = unet.get_time_embed
+
+    def forward(self, sample, timestep):
+        emb = self.time_embedding(self._get_time_embed(sample=sample, timestep=timestep), None)
+        if self.act is not None:
+            emb = self.act(emb)
+        return self.conv_in(sample), emb
+
+
+class ResnetLayer(torch.nn.Module):
+    """One resnet (+ its transformer when the block has cross-attention); in up blocks the input
+    is first concatenated with the skip feature, as diffusers' up blocks do."""
+
+    def __init__(self, resnet, attention=None, concat_skip: bool = False):
+        super().__init__()
+        self.resnet, self.attention, self.concat_skip = resnet, attention, concat_skip
+
+    def forward(self, hidden, *rest):
+        if self.concat_skip:
+            skip, *rest = rest
+            hidden = torch.cat([hidden, skip], dim=1)
+        temb, *enc = rest
+        hidden = self.resnet(hidden, temb)
+        if self.attention is not None:
+            hidden = self.attention(hidden, encoder_hidden_states=enc[0], return_dict=False)[0]
+        return (hidden,)
+
+
+class Resample(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, hidden):
+        return (self.module(hidden),)
+
+
+class UNetMid(torch.nn.Module):
+    def __init__(self, mid, cross_attention: bool):
+        super().__init__()
+        self.mid, self.cross_attention = mid, cross_attention
+
+    def forward(self, hidden, temb, *enc):
+        if self.cross_attention:
+            return (self.mid(hidden, temb, encoder_hidden_states=enc[0]),)
+        return (self.mid(hidden, temb),)
+
+
+class UNetHead(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.norm, self.act, self.conv_out = unet.conv_norm_out, unet.conv_act, unet.conv_out
+
+    def forward(self, hidden):
+        if self.norm is not None:
+            hidden = self.act(self.norm(hidden))
+        return (self.conv_out(hidden),)
+
+
+def unet_units(unet, cross_attention: bool) -> list[Unit]:
+    """Units of a diffusers UNet (``UNet2DConditionModel``; ``cross_attention=False`` for the
+    cross-attention-free layout of ``UNet2DModel``-style blocks)."""
+    cfg = unet.config
+    unsupported = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim",
+                                           "num_class_embeds") if cfg.get(k)}
+    if unsupported or cfg.get("center_input_sample"):
+        raise ModelError(f"block partition does not support these UNet options yet: {unsupported or 'center_input_sample'}")
+    enc = ("encoder_hidden_states",) if cross_attention else ()
+    units = [Unit("stem", "stem", UNetStem(unet), ("sample", "timestep"), ("skip0", "temb"))]
+    skips = ["skip0"]
+    for b, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
+            name = f"skip{len(skips)}"
+            units.append(Unit(f"down{b}.layer{i}", f"down{b}", ResnetLayer(resnet, attn),
+                              (skips[-1], "temb") + (enc if attn is not None else ()), (name,)))
+            skips.append(name)
+        for downsampler in block.downsamplers or []:
+            name = f"skip{len(skips)}"
+            units.append(Unit(f"down{b}.downsample", f"down{b}", Resample(downsampler), (skips[-1],), (name,)))
+            skips.append(name)
+    mid_attn = hasattr(unet.mid_block, "attentions") and cross_attention
+    units.append(Unit("mid", "mid", UNetMid(unet.mid_block, mid_attn), (skips[-1], "temb") + (enc if mid_attn else ()),
+                      ("mid",)))
+    hidden = "mid"
+    for b, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
+            skip = skips.pop()
+            units.append(Unit(f"up{b}.layer{i}", f"up{b}", ResnetLayer(resnet, attn, concat_skip=True),
+                              (hidden, skip, "temb") + (enc if attn is not None else ()), (f"up{b}_{i}",)))
+            hidden = f"up{b}_{i}"
+        for upsampler in block.upsamplers or []:
+            units.append(Unit(f"up{b}.upsample", f"up{b}", Resample(upsampler), (hidden,), (f"up{b}_upsample",)))
+            hidden = f"up{b}_upsample"
+    units.append(Unit("head", "head", UNetHead(unet), (hidden,), ("noise_pred",)))
+    return units
+
+
+class DiTStem(torch.nn.Module):
+    def __init__(self, dit):
+        super().__init__()
+        self.pos_embed = dit.pos_embed
+
+    def forward(self, sample):
+        return (self.pos_embed(sample),)
+
+
+class DiTBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, timestep, class_labels):
+        return (self.block(hidden, timestep=timestep, class_labels=class_labels),)
+
+
+class DiTHead(torch.nn.Module):
+    """adaLN output modulation (conditioning from block 0's embedding, as diffusers does) + unpatchify."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.emb = dit.transformer_blocks[0].norm1.emb
+        self.norm_out, self.proj_out_1, self.proj_out_2 = dit.norm_out, dit.proj_out_1, dit.proj_out_2
+        self.patch, self.channels = dit.patch_size, dit.out_channels
+
+    def forward(self, hidden, timestep, class_labels):
+        cond = self.emb(timestep, class_labels, hidden_dtype=hidden.dtype)
+        shift, scale = self.proj_out_1(torch.nn.functional.silu(cond)).chunk(2, dim=1)
+        hidden = self.proj_out_2(self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
+        side = int(hidden.shape[1] ** 0.5)
+        hidden = hidden.reshape(-1, side, side, self.patch, self.patch, self.channels)
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
+        return (hidden.reshape(-1, self.channels, side * self.patch, side * self.patch),)
+
+
+def dit_units(dit) -> list[Unit]:
+    units = [Unit("stem", "stem", DiTStem(dit), ("sample",), ("hidden0",))]
+    for i, block in enumerate(dit.transformer_blocks):
+        units.append(Unit(f"blocks.{i}", f"blocks.{i}", DiTBlock(block), (f"hidden{i}", "timestep", "class_labels"),
+                          (f"hidden{i + 1}",)))
+    units.append(Unit("head", "head", DiTHead(dit), (f"hidden{len(dit.transformer_blocks)}", "timestep",
+                                                     "class_labels"), ("noise_pred",)))
+    return units
+
+
+def unet_split_shortcut_sites(unet) -> dict[str, int]:
+    """Q-Diffusion's split-shortcut sites: ``{module name: channels of the up-path part}``.
+
+    In diffusers up blocks each resnet reads ``cat([hidden, skip])``. Only its 1x1 ``conv_shortcut``
+    sees that raw concatenation, whose two parts have very different ranges; ``conv1`` sees it
+    through GroupNorm + SiLU, which renormalises it. So the shortcut's input is quantized as two
+    tensors (channels ``[:split]`` and ``[split:]``) and its weight split the same way.
+    """
+    skips = [unet.conv_in.out_channels]
+    for block in unet.down_blocks:
+        skips += [resnet.out_channels for resnet in block.resnets]
+        if block.downsamplers:
+            skips.append(block.resnets[-1].out_channels)
+    hidden = unet.mid_block.resnets[-1].out_channels
+    sites = {}
+    for b, block in enumerate(unet.up_blocks):
+        for i, resnet in enumerate(block.resnets):
+            skip = skips.pop()
+            shortcut = resnet.conv_shortcut
+            if shortcut is not None:
+                if shortcut.in_channels != hidden + skip:  # a layout this code does not understand
+                    raise ModelError(f"up_blocks.{b}.resnets.{i}.conv_shortcut reads {shortcut.in_channels} "
+                                     f"channels, expected {hidden} + {skip}")
+                sites[f"up_blocks.{b}.resnets.{i}.conv_shortcut"] = hidden
+            hidden = resnet.out_channels
+    return sites

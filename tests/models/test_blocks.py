@@ -1,0 +1,98 @@
+"""Running a model's blocks in order reproduces the model; the partition has the promised shape."""
+
+import pytest
+import torch
+
+from exporter import UsageError, reference
+from exporter.models import load_conditioning, load_model
+from exporter.models.blocks import partition, run_blocks
+
+SPLITS = [(), ("down0", "up2"), ("*",)]
+
+
+def max_diff_blocks_vs_model(directory, split, batch=3):
+    loaded = load_model(directory)
+    adapter, model = loaded.adapter, loaded.model
+    cond = load_conditioning(loaded.default_conditioning, adapter)
+    rows = [r % cond.num_rows for r in range(batch)]
+    c, _ = cond.batch(rows)
+    torch.manual_seed(0)
+    x = torch.randn(batch, *adapter.sample_shape)
+    t = torch.tensor([999, 500, 3][:batch])
+    with torch.no_grad():
+        expected = model(x, t, **({"encoder_hidden_states": c} if adapter.conditioning == "embeddings"
+                                  else {"class_labels": c}), return_dict=False)[0]
+        blocks = adapter.blocks(model, split=split)
+        (got,) = run_blocks(blocks, adapter.named_inputs(x, t, c), ("noise_pred",))
+    return (got - expected).abs().max().item(), blocks
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_tiny_unet_and_dit_blocks_reproduce_the_model(tiny_unet_dir, tiny_dit_dir, split):
+    unet_split = ("down0", "up1") if split == ("down0", "up2") else split  # the tiny UNet has 2 levels
+    assert max_diff_blocks_vs_model(tiny_unet_dir, unet_split)[0] <= 1e-5
+    dit_split = ("blocks.0",) if split == ("down0", "up2") else split
+    assert max_diff_blocks_vs_model(tiny_dit_dir, dit_split)[0] <= 1e-5
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_reference_unet_blocks_reproduce_the_model(split):
+    diff, blocks = max_diff_blocks_vs_model(reference.path("digits-unet"), split)
+    assert diff <= 1e-5
+
+
+def test_reference_dit_blocks_reproduce_the_model():
+    diff, blocks = max_diff_blocks_vs_model(reference.path("digits-dit"), ())
+    assert diff <= 1e-5
+    assert [b.name for b in blocks] == ["stem"] + [f"blocks.{i}" for i in range(6)] + ["head"]
+
+
+def test_unet_partition_structure():
+    loaded = load_model(reference.path("digits-unet"))
+    blocks = loaded.adapter.blocks(loaded.model)
+    assert [b.name for b in blocks] == ["stem", "down0", "down1", "down2", "mid", "up0", "up1", "up2", "head"]
+    stem, down0 = blocks[0], blocks[1]
+    assert stem.inputs == ("sample", "timestep") and stem.outputs == ("skip0", "temb")
+    # down0 = 2 resnet+attention layers and a downsampler; all three outputs are skips for up2
+    assert down0.inputs == ("skip0", "temb", "encoder_hidden_states")
+    assert down0.outputs == ("skip1", "skip2", "skip3")
+    up2 = blocks[7]
+    assert up2.inputs == ("up1_upsample", "skip2", "temb", "encoder_hidden_states", "skip1", "skip0")
+    assert blocks[-1].inputs == ("up2_2",) and blocks[-1].outputs == ("noise_pred",)
+
+    layered = loaded.adapter.blocks(loaded.model, split=("down0", "up2"))
+    names = [b.name for b in layered]
+    assert names[:5] == ["stem", "down0.layer0", "down0.layer1", "down0.downsample", "down1"]
+    assert names[-4:] == ["up2.layer0", "up2.layer1", "up2.layer2", "head"]
+    # DeepCache's shallowest branch: the last up layer reads the deep feature and skip0 only
+    assert layered[-2].inputs == ("up2_1", "skip0", "temb", "encoder_hidden_states")
+
+
+def test_unknown_split_is_an_error():
+    loaded = load_model(reference.path("digits-dit"))
+    with pytest.raises(UsageError, match=r"cannot split unknown block\(s\) \['down9'\]"):
+        loaded.adapter.blocks(loaded.model, split=("down9",))
+
+
+def test_split_shortcut_sites_match_the_tensors_the_up_layers_concatenate():
+    loaded = load_model(reference.path("digits-unet"))
+    sites = loaded.adapter.split_shortcut_sites(loaded.model)
+    # every up-block resnet changes width, so each of the 3 x 3 has a 1x1 shortcut
+    assert len(sites) == 9
+    # Run the layer-level units and record the up path's channel count entering each concat.
+    seen = {}
+    units = loaded.adapter.units(loaded.model)
+    for unit in units:
+        if unit.name.startswith("up") and ".layer" in unit.name:
+            block, layer = unit.name[2:].split(".layer")
+            key = f"up_blocks.{block}.resnets.{layer}.conv_shortcut"
+            unit.module.register_forward_pre_hook(lambda m, args, key=key: seen.update({key: args[0].shape[1]}))
+    x = torch.randn(2, 1, 16, 16)
+    cond = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        run_blocks(partition(units, ("noise_pred",)),
+                   loaded.adapter.named_inputs(x, torch.tensor([10, 900]), cond), ("noise_pred",))
+    assert sites == seen
+    assert list(sites.values()) == [64, 64, 64, 64, 48, 48, 48, 32, 32]
+    dit = load_model(reference.path("digits-dit"))
+    assert dit.adapter.split_shortcut_sites(dit.model) == {}
