@@ -60,6 +60,28 @@ def cmd_sample(args) -> None:
     print(f"wrote images to {args.out}")
 
 
+def cmd_calibrate(args) -> None:
+    import dataclasses
+
+    from exporter.calibrate import calibrate
+    from exporter.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    spec = recipe.calibration
+    if args.trajectories is not None:
+        spec = dataclasses.replace(spec, trajectories=args.trajectories)
+        spec.validate("--trajectories")
+    model = args.model or recipe.model
+    if model is None:
+        from exporter.errors import UsageError
+
+        raise UsageError("no model: pass --model or set 'model' in the recipe")
+    state = calibrate(model, args.out, spec, cond=args.cond, progress=not args.quiet)
+    samples = sum(s["samples"] for s in state["shards"].values())
+    print(f"recorded {samples} samples of {len(state['tensors'])} tensors over {len(state['coverage'])} "
+          f"timesteps into {args.out}")
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -95,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("calibrate", parents=[common], help="record block inputs along FP32 trajectories")
+    p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
+    p.add_argument("--recipe", type=Path, help="YAML recipe (its 'calibration' section); default settings without")
+    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
+    p.add_argument("--trajectories", type=int, help="override the recipe's trajectory count")
+    p.add_argument("--out", type=Path, required=True, help="calibration folder (rerun to resume)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")

@@ -86,6 +86,10 @@ class ArchitectureAdapter:
 
         return partition(self.units(model), ("noise_pred",), split)
 
+    def postprocess(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """From the model's raw output (the blocks' ``noise_pred``) to the epsilon samplers use."""
+        return noise_pred
+
     def _drop_learned_sigma(self, out: torch.Tensor) -> torch.Tensor:
         # DiT-style models may predict [epsilon, variance]; samplers here use epsilon only.
         channels = self.config["in_channels"]
@@ -147,7 +151,10 @@ class DiTAdapter(ArchitectureAdapter):
         return self.config["num_embeds_ada_norm"]
 
     def denoise(self, model, sample, t, cond):
-        return self._drop_learned_sigma(model(sample, t, class_labels=cond, return_dict=False)[0])
+        return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])
+
+    def postprocess(self, noise_pred):
+        return self._drop_learned_sigma(noise_pred)
 
     def units(self, model):
         from exporter.models.units import dit_units
@@ -172,4 +179,7 @@ class PixArtAdapter(ArchitectureAdapter):
         # Resolution/aspect-ratio micro-conditioning is off unless the config enables it.
         added = {"resolution": None, "aspect_ratio": None}
         out = model(sample, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
-        return self._drop_learned_sigma(out)
+        return self.postprocess(out)
+
+    def postprocess(self, noise_pred):
+        return self._drop_learned_sigma(noise_pred)

@@ -82,9 +82,11 @@ def partition(units: list[Unit], final_outputs: Iterable[str], split: Iterable[s
     return blocks
 
 
-def run_blocks(blocks: list[Block], tensors: dict[str, torch.Tensor], final_outputs: Iterable[str]) -> tuple:
-    """Run blocks in order on named model inputs; returns the ``final_outputs`` tensors."""
-    env = dict(tensors)
+def run_blocks(blocks: list[Block], tensors: dict[str, torch.Tensor], final_outputs: Iterable[str],
+               keep: dict | None = None) -> tuple:
+    """Run blocks in order on named model inputs; returns the ``final_outputs`` tensors. Pass the
+    inputs dict itself as ``keep`` to also get every intermediate tensor added to it by name."""
+    env = keep if keep is not None else dict(tensors)
     for block in blocks:
         env.update(zip(block.outputs, block(*(env[n] for n in block.inputs))))
     return tuple(env[n] for n in final_outputs)

@@ -1,0 +1,214 @@
+"""``exporter calibrate``: record every block's inputs, with their t, along FP32 trajectories.
+
+The full-precision model denoises ``trajectories`` images (conditioning rows cycled, CFG batched
+as at inference, so the null-conditioning half is recorded too, as Q-Diffusion does). At the
+recorded steps the model runs as blocks and every tensor a block reads is kept, once per tensor
+name. Steps are recorded for every step, or ``steps_per_trajectory`` of them: evenly spaced
+("uniform", Q-Diffusion) or drawn around 0.4 T ("normal", PTQ4DM).
+
+Trajectories run in batches; each batch becomes one safetensors shard, written atomically, and
+``spec.json`` (spec, blocks, every t covered, sha256 per shard) is rewritten after each shard. So
+memory holds one batch however many trajectories are asked for, and a rerun with the same spec
+and output folder resumes: shards whose sha256 checks out are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter import __version__
+from exporter.errors import ExporterError
+from exporter.fileio import atomic_write_bytes, atomic_write_json
+from exporter.models import load_conditioning, load_model
+from exporter.models.loading import read_json
+from exporter.recipe import CalibrationSpec
+from exporter.reference import resolve
+from exporter.sampling.loop import initial_noise
+from exporter.sampling.schedulers import make_scheduler
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+SCHEMA = 1
+
+
+class CalibrationError(ExporterError):
+    """Calibration data that is missing, corrupted, inconsistent or unusable."""
+
+
+def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int) -> list[int]:
+    """Indices into the scheduler's timesteps recorded for one trajectory."""
+    n = len(timesteps)
+    k = spec.steps_per_trajectory or n
+    if spec.timestep_sampling == "uniform":
+        return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
+    # PTQ4DM: t ~ N(0.4 T, (0.4 T)^2), clamped, mapped to the nearest step; distinct steps.
+    rng = np.random.default_rng(spec.seed * 7919 + trajectory)
+    total = 1000.0
+    chosen: list[int] = []
+    t_values = np.asarray(timesteps, dtype=np.float64)
+    for _ in range(100 * k):
+        if len(chosen) == k:
+            break
+        t = float(np.clip(rng.normal(0.4 * total, 0.4 * total), 0, total - 1))
+        index = int(np.argmin(np.abs(t_values - t)))
+        if index not in chosen:
+            chosen.append(index)
+    return sorted(chosen)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Path | None = None,
+              progress: bool = True) -> dict:
+    from safetensors.torch import save
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(out)
+    loaded = load_model(resolve(model))
+    adapter = loaded.adapter
+    conditioning = load_conditioning(Path(cond) if cond else loaded.default_conditioning, adapter)
+    rows = spec.rows if spec.rows is not None else list(range(conditioning.num_rows or 1))
+    conditioning.check_rows(rows)
+    blocks = adapter.blocks(loaded.model, split=spec.split)
+    names = list(dict.fromkeys(n for b in blocks for n in b.inputs))
+
+    state = {
+        "schema": SCHEMA,
+        "model": str(loaded.directory),
+        "model_class": adapter.class_name,
+        "conditioning": str(conditioning.source) if conditioning.source else None,
+        "spec": dataclasses.asdict(spec),
+        "blocks": [{"name": b.name, "inputs": list(b.inputs), "outputs": list(b.outputs)} for b in blocks],
+        "tensors": names,
+        "shards": {},
+        "exporter_version": __version__,
+    }
+    state["shards"] = _resumable_shards(out, state)
+    n_batches = -(-spec.trajectories // spec.batch_trajectories)
+    use_cfg = spec.guidance > 1.0 and conditioning.cond is not None
+    bar = tqdm(total=n_batches * spec.steps, desc="calibrating", unit="step", disable=not progress or None)
+    for batch_index in range(n_batches):
+        shard_name = f"shard-{batch_index:05d}.safetensors"
+        if shard_name in state["shards"]:
+            bar.update(spec.steps)
+            continue
+        first = batch_index * spec.batch_trajectories
+        ids = list(range(first, min(first + spec.batch_trajectories, spec.trajectories)))
+        tensors = _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar)
+        meta = {"trajectories": f"{ids[0]}-{ids[-1]}"}
+        atomic_write_bytes(out / shard_name, save(tensors, metadata=meta))
+        ts = tensors["t"].tolist()
+        state["shards"][shard_name] = {"sha256": _sha256(out / shard_name), "samples": len(ts),
+                                       "trajectories": [ids[0], ids[-1]], "timesteps": dict(Counter(ts))}
+        _write_state(out, state, complete=False)
+    bar.close()
+    _write_state(out, state, complete=True)
+    log.info("calibration of %d trajectories: %d samples over %d timesteps in %.1fs", spec.trajectories,
+             sum(s["samples"] for s in state["shards"].values()), len(state["coverage"]), time.perf_counter() - start)
+    return state
+
+
+def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar) -> dict[str, torch.Tensor]:
+    from exporter.models.blocks import run_blocks
+
+    adapter = loaded.adapter
+    scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
+    scheduler.set_timesteps(spec.steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    chosen = {i: set(recorded_steps(spec, timesteps, i)) for i in ids}
+    traj_rows = [rows[i % len(rows)] for i in ids]
+    latents = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
+    latents = latents * scheduler.init_noise_sigma
+    cond, uncond = conditioning.batch(traj_rows)
+    if use_cfg:
+        cond = torch.cat([uncond, cond])
+    records: dict[str, list[torch.Tensor]] = {n: [] for n in names + ["t", "trajectory", "null_condition"]}
+    with torch.inference_mode():
+        for step, t in enumerate(scheduler.timesteps):
+            model_in = scheduler.scale_model_input(latents, t)
+            if use_cfg:
+                model_in = torch.cat([model_in, model_in])
+            t_batch = t.expand(model_in.shape[0])
+            env = adapter.named_inputs(model_in, t_batch, cond)
+            eps = run_blocks(blocks, env, ("noise_pred",), keep=env)[0]
+            eps = adapter.postprocess(eps)
+            take = [j for j, i in enumerate(ids) if step in chosen[i]]
+            if take:
+                rows_in_batch = take + [j + len(ids) for j in take] if use_cfg else take
+                index = torch.tensor(rows_in_batch)
+                for n in names:
+                    value = env[n]
+                    if value.is_floating_point() and not torch.isfinite(value).all():
+                        raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t)}: the FP model diverged")
+                    records[n].append(value[index].contiguous())
+                records["t"].append(t_batch[index].to(torch.int64))
+                records["trajectory"].append(torch.tensor([ids[j] for j in take] * (2 if use_cfg else 1)))
+                records["null_condition"].append(
+                    torch.tensor([True] * len(take) + [False] * len(take) if use_cfg else [False] * len(take)))
+            if use_cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + spec.guidance * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            bar.update(1)
+    return {n: torch.cat(v) for n, v in records.items() if v}
+
+
+def _resumable_shards(out: Path, state: dict) -> dict:
+    """Shards of an earlier, interrupted run with the same spec whose sha256 still checks out."""
+    spec_file = out / SPEC_FILE
+    if not spec_file.is_file():
+        return {}
+    old = read_json(spec_file, "calibration spec")
+    keys = ("schema", "model_class", "spec", "tensors")
+    if any(old.get(k) != state[k] for k in keys) or Path(old.get("model", "")).resolve() != Path(state["model"]).resolve():
+        raise CalibrationError(f"{out} holds calibration data of another model or spec; "
+                               "choose another --out or delete it")
+    kept = {name: info for name, info in old.get("shards", {}).items()
+            if (out / name).is_file() and _sha256(out / name) == info.get("sha256")}
+    if kept:
+        log.info("resuming: %d of the shards in %s are complete and verified", len(kept), out)
+    return kept
+
+
+def _write_state(out: Path, state: dict, complete: bool) -> None:
+    coverage: Counter = Counter()
+    for info in state["shards"].values():
+        coverage.update({int(t): n for t, n in info["timesteps"].items()})
+    state["coverage"] = {str(t): coverage[t] for t in sorted(coverage)}
+    state["complete"] = complete
+    atomic_write_json(out / SPEC_FILE, state)
+
+
+def load_shards(directory: str | Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """The spec and every shard of a complete calibration, each checked against its sha256."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spec_file = directory / SPEC_FILE
+    if not spec_file.is_file():
+        raise CalibrationError(f"no {SPEC_FILE} in {directory}: not a calibration folder (run exporter calibrate)")
+    state = read_json(spec_file, "calibration spec")
+    if not state.get("complete"):
+        raise CalibrationError(f"{directory}: calibration is incomplete; rerun exporter calibrate to resume it")
+    if not state.get("coverage"):
+        raise CalibrationError(f"{directory}: the calibration covers no timesteps")
+    shards = []
+    for name, info in sorted(state["shards"].items()):
+        path = directory / name
+        if not path.is_file() or _sha256(path) != info["sha256"]:
+            raise CalibrationError(f"{path}: missing or modified since calibration (sha256 mismatch)")
+        shards.append(load_file(str(path)))
+    return state, shards
