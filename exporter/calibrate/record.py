@@ -31,7 +31,7 @@ from exporter.models import load_conditioning, load_model
 from exporter.models.loading import read_json
 from exporter.recipe import CalibrationSpec
 from exporter.reference import resolve
-from exporter.sampling.loop import initial_noise
+from exporter.sampling.loop import denoise_batch, initial_noise
 from exporter.sampling.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -127,42 +127,32 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
     adapter = loaded.adapter
     scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     scheduler.set_timesteps(spec.steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
-    chosen = {i: set(recorded_steps(spec, timesteps, i)) for i in ids}
+    chosen = {i: set(recorded_steps(spec, [int(t) for t in scheduler.timesteps], i)) for i in ids}
     traj_rows = [rows[i % len(rows)] for i in ids]
-    latents = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
-    latents = latents * scheduler.init_noise_sigma
+    noise = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
     cond, uncond = conditioning.batch(traj_rows)
-    if use_cfg:
-        cond = torch.cat([uncond, cond])
     records: dict[str, list[torch.Tensor]] = {n: [] for n in names + ["t", "trajectory", "null_condition"]}
-    with torch.inference_mode():
-        for step, t in enumerate(scheduler.timesteps):
-            model_in = scheduler.scale_model_input(latents, t)
-            if use_cfg:
-                model_in = torch.cat([model_in, model_in])
-            t_batch = t.expand(model_in.shape[0])
-            env = adapter.named_inputs(model_in, t_batch, cond)
-            eps = run_blocks(blocks, env, ("noise_pred",), keep=env)[0]
-            eps = adapter.postprocess(eps)
-            take = [j for j, i in enumerate(ids) if step in chosen[i]]
-            if take:
-                rows_in_batch = take + [j + len(ids) for j in take] if use_cfg else take
-                index = torch.tensor(rows_in_batch)
-                for n in names:
-                    value = env[n]
-                    if value.is_floating_point() and not torch.isfinite(value).all():
-                        raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t)}: the FP model diverged")
-                    records[n].append(value[index].contiguous())
-                records["t"].append(t_batch[index].to(torch.int64))
-                records["trajectory"].append(torch.tensor([ids[j] for j in take] * (2 if use_cfg else 1)))
-                records["null_condition"].append(
-                    torch.tensor([True] * len(take) + [False] * len(take) if use_cfg else [False] * len(take)))
-            if use_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + spec.guidance * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-            bar.update(1)
+
+    def denoise_and_record(model_in, t_batch, cond_in, step):
+        env = adapter.named_inputs(model_in, t_batch, cond_in)
+        eps = run_blocks(blocks, env, ("noise_pred",), keep=env)[0]
+        take = [j for j, i in enumerate(ids) if step in chosen[i]]
+        if take:
+            # with CFG the batch is [null; conditional]: record both halves of each chosen trajectory
+            index = torch.tensor(take + [j + len(ids) for j in take] if use_cfg else take)
+            for n in names:
+                value = env[n]
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t_batch[0])}: the FP model diverged")
+                records[n].append(value[index].contiguous())
+            records["t"].append(t_batch[index].to(torch.int64))
+            records["trajectory"].append(torch.tensor([ids[j] for j in take] * (2 if use_cfg else 1)))
+            records["null_condition"].append(
+                torch.tensor([True] * len(take) + [False] * len(take) if use_cfg else [False] * len(take)))
+        return adapter.postprocess(eps)
+
+    denoise_batch(denoise_and_record, spec.scheduler, loaded.scheduler_config, noise, cond, uncond, spec.steps,
+                  spec.guidance if use_cfg else 1.0, on_step=lambda: bar.update(1))
     return {n: torch.cat(v) for n, v in records.items() if v}
 
 

@@ -42,6 +42,42 @@ def initial_noise(shape: tuple[int, ...], seed: int, row: int, k: int) -> torch.
     return torch.randn(shape, generator=gen)
 
 
+def denoise_batch(
+    denoise,
+    scheduler_name: str,
+    scheduler_config: dict,
+    noise: torch.Tensor,
+    cond,
+    uncond,
+    steps: int,
+    guidance: float,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Denoise one batch from its initial noise; returns the final latents.
+
+    ``denoise(model_in, t_batch, cond_in, step)`` sees the CFG-doubled batch ([null; conditional])
+    when guidance is on, exactly as an engine would at inference.
+    """
+    scheduler = make_scheduler(scheduler_name, scheduler_config)
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    use_cfg = guidance > 1.0 and cond is not None
+    cond_in = torch.cat([uncond, cond]) if use_cfg else cond
+    with torch.inference_mode():
+        for step, t in enumerate(scheduler.timesteps):
+            model_in = scheduler.scale_model_input(latents, t)
+            if use_cfg:
+                model_in = torch.cat([model_in, model_in])
+            eps = denoise(model_in, t.expand(model_in.shape[0]), cond_in, step)
+            if use_cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
+    return latents
+
+
 def generate(
     denoise: Denoiser,
     sample_shape: tuple[int, int, int],
@@ -56,30 +92,14 @@ def generate(
     conditioning.check_rows(list(settings.rows))
     keys = settings.image_keys()
     batches = [keys[i : i + settings.batch_size] for i in range(0, len(keys), settings.batch_size)]
-    use_cfg = settings.guidance > 1.0 and conditioning.cond is not None
     out: dict[tuple[int, int], torch.Tensor] = {}
     start = time.perf_counter()
     bar = tqdm(total=len(batches) * settings.steps, desc="denoising", unit="step", disable=not progress or None)
     for batch in batches:
-        scheduler = make_scheduler(settings.scheduler, scheduler_config)
-        scheduler.set_timesteps(settings.steps)
-        latents = torch.stack([initial_noise(sample_shape, settings.seed, r, k) for r, k in batch])
-        latents = latents * scheduler.init_noise_sigma
+        noise = torch.stack([initial_noise(sample_shape, settings.seed, r, k) for r, k in batch])
         cond, uncond = conditioning.batch([r for r, _ in batch])
-        if use_cfg:
-            cond = torch.cat([uncond, cond])
-        with torch.inference_mode():
-            for t in scheduler.timesteps:
-                model_in = scheduler.scale_model_input(latents, t)
-                if use_cfg:
-                    model_in = torch.cat([model_in, model_in])
-                t_batch = t.expand(model_in.shape[0])
-                eps = denoise(model_in, t_batch, cond)
-                if use_cfg:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + settings.guidance * (eps_cond - eps_uncond)
-                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-                bar.update(1)
+        latents = denoise_batch(lambda x, t, c, step: denoise(x, t, c), settings.scheduler, scheduler_config,
+                                noise, cond, uncond, settings.steps, settings.guidance, on_step=lambda: bar.update(1))
         out.update(zip(batch, latents))
     bar.close()
     log.info("sampled %d images (%d steps, %s, guidance %.2g) in %.1fs", len(keys), settings.steps,
