@@ -44,6 +44,30 @@ def save_tiny_dit(directory: Path) -> Path:
     return directory
 
 
+def save_tiny_unet2d(directory: Path, num_classes: int | None = None) -> Path:
+    """A 2-level UNet2DModel (self-attention blocks), unconditional or class-conditional."""
+    from diffusers import DDIMScheduler, UNet2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                       block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4, num_class_embeds=num_classes)
+    unet.save_pretrained(directory / "unet", safe_serialization=True)
+    DDIMScheduler().save_config(directory / "scheduler")
+    if num_classes:
+        save_file({"class_labels": torch.arange(num_classes), "null_class": torch.tensor([0])},
+                  str(directory / "conditioning.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_unet2d_dirs(tmp_path_factory) -> list[Path]:
+    """[unconditional, class-conditional] UNet2DModel directories."""
+    return [save_tiny_unet2d(tmp_path_factory.mktemp("tiny-unet2d")),
+            save_tiny_unet2d(tmp_path_factory.mktemp("tiny-unet2d-cls"), num_classes=3)]
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_dir(tmp_path_factory) -> Path:
     return save_tiny_unet(tmp_path_factory.mktemp("tiny-unet"))

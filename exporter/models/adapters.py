@@ -139,6 +139,22 @@ class UNet2DAdapter(ArchitectureAdapter):
     def denoise(self, model, sample, t, cond):
         return model(sample, t, class_labels=cond, return_dict=False)[0]
 
+    def units(self, model):
+        from exporter.models.units import unet_units
+
+        return unet_units(model, cross_attention=False)
+
+    def named_inputs(self, sample, t, cond):
+        inputs = {"sample": sample, "timestep": t}
+        if cond is not None:
+            inputs["class_labels"] = cond
+        return inputs
+
+    def split_shortcut_sites(self, model):
+        from exporter.models.units import unet_split_shortcut_sites
+
+        return unet_split_shortcut_sites(model)
+
 
 @register
 class DiTAdapter(ArchitectureAdapter):

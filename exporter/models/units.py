@@ -34,13 +34,33 @@ class UNetStem(torch.nn.Module):
         return self.conv_in(sample), emb
 
 
+class UNet2DStem(torch.nn.Module):
+    """``UNet2DModel``'s time embedding (+ class embedding when class-conditional) and conv_in."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.time_proj, self.time_embedding, self.conv_in = unet.time_proj, unet.time_embedding, unet.conv_in
+        self.class_embedding = unet.class_embedding
+        self.class_via_time_proj = unet.config.class_embed_type == "timestep"
+
+    def forward(self, sample, timestep, *class_labels):
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
+        if self.class_embedding is not None:
+            labels = class_labels[0]
+            if self.class_via_time_proj:
+                labels = self.time_proj(labels)
+            emb = emb + self.class_embedding(labels).to(sample.dtype)
+        return self.conv_in(sample), emb
+
+
 class ResnetLayer(torch.nn.Module):
     """One resnet (+ its transformer when the block has cross-attention); in up blocks the input
     is first concatenated with the skip feature, as diffusers' up blocks do."""
 
-    def __init__(self, resnet, attention=None, concat_skip: bool = False):
+    def __init__(self, resnet, attention=None, concat_skip: bool = False, cross_attention: bool = True):
         super().__init__()
         self.resnet, self.attention, self.concat_skip = resnet, attention, concat_skip
+        self.cross_attention = cross_attention  # Transformer2DModel (reads the conditioning) or self-Attention
 
     def forward(self, hidden, *rest):
         if self.concat_skip:
@@ -48,8 +68,10 @@ class ResnetLayer(torch.nn.Module):
             hidden = torch.cat([hidden, skip], dim=1)
         temb, *enc = rest
         hidden = self.resnet(hidden, temb)
-        if self.attention is not None:
+        if self.attention is not None and self.cross_attention:
             hidden = self.attention(hidden, encoder_hidden_states=enc[0], return_dict=False)[0]
+        elif self.attention is not None:
+            hidden = self.attention(hidden)
         return (hidden,)
 
 
@@ -85,36 +107,50 @@ class UNetHead(torch.nn.Module):
 
 
 def unet_units(unet, cross_attention: bool) -> list[Unit]:
-    """Units of a diffusers UNet (``UNet2DConditionModel``; ``cross_attention=False`` for the
-    cross-attention-free layout of ``UNet2DModel``-style blocks)."""
+    """Units of a diffusers UNet: ``UNet2DConditionModel`` (``cross_attention=True``: its
+    transformers read ``encoder_hidden_states``) or ``UNet2DModel`` (self-attention blocks, optional
+    class embedding read from ``class_labels``)."""
     cfg = unet.config
-    unsupported = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim",
-                                           "num_class_embeds") if cfg.get(k)}
+    if cross_attention:
+        unsupported = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim",
+                                               "num_class_embeds") if cfg.get(k)}
+        stem = Unit("stem", "stem", UNetStem(unet), ("sample", "timestep"), ("skip0", "temb"))
+    else:
+        unsupported = {k: cfg.get(k) for k in ("time_embedding_type", "downsample_type", "upsample_type")
+                       if cfg.get(k) not in (None, "positional", "conv")}
+        skip_blocks = [type(b).__name__ for b in [*unet.down_blocks, *unet.up_blocks] if "Skip" in type(b).__name__]
+        if skip_blocks:
+            unsupported["skip blocks"] = skip_blocks
+        labels = ("class_labels",) if unet.class_embedding is not None else ()
+        stem = Unit("stem", "stem", UNet2DStem(unet), ("sample", "timestep") + labels, ("skip0", "temb"))
     if unsupported or cfg.get("center_input_sample"):
         raise ModelError(f"block partition does not support these UNet options yet: {unsupported or 'center_input_sample'}")
     enc = ("encoder_hidden_states",) if cross_attention else ()
-    units = [Unit("stem", "stem", UNetStem(unet), ("sample", "timestep"), ("skip0", "temb"))]
+    units = [stem]
     skips = ["skip0"]
     for b, block in enumerate(unet.down_blocks):
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
         for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
             name = f"skip{len(skips)}"
-            units.append(Unit(f"down{b}.layer{i}", f"down{b}", ResnetLayer(resnet, attn),
+            units.append(Unit(f"down{b}.layer{i}", f"down{b}", ResnetLayer(resnet, attn, cross_attention=cross_attention),
                               (skips[-1], "temb") + (enc if attn is not None else ()), (name,)))
             skips.append(name)
         for downsampler in block.downsamplers or []:
             name = f"skip{len(skips)}"
             units.append(Unit(f"down{b}.downsample", f"down{b}", Resample(downsampler), (skips[-1],), (name,)))
             skips.append(name)
-    mid_attn = hasattr(unet.mid_block, "attentions") and cross_attention
-    units.append(Unit("mid", "mid", UNetMid(unet.mid_block, mid_attn), (skips[-1], "temb") + (enc if mid_attn else ()),
-                      ("mid",)))
-    hidden = "mid"
+    hidden = skips[-1]
+    if unet.mid_block is not None:
+        mid_attn = hasattr(unet.mid_block, "attentions") and cross_attention
+        units.append(Unit("mid", "mid", UNetMid(unet.mid_block, mid_attn),
+                          (hidden, "temb") + (enc if mid_attn else ()), ("mid",)))
+        hidden = "mid"
     for b, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
         for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
             skip = skips.pop()
-            units.append(Unit(f"up{b}.layer{i}", f"up{b}", ResnetLayer(resnet, attn, concat_skip=True),
+            units.append(Unit(f"up{b}.layer{i}", f"up{b}",
+                              ResnetLayer(resnet, attn, concat_skip=True, cross_attention=cross_attention),
                               (hidden, skip, "temb") + (enc if attn is not None else ()), (f"up{b}_{i}",)))
             hidden = f"up{b}_{i}"
         for upsampler in block.upsamplers or []:
@@ -184,7 +220,7 @@ def unet_split_shortcut_sites(unet) -> dict[str, int]:
         skips += [resnet.out_channels for resnet in block.resnets]
         if block.downsamplers:
             skips.append(block.resnets[-1].out_channels)
-    hidden = unet.mid_block.resnets[-1].out_channels
+    hidden = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else skips[-1]
     sites = {}
     for b, block in enumerate(unet.up_blocks):
         for i, resnet in enumerate(block.resnets):

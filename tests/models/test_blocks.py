@@ -14,14 +14,15 @@ def max_diff_blocks_vs_model(directory, split, batch=3):
     loaded = load_model(directory)
     adapter, model = loaded.adapter, loaded.model
     cond = load_conditioning(loaded.default_conditioning, adapter)
-    rows = [r % cond.num_rows for r in range(batch)]
+    rows = [r % (cond.num_rows or 1) for r in range(batch)]
     c, _ = cond.batch(rows)
     torch.manual_seed(0)
     x = torch.randn(batch, *adapter.sample_shape)
     t = torch.tensor([999, 500, 3][:batch])
     with torch.no_grad():
-        expected = model(x, t, **({"encoder_hidden_states": c} if adapter.conditioning == "embeddings"
-                                  else {"class_labels": c}), return_dict=False)[0]
+        expected = adapter.denoise(model, x, t, c) if adapter.class_name == "UNet2DModel" else \
+            model(x, t, **({"encoder_hidden_states": c} if adapter.conditioning == "embeddings"
+                           else {"class_labels": c}), return_dict=False)[0]
         blocks = adapter.blocks(model, split=split)
         (got,) = run_blocks(blocks, adapter.named_inputs(x, t, c), ("noise_pred",))
     return (got - expected).abs().max().item(), blocks
@@ -33,6 +34,14 @@ def test_tiny_unet_and_dit_blocks_reproduce_the_model(tiny_unet_dir, tiny_dit_di
     assert max_diff_blocks_vs_model(tiny_unet_dir, unet_split)[0] <= 1e-5
     dit_split = ("blocks.0",) if split == ("down0", "up2") else split
     assert max_diff_blocks_vs_model(tiny_dit_dir, dit_split)[0] <= 1e-5
+
+
+@pytest.mark.parametrize("split", [(), ("down0", "up1"), ("*",)])
+def test_unet2d_blocks_reproduce_the_model_with_and_without_classes(tiny_unet2d_dirs, split):
+    for directory in tiny_unet2d_dirs:
+        diff, blocks = max_diff_blocks_vs_model(directory, split)
+        assert diff <= 1e-5
+    assert ("class_labels" in blocks[0].inputs) and len(blocks[0].inputs) == 3
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -96,3 +105,11 @@ def test_split_shortcut_sites_match_the_tensors_the_up_layers_concatenate():
     assert list(sites.values()) == [64, 64, 64, 64, 48, 48, 48, 32, 32]
     dit = load_model(reference.path("digits-dit"))
     assert dit.adapter.split_shortcut_sites(dit.model) == {}
+
+
+def test_unet2d_split_shortcut_sites(tiny_unet2d_dirs):
+    loaded = load_model(tiny_unet2d_dirs[0])
+    sites = loaded.adapter.split_shortcut_sites(loaded.model)
+    # up0 reads mid (16) + skip 16, then 16 + 8; up1 reads the upsampled 16 + 8, then 8 + 8
+    assert sites == {"up_blocks.0.resnets.0.conv_shortcut": 16, "up_blocks.0.resnets.1.conv_shortcut": 16,
+                     "up_blocks.1.resnets.0.conv_shortcut": 16, "up_blocks.1.resnets.1.conv_shortcut": 8}

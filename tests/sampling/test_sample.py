@@ -66,3 +66,11 @@ def test_row_outside_conditioning_is_a_usage_error(tiny_unet_dir, tmp_path):
     with pytest.raises(UsageError, match=r"row\(s\) \[3\] out of range: .*conditioning.safetensors has 3 rows"):
         run(tiny_unet_dir, tmp_path / "a", rows=[0, 3])
     assert not (tmp_path / "a").exists()  # nothing written before the check
+
+
+def test_unconditional_and_class_conditional_unet2d(tiny_unet2d_dirs, tmp_path):
+    plain, with_classes = tiny_unet2d_dirs
+    sample_reference(str(plain), tmp_path / "u", per_row=2, steps=3, progress=False)
+    assert sorted(read_image_folder(tmp_path / "u")) == [(0, 0), (0, 1)]  # no conditioning: one row
+    images = run(with_classes, tmp_path / "c", guidance=2.0)
+    assert len(images) == 6 and all(np.isfinite(v).all() for v in images.values())
