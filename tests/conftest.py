@@ -69,6 +69,21 @@ def tiny_unet2d_dirs(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory) -> Path:
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("tiny-pixart")
+    torch.manual_seed(0)
+    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
+                             num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                             norm_num_groups=1).save_pretrained(directory / "transformer", safe_serialization=True)
+    DDIMScheduler().save_config(directory / "scheduler")
+    save_file({"cond": torch.randn(3, 5, 12), "uncond": torch.zeros(1, 5, 12)}, str(directory / "conditioning.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_unet_dir(tmp_path_factory) -> Path:
     return save_tiny_unet(tmp_path_factory.mktemp("tiny-unet"))
 

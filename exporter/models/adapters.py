@@ -197,5 +197,13 @@ class PixArtAdapter(ArchitectureAdapter):
         out = model(sample, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
         return self.postprocess(out)
 
+    def units(self, model):
+        from exporter.models.units import pixart_units
+
+        return pixart_units(model)
+
+    def named_inputs(self, sample, t, cond):
+        return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
+
     def postprocess(self, noise_pred):
         return self._drop_learned_sigma(noise_pred)

@@ -233,3 +233,61 @@ def unet_split_shortcut_sites(unet) -> dict[str, int]:
                 sites[f"up_blocks.{b}.resnets.{i}.conv_shortcut"] = hidden
             hidden = resnet.out_channels
     return sites
+
+
+class PixArtStem(torch.nn.Module):
+    """Patch embedding, the adaLN-single timestep embedding (shared by all blocks) and the caption
+    projection of the conditioning."""
+
+    def __init__(self, pixart):
+        super().__init__()
+        self.pos_embed, self.adaln_single, self.caption_projection = (
+            pixart.pos_embed, pixart.adaln_single, pixart.caption_projection)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        batch = sample.shape[0]
+        hidden = self.pos_embed(sample)
+        added = {"resolution": None, "aspect_ratio": None}
+        t_mod, embedded_timestep = self.adaln_single(timestep, added, batch_size=batch, hidden_dtype=hidden.dtype)
+        context = encoder_hidden_states
+        if self.caption_projection is not None:
+            context = self.caption_projection(context).view(batch, -1, hidden.shape[-1])
+        return hidden, t_mod, embedded_timestep, context
+
+
+class PixArtBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, context, t_mod):
+        return (self.block(hidden, encoder_hidden_states=context, timestep=t_mod),)
+
+
+class PixArtHead(torch.nn.Module):
+    def __init__(self, pixart):
+        super().__init__()
+        self.scale_shift_table, self.norm_out, self.proj_out = (
+            pixart.scale_shift_table, pixart.norm_out, pixart.proj_out)
+        self.patch, self.channels = pixart.config.patch_size, pixart.out_channels
+
+    def forward(self, hidden, embedded_timestep):
+        shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+        hidden = self.proj_out(self.norm_out(hidden) * (1 + scale) + shift).squeeze(1)
+        side = int(hidden.shape[1] ** 0.5)  # square latents, as the reference DiT head assumes too
+        hidden = hidden.reshape(-1, side, side, self.patch, self.patch, self.channels)
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
+        return (hidden.reshape(-1, self.channels, side * self.patch, side * self.patch),)
+
+
+def pixart_units(pixart) -> list[Unit]:
+    if pixart.use_additional_conditions:
+        raise ModelError("block partition of PixArt with resolution/aspect-ratio conditioning is not supported yet")
+    units = [Unit("stem", "stem", PixArtStem(pixart), ("sample", "timestep", "encoder_hidden_states"),
+                  ("hidden0", "adaln_timestep", "embedded_timestep", "context"))]
+    for i, block in enumerate(pixart.transformer_blocks):
+        units.append(Unit(f"blocks.{i}", f"blocks.{i}", PixArtBlock(block),
+                          (f"hidden{i}", "context", "adaln_timestep"), (f"hidden{i + 1}",)))
+    units.append(Unit("head", "head", PixArtHead(pixart), (f"hidden{len(pixart.transformer_blocks)}",
+                                                           "embedded_timestep"), ("noise_pred",)))
+    return units

@@ -20,12 +20,26 @@ def max_diff_blocks_vs_model(directory, split, batch=3):
     x = torch.randn(batch, *adapter.sample_shape)
     t = torch.tensor([999, 500, 3][:batch])
     with torch.no_grad():
-        expected = adapter.denoise(model, x, t, c) if adapter.class_name == "UNet2DModel" else \
-            model(x, t, **({"encoder_hidden_states": c} if adapter.conditioning == "embeddings"
-                           else {"class_labels": c}), return_dict=False)[0]
+        expected = raw_output(adapter, model, x, t, c)
         blocks = adapter.blocks(model, split=split)
         (got,) = run_blocks(blocks, adapter.named_inputs(x, t, c), ("noise_pred",))
     return (got - expected).abs().max().item(), blocks
+
+
+def raw_output(adapter, model, x, t, c):
+    """The model's own forward (learned-sigma channels included), called as diffusers documents."""
+    if adapter.class_name == "PixArtTransformer2DModel":
+        added = {"resolution": None, "aspect_ratio": None}
+        return model(x, encoder_hidden_states=c, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+    key = "encoder_hidden_states" if adapter.conditioning == "embeddings" else "class_labels"
+    return model(x, t, return_dict=False, **{key: c})[0]
+
+
+@pytest.mark.parametrize("split", [(), ("*",)])
+def test_tiny_pixart_blocks_reproduce_the_model(tiny_pixart_dir, split):
+    diff, blocks = max_diff_blocks_vs_model(tiny_pixart_dir, split)
+    assert diff <= 1e-5
+    assert [b.name for b in blocks] == ["stem", "blocks.0", "blocks.1", "head"]
 
 
 @pytest.mark.parametrize("split", SPLITS)

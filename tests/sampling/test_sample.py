@@ -55,8 +55,9 @@ def test_seed_and_guidance_change_images(tiny_unet_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
-def test_every_scheduler_runs_on_unet_and_dit(tiny_unet_dir, tiny_dit_dir, tmp_path, scheduler):
-    for i, model in enumerate((tiny_unet_dir, tiny_dit_dir)):
+def test_every_scheduler_runs_on_unet_dit_and_pixart(tiny_unet_dir, tiny_dit_dir, tiny_pixart_dir, tmp_path,
+                                                     scheduler):
+    for i, model in enumerate((tiny_unet_dir, tiny_dit_dir, tiny_pixart_dir)):
         images = run(model, tmp_path / str(i), scheduler=scheduler, guidance=2.0)
         assert len(images) == 6
         assert all(np.isfinite(img).all() and img.shape == (8, 8) for img in images.values())
