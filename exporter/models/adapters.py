@@ -80,6 +80,13 @@ class ArchitectureAdapter:
         channel}. None for architectures without skip concatenation."""
         return {}
 
+    # Layers kept in high precision unless a recipe says otherwise: (module-name glob, reason).
+    default_exclusions: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def cacheable_features(self, blocks: list) -> list[str]:
+        """Tensors a feature cache may reuse across steps (the deep features of DeepCache)."""
+        return []
+
     def blocks(self, model: torch.nn.Module, split=()) -> list:
         """The model as blocks (one per diffusers block; those in ``split`` cut into layers)."""
         from exporter.models.blocks import partition
@@ -101,6 +108,18 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
     class_name = "UNet2DConditionModel"
     subfolder = "unet"
     conditioning = "embeddings"
+    default_exclusions = (
+        ("time_embedding.*", "depends on t only: computed once per t, its error is not averaged out (TFMQ-DM)"),
+        ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
+        ("conv_out", "last layer: its error goes straight into the predicted noise"),
+    )
+
+    def cacheable_features(self, blocks):
+        # DeepCache: the up path's hidden input of each up block (or up layer when split)
+        return [b.inputs[0] for b in blocks if b.name.startswith("up")]
 
     @property
     def embedding_dim(self) -> int:
@@ -127,6 +146,19 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
 class UNet2DAdapter(ArchitectureAdapter):
     class_name = "UNet2DModel"
     subfolder = "unet"
+    default_exclusions = (
+        ("time_embedding.*", "depends on t only: computed once per t, its error is not averaged out (TFMQ-DM)"),
+        ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+        ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
+        ("conv_out", "last layer: its error goes straight into the predicted noise"),
+        ("class_embedding", "class embedding: a table lookup, nothing to accelerate"),
+    )
+
+    def cacheable_features(self, blocks):
+        # DeepCache: the up path's hidden input of each up block (or up layer when split)
+        return [b.inputs[0] for b in blocks if b.name.startswith("up")]
 
     @property
     def conditioning(self) -> ConditioningKind:
@@ -161,6 +193,17 @@ class DiTAdapter(ArchitectureAdapter):
     class_name = "DiTTransformer2DModel"
     subfolder = "transformer"
     conditioning = "class_labels"
+    default_exclusions = (
+        ("pos_embed.*", "patch embedding: few input channels, first layer"),
+        ("transformer_blocks.*.norm1.emb.*", "timestep/label embedding: depends on t and the class only"),
+        ("transformer_blocks.*.norm1.linear", "adaLN-Zero modulation: scales and gates every block"),
+        ("proj_out_1", "output adaLN modulation"),
+        ("proj_out_2", "last layer: its error goes straight into the predicted noise"),
+    )
+
+    def cacheable_features(self, blocks):
+        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
+        return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
 
     @property
     def num_classes(self) -> int:
@@ -186,6 +229,15 @@ class PixArtAdapter(ArchitectureAdapter):
     class_name = "PixArtTransformer2DModel"
     subfolder = "transformer"
     conditioning = "embeddings"
+    default_exclusions = (
+        ("pos_embed.*", "patch embedding: few input channels, first layer"),
+        ("adaln_single.*", "adaLN-single timestep embedding and modulation: depends on t only"),
+        ("proj_out", "last layer: its error goes straight into the predicted noise"),
+    )
+
+    def cacheable_features(self, blocks):
+        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
+        return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
 
     @property
     def embedding_dim(self) -> int:

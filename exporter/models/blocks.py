@@ -90,3 +90,27 @@ def run_blocks(blocks: list[Block], tensors: dict[str, torch.Tensor], final_outp
     for block in blocks:
         env.update(zip(block.outputs, block(*(env[n] for n in block.inputs))))
     return tuple(env[n] for n in final_outputs)
+
+
+def blocks_to_run_with_cache(blocks: list[Block], cached: str, model_inputs: Iterable[str]) -> list[str]:
+    """Names of the blocks a cached step runs when tensor ``cached`` is reused (DeepCache).
+
+    The block reading ``cached`` and every block after it run; so do the earlier blocks that
+    produce what those read (skip features, the time embedding, ...), found by walking the
+    dependencies backwards. Everything else, the deep path that produced ``cached``, is skipped.
+    """
+    consumers = [i for i, b in enumerate(blocks) if cached in b.inputs]
+    if not consumers:
+        raise UsageError(f"no block reads {cached!r}; cacheable tensors are block inputs")
+    first = consumers[0]
+    run = set(range(first, len(blocks)))
+    available = set(model_inputs) | {cached}
+    needed = {n for i in run for n in blocks[i].inputs} - available
+    needed -= {n for i in run for n in blocks[i].outputs}
+    for i in range(first - 1, -1, -1):
+        if needed & set(blocks[i].outputs):
+            run.add(i)
+            needed = (needed - set(blocks[i].outputs)) | (set(blocks[i].inputs) - available)
+    if needed:
+        raise UsageError(f"caching {cached!r} leaves {sorted(needed)} without a producer")
+    return [blocks[i].name for i in sorted(run)]

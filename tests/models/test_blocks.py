@@ -5,7 +5,7 @@ import torch
 
 from exporter import UsageError, reference
 from exporter.models import load_conditioning, load_model
-from exporter.models.blocks import partition, run_blocks
+from exporter.models.blocks import blocks_to_run_with_cache, partition, run_blocks
 
 SPLITS = [(), ("down0", "up2"), ("*",)]
 
@@ -127,3 +127,41 @@ def test_unet2d_split_shortcut_sites(tiny_unet2d_dirs):
     # up0 reads mid (16) + skip 16, then 16 + 8; up1 reads the upsampled 16 + 8, then 8 + 8
     assert sites == {"up_blocks.0.resnets.0.conv_shortcut": 16, "up_blocks.0.resnets.1.conv_shortcut": 16,
                      "up_blocks.1.resnets.0.conv_shortcut": 16, "up_blocks.1.resnets.1.conv_shortcut": 8}
+
+
+def test_deepcache_shallow_path_is_found_from_the_dependencies():
+    loaded = load_model(reference.path("digits-unet"))
+    layered = loaded.adapter.blocks(loaded.model, split=("down0", "up2"))
+    inputs = ("sample", "timestep", "encoder_hidden_states")
+    assert "up2_0" in loaded.adapter.cacheable_features(layered)
+    # the paper's shallowest branch: first down layer + last up layers live, everything else cached
+    assert blocks_to_run_with_cache(layered, "up2_0", inputs) == \
+        ["stem", "down0.layer0", "up2.layer1", "up2.layer2", "head"]
+    assert blocks_to_run_with_cache(layered, "up1_upsample", inputs) == \
+        ["stem", "down0.layer0", "down0.layer1", "up2.layer0", "up2.layer1", "up2.layer2", "head"]
+    whole = loaded.adapter.blocks(loaded.model)
+    assert loaded.adapter.cacheable_features(whole) == ["mid", "up0_upsample", "up1_upsample"]
+    assert blocks_to_run_with_cache(whole, "up1_upsample", inputs) == ["stem", "down0", "up2", "head"]
+    with pytest.raises(UsageError, match="no block reads 'noise_pred'"):
+        blocks_to_run_with_cache(whole, "noise_pred", inputs)
+
+
+def test_dit_cache_skips_the_blocks_before_the_cached_tokens():
+    loaded = load_model(reference.path("digits-dit"))
+    blocks = loaded.adapter.blocks(loaded.model)
+    assert loaded.adapter.cacheable_features(blocks) == [f"hidden{i}" for i in range(6)]
+    assert blocks_to_run_with_cache(blocks, "hidden4", ("sample", "timestep", "class_labels")) == \
+        ["blocks.4", "blocks.5", "head"]
+
+
+def test_default_exclusions_name_real_layers(tiny_unet2d_dirs, tiny_pixart_dir):
+    """Every exclusion pattern matches at least one Conv/Linear of a model of its class."""
+    from fnmatch import fnmatch
+
+    for directory in (reference.path("digits-unet"), reference.path("digits-dit"), tiny_unet2d_dirs[1],
+                      tiny_pixart_dir):
+        loaded = load_model(directory)
+        compute = [n for n, m in loaded.model.named_modules()
+                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding))]
+        for pattern, reason in loaded.adapter.default_exclusions:
+            assert reason and any(fnmatch(n, pattern) for n in compute), (directory, pattern)
