@@ -48,8 +48,9 @@ def make_grid(images: dict[tuple[int, int], np.ndarray], scale: int = 4, pad: in
     return grid
 
 
-def write_image_folder(out: Path, images: dict[tuple[int, int], object]) -> list[Path]:
+def write_image_folder(out: str | Path, images: dict[tuple[int, int], object]) -> list[Path]:
     """Write every image (atomically, one file at a time) and the grid; returns the image paths."""
+    out = Path(out)
     pixels = {key: to_uint8(img) for key, img in images.items()}
     paths = [atomic_write_bytes(out / f"{r}_{k}.png", png_bytes(p)) for (r, k), p in sorted(pixels.items())]
     atomic_write_bytes(out / GRID_NAME, png_bytes(make_grid(pixels)))
