@@ -103,23 +103,56 @@ class ArchitectureAdapter:
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 
 
-@register
-class UNet2DConditionAdapter(ArchitectureAdapter):
-    class_name = "UNet2DConditionModel"
+UNET_EXCLUSIONS = (
+    ("time_embedding.*", "depends on t only: computed once per t, its error is not averaged out (TFMQ-DM)"),
+    ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+    ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+    ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+    ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
+    ("conv_out", "last layer: its error goes straight into the predicted noise"),
+)
+
+
+class UNetFamily(ArchitectureAdapter):
+    """What every diffusers UNet shares: skip concatenation (split shortcut), DeepCache features."""
+
     subfolder = "unet"
-    conditioning = "embeddings"
-    default_exclusions = (
-        ("time_embedding.*", "depends on t only: computed once per t, its error is not averaged out (TFMQ-DM)"),
-        ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
-        ("conv_out", "last layer: its error goes straight into the predicted noise"),
-    )
+    cross_attention: ClassVar[bool]
+    default_exclusions = UNET_EXCLUSIONS
+
+    def units(self, model):
+        from exporter.models.units import unet_units
+
+        return unet_units(model, cross_attention=self.cross_attention)
+
+    def split_shortcut_sites(self, model):
+        from exporter.models.units import unet_split_shortcut_sites
+
+        return unet_split_shortcut_sites(model)
 
     def cacheable_features(self, blocks):
         # DeepCache: the up path's hidden input of each up block (or up layer when split)
         return [b.inputs[0] for b in blocks if b.name.startswith("up")]
+
+
+class TransformerFamily(ArchitectureAdapter):
+    """What DiT-style transformers share: learned-sigma outputs, token-stream caching."""
+
+    subfolder = "transformer"
+
+    def postprocess(self, noise_pred):
+        return self._drop_learned_sigma(noise_pred)
+
+    def cacheable_features(self, blocks):
+        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
+        return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
+
+
+@register
+class UNet2DConditionAdapter(UNetFamily):
+    class_name = "UNet2DConditionModel"
+    conditioning = "embeddings"
+    cross_attention = True
 
     @property
     def embedding_dim(self) -> int:
@@ -128,37 +161,17 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
     def denoise(self, model, sample, t, cond):
         return model(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
 
-    def units(self, model):
-        from exporter.models.units import unet_units
-
-        return unet_units(model, cross_attention=True)
-
-    def split_shortcut_sites(self, model):
-        from exporter.models.units import unet_split_shortcut_sites
-
-        return unet_split_shortcut_sites(model)
-
     def named_inputs(self, sample, t, cond):
         return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
 
 
 @register
-class UNet2DAdapter(ArchitectureAdapter):
+class UNet2DAdapter(UNetFamily):
     class_name = "UNet2DModel"
-    subfolder = "unet"
-    default_exclusions = (
-        ("time_embedding.*", "depends on t only: computed once per t, its error is not averaged out (TFMQ-DM)"),
-        ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-        ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
-        ("conv_out", "last layer: its error goes straight into the predicted noise"),
+    cross_attention = False
+    default_exclusions = UNET_EXCLUSIONS + (
         ("class_embedding", "class embedding: a table lookup, nothing to accelerate"),
     )
-
-    def cacheable_features(self, blocks):
-        # DeepCache: the up path's hidden input of each up block (or up layer when split)
-        return [b.inputs[0] for b in blocks if b.name.startswith("up")]
 
     @property
     def conditioning(self) -> ConditioningKind:
@@ -171,27 +184,16 @@ class UNet2DAdapter(ArchitectureAdapter):
     def denoise(self, model, sample, t, cond):
         return model(sample, t, class_labels=cond, return_dict=False)[0]
 
-    def units(self, model):
-        from exporter.models.units import unet_units
-
-        return unet_units(model, cross_attention=False)
-
     def named_inputs(self, sample, t, cond):
         inputs = {"sample": sample, "timestep": t}
         if cond is not None:
             inputs["class_labels"] = cond
         return inputs
 
-    def split_shortcut_sites(self, model):
-        from exporter.models.units import unet_split_shortcut_sites
-
-        return unet_split_shortcut_sites(model)
-
 
 @register
-class DiTAdapter(ArchitectureAdapter):
+class DiTAdapter(TransformerFamily):
     class_name = "DiTTransformer2DModel"
-    subfolder = "transformer"
     conditioning = "class_labels"
     default_exclusions = (
         ("pos_embed.*", "patch embedding: few input channels, first layer"),
@@ -201,19 +203,12 @@ class DiTAdapter(ArchitectureAdapter):
         ("proj_out_2", "last layer: its error goes straight into the predicted noise"),
     )
 
-    def cacheable_features(self, blocks):
-        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
-        return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
-
     @property
     def num_classes(self) -> int:
         return self.config["num_embeds_ada_norm"]
 
     def denoise(self, model, sample, t, cond):
         return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])
-
-    def postprocess(self, noise_pred):
-        return self._drop_learned_sigma(noise_pred)
 
     def units(self, model):
         from exporter.models.units import dit_units
@@ -225,19 +220,14 @@ class DiTAdapter(ArchitectureAdapter):
 
 
 @register
-class PixArtAdapter(ArchitectureAdapter):
+class PixArtAdapter(TransformerFamily):
     class_name = "PixArtTransformer2DModel"
-    subfolder = "transformer"
     conditioning = "embeddings"
     default_exclusions = (
         ("pos_embed.*", "patch embedding: few input channels, first layer"),
         ("adaln_single.*", "adaLN-single timestep embedding and modulation: depends on t only"),
         ("proj_out", "last layer: its error goes straight into the predicted noise"),
     )
-
-    def cacheable_features(self, blocks):
-        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
-        return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
 
     @property
     def embedding_dim(self) -> int:
@@ -256,6 +246,3 @@ class PixArtAdapter(ArchitectureAdapter):
 
     def named_inputs(self, sample, t, cond):
         return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
-
-    def postprocess(self, noise_pred):
-        return self._drop_learned_sigma(noise_pred)

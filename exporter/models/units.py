@@ -160,6 +160,14 @@ def unet_units(unet, cross_attention: bool) -> list[Unit]:
     return units
 
 
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """[N, tokens, patch*patch*C] -> [N, C, H, W] for square latents, as diffusers' DiT heads do."""
+    side = int(tokens.shape[1] ** 0.5)
+    tokens = tokens.reshape(-1, side, side, patch, patch, channels)
+    tokens = torch.einsum("nhwpqc->nchpwq", tokens)
+    return tokens.reshape(-1, channels, side * patch, side * patch)
+
+
 class DiTStem(torch.nn.Module):
     def __init__(self, dit):
         super().__init__()
@@ -191,10 +199,7 @@ class DiTHead(torch.nn.Module):
         cond = self.emb(timestep, class_labels, hidden_dtype=hidden.dtype)
         shift, scale = self.proj_out_1(torch.nn.functional.silu(cond)).chunk(2, dim=1)
         hidden = self.proj_out_2(self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
-        side = int(hidden.shape[1] ** 0.5)
-        hidden = hidden.reshape(-1, side, side, self.patch, self.patch, self.channels)
-        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
-        return (hidden.reshape(-1, self.channels, side * self.patch, side * self.patch),)
+        return (unpatchify(hidden, self.patch, self.channels),)
 
 
 def dit_units(dit) -> list[Unit]:
@@ -274,10 +279,7 @@ class PixArtHead(torch.nn.Module):
     def forward(self, hidden, embedded_timestep):
         shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
         hidden = self.proj_out(self.norm_out(hidden) * (1 + scale) + shift).squeeze(1)
-        side = int(hidden.shape[1] ** 0.5)  # square latents, as the reference DiT head assumes too
-        hidden = hidden.reshape(-1, side, side, self.patch, self.patch, self.channels)
-        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
-        return (hidden.reshape(-1, self.channels, side * self.patch, side * self.patch),)
+        return (unpatchify(hidden, self.patch, self.channels),)
 
 
 def pixart_units(pixart) -> list[Unit]:
