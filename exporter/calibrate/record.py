@@ -83,7 +83,10 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
     rows = spec.rows if spec.rows is not None else list(range(conditioning.num_rows or 1))
     conditioning.check_rows(rows)
     blocks = adapter.blocks(loaded.model, split=spec.split)
-    names = list(dict.fromkeys(n for b in blocks for n in b.inputs))
+    read = {n for b in blocks for n in b.inputs}
+    produced_in_order = [n for b in blocks for n in (*b.inputs, *b.outputs)]  # model inputs come first
+    # recorded tensors in the order the model computes them: the first NaN named is the earliest one
+    names = [n for n in dict.fromkeys(produced_in_order) if n in read]
 
     state = {
         "schema": SCHEMA,

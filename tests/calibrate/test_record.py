@@ -88,3 +88,15 @@ def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_
     assert "Traceback" not in result.stderr
     with pytest.raises(RecipeError):
         CalibrationSpec(timestep_sampling="log").validate("x")
+
+
+def test_nan_in_recorded_activations_names_the_tensor(tiny_unet_dir, tmp_path):
+    loaded = load_model(tiny_unet_dir)
+    with torch.no_grad():
+        loaded.model.down_blocks[0].resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    broken = tmp_path / "broken"
+    loaded.model.save_pretrained(broken / "unet", safe_serialization=True)
+    (broken / "conditioning.safetensors").write_bytes((tiny_unet_dir / "conditioning.safetensors").read_bytes())
+    with pytest.raises(CalibrationError, match=r"NaN/Inf in tensor 'skip1' at t=\d+"):
+        calibrate(str(broken), tmp_path / "c", SPEC, progress=False)
+    assert not list((tmp_path / "c").glob("shard-*"))  # nothing half-written
