@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from exporter import __version__
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, UsageError
 
 log = logging.getLogger("exporter")
 
@@ -73,8 +73,6 @@ def cmd_calibrate(args) -> None:
         spec.validate("--trajectories")
     model = args.model or recipe.model
     if model is None:
-        from exporter.errors import UsageError
-
         raise UsageError("no model: pass --model or set 'model' in the recipe")
     state = calibrate(model, args.out, spec, cond=args.cond, progress=not args.quiet)
     samples = sum(s["samples"] for s in state["shards"].values())

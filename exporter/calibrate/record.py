@@ -44,7 +44,8 @@ class CalibrationError(ExporterError):
     """Calibration data that is missing, corrupted, inconsistent or unusable."""
 
 
-def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int) -> list[int]:
+def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int,
+                   num_train_timesteps: int = 1000) -> list[int]:
     """Indices into the scheduler's timesteps recorded for one trajectory."""
     n = len(timesteps)
     k = spec.steps_per_trajectory or n
@@ -52,7 +53,7 @@ def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int)
         return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
     # PTQ4DM: t ~ N(0.4 T, (0.4 T)^2), clamped, mapped to the nearest step; distinct steps.
     rng = np.random.default_rng(spec.seed * 7919 + trajectory)
-    total = 1000.0
+    total = float(num_train_timesteps)
     chosen: list[int] = []
     t_values = np.asarray(timesteps, dtype=np.float64)
     for _ in range(100 * k):
@@ -65,8 +66,12 @@ def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int)
     return sorted(chosen)
 
 
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _sha256_bytes(path.read_bytes())
 
 
 def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Path | None = None,
@@ -112,9 +117,10 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
         ids = list(range(first, min(first + spec.batch_trajectories, spec.trajectories)))
         tensors = _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar)
         meta = {"trajectories": f"{ids[0]}-{ids[-1]}"}
-        atomic_write_bytes(out / shard_name, save(tensors, metadata=meta))
+        data = save(tensors, metadata=meta)
+        atomic_write_bytes(out / shard_name, data)
         ts = tensors["t"].tolist()
-        state["shards"][shard_name] = {"sha256": _sha256(out / shard_name), "samples": len(ts),
+        state["shards"][shard_name] = {"sha256": _sha256_bytes(data), "samples": len(ts),
                                        "trajectories": [ids[0], ids[-1]], "timesteps": dict(Counter(ts))}
         _write_state(out, state, complete=False)
     bar.close()
@@ -130,7 +136,9 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
     adapter = loaded.adapter
     scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     scheduler.set_timesteps(spec.steps)
-    chosen = {i: set(recorded_steps(spec, [int(t) for t in scheduler.timesteps], i)) for i in ids}
+    timesteps = [int(t) for t in scheduler.timesteps]
+    train_steps = scheduler.config.num_train_timesteps
+    chosen = {i: set(recorded_steps(spec, timesteps, i, train_steps)) for i in ids}
     traj_rows = [rows[i % len(rows)] for i in ids]
     noise = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
     cond, uncond = conditioning.batch(traj_rows)

@@ -51,7 +51,6 @@ def sample_reference(
         batch_size=batch_size,
     )
     log.info("sampling %s (%s) with %s", loaded.directory, loaded.adapter.class_name, settings)
-    torch.set_grad_enabled(False)
 
     def denoise(x, t, c):
         return loaded.adapter.denoise(loaded.model, x, t, c)
