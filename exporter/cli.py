@@ -53,20 +53,36 @@ def sampling_kwargs(args) -> dict:
                 guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
 
 
-def cmd_sample(args) -> None:
-    from exporter.sampling.reference import sample_reference
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    from exporter.recipe import FORMATS
 
-    sample_reference(args.model, args.out, **sampling_kwargs(args))
-    print(f"wrote images to {args.out}")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--recipe", type=Path, help="YAML recipe file")
+    group.add_argument("--format", choices=FORMATS, help="use the bundled recipe for this format")
+
+
+def cmd_sample(args) -> None:
+    from exporter.recipe import resolve_recipe
+    from exporter.sampling.pytorch import sample_pytorch
+
+    quantization = None
+    if args.calib is not None or args.recipe is not None or args.format is not None:
+        fmt = args.format or ("int8" if args.recipe is None else None)
+        quantization = resolve_recipe(args.recipe, fmt, args.model).quantization
+        if quantization is not None and quantization.activations is not None and args.calib is None:
+            raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
+    record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
+                            **sampling_kwargs(args))
+    print(f"wrote {record['precision']} images to {args.out}")
 
 
 def cmd_calibrate(args) -> None:
     import dataclasses
 
     from exporter.calibrate import calibrate
-    from exporter.recipe import load_recipe
+    from exporter.recipe import resolve_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = resolve_recipe(args.recipe, args.format, args.model)
     spec = recipe.calibration
     if args.trajectories is not None:
         spec = dataclasses.replace(spec, trajectories=args.trajectories)
@@ -111,14 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("sample", parents=[common], help="FP32 PyTorch reference images: <row>_<k>.png + grid.png")
+    p = sub.add_parser("sample", parents=[common],
+                       help="PyTorch images, FP32 or fake-quantized (--calib): <row>_<k>.png + grid.png")
     add_sampling_options(p)
+    p.add_argument("--calib", type=Path, help="fake-quantize with --recipe or --format (default: int8) from "
+                   "this calibration folder (not needed for w4a16)")
+    add_recipe_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("calibrate", parents=[common], help="record block inputs along FP32 trajectories")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
-    p.add_argument("--recipe", type=Path, help="YAML recipe (its 'calibration' section); default settings without")
+    add_recipe_options(p)
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
     p.add_argument("--trajectories", type=int, help="override the recipe's trajectory count")
     p.add_argument("--out", type=Path, required=True, help="calibration folder (rerun to resume)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from exporter.errors import UsageError
 from exporter.eval import evaluate, format_table
 from exporter.fileio import atomic_write_json
-from exporter.sampling.reference import sample_reference
+from exporter.sampling.pytorch import sample_pytorch
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str = "fp32", **sample_option
     root = Path(out)
     start = time.perf_counter()
     images_dir = root / "images" / "fp32"
-    record = sample_reference(model, images_dir, **sample_options)
+    record = sample_pytorch(model, images_dir, **sample_options)
     metrics = evaluate(images_dir)
     summary = {"model": record["model"], "format": fmt, "sampling": record, "metrics": {"fp32": metrics},
                "seconds": round(time.perf_counter() - start, 2)}

@@ -45,12 +45,100 @@ class CalibrationSpec:
 
 
 @dataclass
+class Exclusion:
+    """Layers (fnmatch pattern over module names) kept in floating point, and why."""
+
+    pattern: str
+    reason: str
+
+
+@dataclass
+class PrecisionOverride:
+    """Mixed precision: layers matching ``pattern`` use these formats instead (first match wins)."""
+
+    pattern: str
+    weights: str
+    activations: str | None  # None: weight-only
+
+
+@dataclass
+class QuantizationSpec:
+    """How to quantize (PTQ). The defaults are the best settings measured on the reference models
+    (README, "Quantization evidence"); ``naive()`` is the baseline they are compared against."""
+
+    weights: str = "int8"  # int8 | fp8 | int4 (blocked) | int6 (simulation only)
+    activations: str | None = "int8"  # int8 | fp8 | int4 | int6 (simulation only) | None: weight-only
+    weight_observer: str = "mse"  # max | mse
+    act_observer: str = "mse"  # max | percentile | mse
+    percentile: float = 99.99  # for act_observer: percentile
+    groups: int = 4  # timestep groups: activation scales per bin of t (1: one global scale)
+    split_shortcut: bool = True  # separate scales for the two halves of an up-block skip concat
+    block_size: int = 128  # INT4 weights: blocks of input channels (capped at the channel count)
+    exclude: list[Exclusion] | None = None  # None: the architecture adapter's defaults (with reasons)
+    precision: list[PrecisionOverride] = field(default_factory=list)
+
+    @classmethod
+    def naive(cls, weights: str = "int8", activations: str | None = "int8") -> QuantizationSpec:
+        """Plain PTQ: min-max ranges, one global activation scale, no split shortcut."""
+        return cls(weights=weights, activations=activations, weight_observer="max", act_observer="max",
+                   groups=1, split_shortcut=False)
+
+    def validate(self, where: str) -> None:
+        from exporter.quant.formats import FORMATS
+        from exporter.quant.observers import METHODS
+
+        def check_format(value, key, allow_none=False):
+            if value is None and allow_none:
+                return
+            if value not in FORMATS:
+                raise RecipeError(f"{where}.{key}: unknown format {value!r}; known: {', '.join(FORMATS)}")
+
+        check_format(self.weights, "weights")
+        check_format(self.activations, "activations", allow_none=True)
+        for i, override in enumerate(self.precision):
+            check_format(override.weights, f"precision[{i}].weights")
+            check_format(override.activations, f"precision[{i}].activations", allow_none=True)
+        if self.weight_observer not in ("max", "mse"):
+            raise RecipeError(f"{where}.weight_observer: {self.weight_observer!r} is not max or mse")
+        if self.act_observer not in METHODS:
+            raise RecipeError(f"{where}.act_observer: {self.act_observer!r} is not one of {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise RecipeError(f"{where}.percentile must lie in (50, 100]")
+        if self.groups < 1 or self.block_size < 1:
+            raise RecipeError(f"{where}: groups and block_size must be >= 1")
+
+
+@dataclass
 class Recipe:
     model: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    quantization: QuantizationSpec | None = field(default_factory=QuantizationSpec)  # None: unquantized
 
     def validate(self, where: str = "recipe") -> None:
         self.calibration.validate(f"{where}.calibration")
+        if self.quantization is not None:
+            self.quantization.validate(f"{where}.quantization")
+
+
+def _convert(value, hint, where: str):
+    """``value`` from YAML checked against the type ``hint``; dataclasses are built recursively."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
 
 
 def _build(cls, data, where: str):
@@ -61,32 +149,11 @@ def _build(cls, data, where: str):
     unknown = sorted(set(data) - fields)
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(fields))}")
-    values = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{where}.{key}")
-        else:
-            values[key] = _check_type(value, hint, f"{where}.{key}")
-    return cls(**values)
-
-
-def _check_type(value, hint, where: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise RecipeError(f"{where}: missing key(s) {missing}")
+    return cls(**{key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()})
 
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
@@ -113,3 +180,24 @@ def load_recipe(path: str | Path | None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+FORMATS = ("fp32", "int8", "fp8", "w4a16", "w4a8", "w4a4")  # --format choices (fp16 arrives with export)
+
+
+def bundled_recipe_path(fmt: str, model: str | None = None) -> Path:
+    """The bundled recipe for a format: tuned per reference model, else the generic default."""
+    if fmt not in FORMATS:
+        raise RecipeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    tuned = RECIPES_DIR / str(model) / f"{fmt}.yaml"
+    return tuned if model and tuned.is_file() else RECIPES_DIR / "default" / f"{fmt}.yaml"
+
+
+def resolve_recipe(recipe: str | Path | None, fmt: str | None, model: str | None) -> Recipe:
+    """The recipe of a run: a file (``--recipe``), a bundled one (``--format``), or the defaults."""
+    if recipe is not None and fmt is not None:
+        raise RecipeError("give --recipe or --format, not both")
+    if fmt is not None:
+        return load_recipe(bundled_recipe_path(fmt, model))
+    return load_recipe(recipe)

@@ -50,3 +50,27 @@ def test_unknown_reference_name_and_bad_images_folder(run_cli, tmp_path):
     one_line_error(run_cli("eval", "--images", tmp_path / "nothing"), "image folder not found")
     (tmp_path / "empty").mkdir()
     one_line_error(run_cli("eval", "--images", tmp_path / "empty"), "no images named <row>_<k>.png")
+
+
+def test_fake_quantized_sampling_from_a_bundled_format(run_cli, tiny_unet_dir, tmp_path):
+    import json
+
+    calib = tmp_path / "calib"
+    result = run_cli("-q", "calibrate", "--model", tiny_unet_dir, "--format", "w4a8", "--trajectories", "2",
+                     "--out", calib)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "w4a8"
+    result = run_cli("-q", "sample", "--model", tiny_unet_dir, "--calib", calib, "--format", "w4a8", "--rows", "0",
+                     "--per-row", "2", "--steps", "3", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "samples.json").read_text())["precision"] == "w4a8"
+    summary = json.loads((out / "quantization.json").read_text())
+    assert set(map(tuple, summary["formats"].values())) == {("int4", "int8")}
+    assert all(e["reason"] for e in summary["excluded"])
+
+    one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--format", "int8", "--out", tmp_path / "o"),
+                   "quantized activations need --calib")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantization:\n  weights: int8\n  group: 4\n")
+    one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--calib", calib, "--recipe", recipe,
+                           "--out", tmp_path / "o"), "r.yaml.quantization: unknown key(s) ['group']")

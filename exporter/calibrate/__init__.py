@@ -1,5 +1,5 @@
 """Calibration data: block inputs recorded along full-precision denoising trajectories."""
 
-from exporter.calibrate.record import CalibrationError, calibrate, load_shards
+from exporter.calibrate.record import CalibrationData, CalibrationError, calibrate
 
-__all__ = ["CalibrationError", "calibrate", "load_shards"]
+__all__ = ["CalibrationData", "CalibrationError", "calibrate"]

@@ -193,23 +193,36 @@ def _write_state(out: Path, state: dict, complete: bool) -> None:
     atomic_write_json(out / SPEC_FILE, state)
 
 
-def load_shards(directory: str | Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
-    """The spec and every shard of a complete calibration, each checked against its sha256."""
-    from safetensors.torch import load_file
+class CalibrationData:
+    """A complete calibration folder: ``state`` (its spec.json) and the shards, loaded one at a time
+    on iteration so memory holds one shard however much was recorded. Every shard is checked
+    against its sha256 when the folder is opened."""
 
-    directory = Path(directory)
-    spec_file = directory / SPEC_FILE
-    if not spec_file.is_file():
-        raise CalibrationError(f"no {SPEC_FILE} in {directory}: not a calibration folder (run exporter calibrate)")
-    state = read_json(spec_file, "calibration spec")
-    if not state.get("complete"):
-        raise CalibrationError(f"{directory}: calibration is incomplete; rerun exporter calibrate to resume it")
-    if not state.get("coverage"):
-        raise CalibrationError(f"{directory}: the calibration covers no timesteps")
-    shards = []
-    for name, info in sorted(state["shards"].items()):
-        path = directory / name
-        if not path.is_file() or _sha256(path) != info["sha256"]:
-            raise CalibrationError(f"{path}: missing or modified since calibration (sha256 mismatch)")
-        shards.append(load_file(str(path)))
-    return state, shards
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        spec_file = directory / SPEC_FILE
+        if not spec_file.is_file():
+            raise CalibrationError(f"no {SPEC_FILE} in {directory}: not a calibration folder (run exporter calibrate)")
+        state = read_json(spec_file, "calibration spec")
+        if not state.get("complete"):
+            raise CalibrationError(f"{directory}: calibration is incomplete; rerun exporter calibrate to resume it")
+        if not state.get("coverage"):
+            raise CalibrationError(f"{directory}: the calibration covers no timesteps")
+        self.directory, self.state = directory, state
+        self.paths = [directory / name for name in sorted(state["shards"])]
+        for path in self.paths:
+            if not path.is_file() or _sha256(path) != state["shards"][path.name]["sha256"]:
+                raise CalibrationError(f"{path}: missing or modified since calibration (sha256 mismatch)")
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted(int(t) for t in self.state["coverage"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self):
+        from safetensors.torch import load_file
+
+        for path in self.paths:
+            yield load_file(str(path))

@@ -6,39 +6,32 @@ scale of the current timestep group. Split-shortcut sites quantize the two conca
 with separate scales (the weight is per output channel, so splitting it along input channels
 changes nothing numerically; the exporter writes it as two convolutions summed).
 
-Calibration runs the blocks on the recorded inputs, one timestep at a time:
+Calibration runs the blocks on the recorded inputs, one timestep at a time, one shard in memory:
 pass 1 records each layer's input range per t and picks the timestep groups from them
-(``choose_groups``); pass 2 fills one histogram per layer and group for the chosen observer.
+(``choose_groups``); pass 2 (percentile / MSE observers only) fills one histogram per layer,
+group and split part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from exporter.errors import UsageError
-from exporter.quant.formats import fake_quant, get_format, scale_from_amax
+from exporter.quant.formats import QuantFormat, fake_quant, get_format, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
+from exporter.recipe import QuantizationSpec
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class PTQConfig:
-    weights: str = "int8"  # int8 | int4 | fp8
-    activations: str | None = "int8"  # int8 | fp8 | int6 (simulation) | int4 | None (weight-only)
-    weight_observer: str = "max"  # max | mse
-    act_observer: str = "max"  # max | percentile | mse
-    groups: int = 1  # timestep groups (1: one global scale)
-    split_shortcut: bool = False
-    block_size: int = 128  # INT4 weight blocks of input channels (capped at the channel count)
+COMPUTE_LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
 
 
 class TimestepContext:
@@ -54,26 +47,33 @@ class TimestepContext:
 
 
 class QuantLayer(torch.nn.Module):
-    def __init__(self, name: str, layer: torch.nn.Module, config: PTQConfig, context: TimestepContext,
-                 split: int | None):
+    """A Conv2d/Linear with fake-quantized weight and (unless weight-only) input.
+
+    Buffers hold what the exporter writes: ``weight_scale`` (per output channel, or
+    [out, in/block] for INT4 blocks) and ``act_scale`` [groups, parts] (parts = 2 at a split site).
+    """
+
+    def __init__(self, name: str, layer: torch.nn.Module, wfmt: QuantFormat, afmt: QuantFormat | None,
+                 spec: QuantizationSpec, context: TimestepContext, split: int | None):
         super().__init__()
         self.name, self.layer, self.context, self.split = name, layer, context, split
-        self.wfmt = get_format(config.weights)
-        self.afmt = get_format(config.activations) if config.activations else None
+        self.wfmt, self.afmt = wfmt, afmt
         w = layer.weight.detach()
-        if self.wfmt.name == "int4":
-            block = min(config.block_size, w.shape[1])
-            amax = weight_amax(w.flatten(1), self.wfmt, config.weight_observer, block_size=block)
-            wq = fake_quant(w.flatten(1), scale_from_amax(amax, self.wfmt), self.wfmt, axis=1, block_size=block)
-            wq = wq.reshape(w.shape)
+        if wfmt.name == "int4":
+            self.block_size = min(spec.block_size, w.shape[1])
+            amax = weight_amax(w.flatten(1), wfmt, spec.weight_observer, block_size=self.block_size)
+            scale = scale_from_amax(amax, wfmt)
+            wq = fake_quant(w.flatten(1), scale, wfmt, axis=1, block_size=self.block_size).reshape(w.shape)
         else:
-            amax = weight_amax(w, self.wfmt, config.weight_observer, axis=0)
-            wq = fake_quant(w, scale_from_amax(amax, self.wfmt), self.wfmt, axis=0)
+            self.block_size = None
+            scale = scale_from_amax(weight_amax(w, wfmt, spec.weight_observer, axis=0), wfmt)
+            wq = fake_quant(w, scale, wfmt, axis=0)
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_q", wq)
-        self.mode = "float"  # "observe_t" | "observe_hist" | "quant"
-        self.per_t: dict[float, list[float]] = {}
-        self.hist: dict[int, list[HistogramObserver]] = {}
         self.register_buffer("act_scale", torch.zeros(0))
+        self.mode = "float"  # "observe_t" | "observe_hist" | "quant"
+        self.per_t: dict[float, list[float]] = {}  # t -> input |max| per part
+        self.hist: dict[int, list[HistogramObserver]] = {}  # group -> observer per part
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
@@ -88,6 +88,8 @@ class QuantLayer(torch.nn.Module):
             for obs, part in zip(observers, self.parts(x)):
                 obs.observe(part)
         elif self.mode == "quant" and self.afmt is not None:
+            if self.act_scale.numel() == 0:
+                raise UsageError(f"layer {self.name}: activation quantizer is uncalibrated (run quantize_model)")
             scales = self.act_scale[self.context.group]
             x = torch.cat([fake_quant(p, s, self.afmt) for p, s in zip(self.parts(x), scales)], dim=1)
         weight = self.weight_q if self.mode == "quant" else self.layer.weight
@@ -101,74 +103,121 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(loaded, config: PTQConfig, calib_dir, exclusions=None) -> dict:
-    """Quantize ``loaded.model`` in place from the calibration folder; returns a summary."""
-    from exporter.calibrate import load_shards
+def _check_patterns(names: list[str], patterns: list[str], what: str) -> None:
+    """A recipe pattern that matches no layer is a typo, never silently ignored."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatch(n, pattern) for n in names):
+            raise UsageError(f"{what} pattern {pattern!r} matches no Conv2d/Linear layer of the model "
+                             f"(layers look like {names[0]!r}, {names[-1]!r})")
+
+
+def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tuple[dict, list]:
+    """Which layers get quantized in which formats, and which stay in float (with the reason)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, COMPUTE_LAYERS)]
+    if spec.exclude is None:
+        exclusions = list(adapter.default_exclusions)
+    else:
+        exclusions = [(e.pattern, e.reason) for e in spec.exclude]
+        _check_patterns(names, [p for p, _ in exclusions], "exclude")
+    _check_patterns(names, [o.pattern for o in spec.precision], "precision")
+    plan, excluded = {}, []
+    for name in names:
+        reason = next((r for p, r in exclusions if fnmatch.fnmatch(name, p)), None)
+        if reason is not None:
+            excluded.append({"layer": name, "reason": reason})
+            continue
+        override = next((o for o in spec.precision if fnmatch.fnmatch(name, o.pattern)), None)
+        weights, activations = (override.weights, override.activations) if override else (spec.weights, spec.activations)
+        plan[name] = (get_format(weights), get_format(activations) if activations else None)
+    return plan, excluded
+
+
+def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None) -> dict:
+    """Quantize ``loaded.model`` in place from a calibration folder (not needed for weight-only
+    formats); returns a summary.
+
+    Afterwards ``loaded.model._exporter_context.t`` must be set to the current t before each call
+    (the sampler's denoise function does it) so each layer uses its timestep group's scales.
+    """
+    from exporter.calibrate import CalibrationData
     from exporter.models.blocks import partition
 
     start = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
-    exclusions = adapter.default_exclusions if exclusions is None else exclusions
-    sites = adapter.split_shortcut_sites(model) if config.split_shortcut else {}
+    plan, excluded = plan_layers(model, adapter, spec)
+    sites = adapter.split_shortcut_sites(model) if spec.split_shortcut else {}
     context = TimestepContext()
     layers: dict[str, QuantLayer] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            continue
-        if any(fnmatch.fnmatch(name, pattern) for pattern, _ in exclusions):
-            continue
-        layers[name] = QuantLayer(name, module, config, context, sites.get(name))
+    for name, (wfmt, afmt) in plan.items():
+        layers[name] = QuantLayer(name, model.get_submodule(name), wfmt, afmt, spec, context,
+                                  sites.get(name) if afmt else None)
         _replace(model, name, layers[name])
-    model._exporter_context = context  # the sampler sets t on it before each call
-
-    state, shards = load_shards(calib_dir)
+    model._exporter_context = context
     blocks = partition(adapter.units(model), ("noise_pred",))
+    act_layers = {n: layer for n, layer in layers.items() if layer.afmt is not None}
+    if act_layers:  # weight-only quantization needs no calibration data
+        if calib_dir is None:
+            raise UsageError("activation quantization needs calibration data: run exporter calibrate first")
+        data = CalibrationData(calib_dir)
+        if data.state.get("model_class") != adapter.class_name:
+            raise UsageError(f"{calib_dir} was recorded from a {data.state.get('model_class')}, "
+                             f"not this {adapter.class_name}")
 
-    def calibration_pass(mode: str) -> None:
-        for layer in layers.values():
+    def calibration_pass(mode: str, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        for layer in act_layers.values():
             layer.mode = mode
-        with torch.inference_mode():
-            for shard in shards:
+        with torch.inference_mode(), tqdm(total=len(data), desc=desc, unit="shard", disable=None) as bar:
+            for shard in data:
                 for t in torch.unique(shard["t"]).tolist():
                     context.t = float(t)
                     index = (shard["t"] == t).nonzero().flatten()
                     for block in blocks:
                         block(*(shard[n][index] for n in block.inputs))
+                bar.update(1)
 
-    if config.activations:
-        calibration_pass("observe_t")
-        unseen = [n for n, layer in layers.items() if not layer.per_t]
-        if unseen:
-            raise UsageError(f"quantizer(s) left uncalibrated (no calibration data reached them): {unseen[:5]}")
-        ts = sorted(next(iter(layers.values())).per_t)
-        amax = np.array([[max(layer.per_t[t]) for t in ts] for layer in layers.values()])
-        context.groups = choose_groups(ts, amax, config.groups)
-        afmt = get_format(config.activations)
-        if config.act_observer == "max":
-            for layer in layers.values():
-                per_group = [[0.0] * len(next(iter(layer.per_t.values()))) for _ in range(len(context.groups))]
+    per_t_amax = None
+    if act_layers:
+        calibration_pass("observe_t", "activation ranges per t")
+        ts = [float(t) for t in data.timesteps]
+        for name, layer in act_layers.items():
+            missing = [t for t in ts if t not in layer.per_t]
+            if missing:
+                raise UsageError(f"quantizer of layer {name} left uncalibrated at t={missing[:5]}: "
+                                 "no calibration data reached it there")
+        amax = np.array([[max(layer.per_t[t]) for t in ts] for layer in act_layers.values()])
+        per_t_amax = {"timesteps": ts, "layers": dict(zip(act_layers, amax.tolist()))}
+        context.groups = choose_groups(ts, amax, spec.groups)
+        if spec.act_observer == "max":
+            for layer in act_layers.values():
+                per_group = np.zeros((len(context.groups), len(layer.per_t[ts[0]])))
                 for t, ranges in layer.per_t.items():
                     g = context.groups.group_of(t)
-                    per_group[g] = [max(a, b) for a, b in zip(per_group[g], ranges)]
-                layer.act_scale = scale_from_amax(torch.tensor(per_group), afmt)
+                    per_group[g] = np.maximum(per_group[g], ranges)
+                layer.act_scale = scale_from_amax(torch.tensor(per_group), layer.afmt)
         else:
-            calibration_pass("observe_hist")
-            for layer in layers.values():
+            calibration_pass("observe_hist", f"{spec.act_observer} observer")
+            for layer in act_layers.values():
                 layer.act_scale = scale_from_amax(torch.tensor([
-                    [obs.amax(config.act_observer, afmt) for obs in layer.hist[g]] for g in range(len(context.groups))
-                ]), afmt)
+                    [obs.amax(spec.act_observer, layer.afmt, spec.percentile) for obs in layer.hist[g]]
+                    for g in range(len(context.groups))
+                ]), layer.afmt)
                 layer.hist.clear()
     for layer in layers.values():
         layer.mode = "quant"
+    seconds = round(time.perf_counter() - start, 1)
     summary = {
-        "config": config.__dict__,
+        "spec": dataclasses.asdict(spec),
         "quantized_layers": len(layers),
-        "excluded": [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-                     and not isinstance(m, QuantLayer) and not n.endswith(".layer")],
-        "split_shortcut_layers": len([1 for layer in layers.values() if layer.split]),
+        "formats": {n: [layer.wfmt.name, layer.afmt.name if layer.afmt else None] for n, layer in layers.items()},
+        "excluded": excluded,
+        "split_shortcut_layers": sorted(n for n, layer in layers.items() if layer.split),
         "groups": context.groups.to_dict() if context.groups else None,
-        "seconds": round(time.perf_counter() - start, 1),
+        "per_t_amax": per_t_amax,
+        "seconds": seconds,
     }
-    log.info("quantized %d layers (%s weights, %s activations, %d group(s)) in %.1fs", len(layers),
-             config.weights, config.activations, config.groups, summary["seconds"])
+    log.info("quantized %d layers (%d kept in float), %d timestep group(s), %d split-shortcut site(s) in %.1fs",
+             len(layers), len(excluded), len(context.groups) if context.groups else 0,
+             len(summary["split_shortcut_layers"]), seconds)
     return summary

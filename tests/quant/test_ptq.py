@@ -8,8 +8,8 @@ import torch
 from exporter.calibrate import calibrate
 from exporter.models import load_conditioning, load_model
 from exporter.quant.formats import FORMATS, fake_quant
-from exporter.quant.ptq import PTQConfig, QuantLayer, quantize_model
-from exporter.recipe import CalibrationSpec
+from exporter.quant.ptq import QuantLayer, quantize_model
+from exporter.recipe import CalibrationSpec, QuantizationSpec
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,10 @@ def test_every_non_excluded_layer_is_quantized_with_split_sites(tiny_unet_dir, c
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     excluded = [n for n in names if any(fnmatch.fnmatch(n, p) for p, _ in loaded.adapter.default_exclusions)]
     sites = loaded.adapter.split_shortcut_sites(loaded.model)
-    summary = quantize_model(loaded, PTQConfig(groups=2, split_shortcut=True), calib_dir)
+    summary = quantize_model(loaded, QuantizationSpec(groups=2, split_shortcut=True), calib_dir)
     assert summary["quantized_layers"] == len(names) - len(excluded) > 0
-    assert summary["split_shortcut_layers"] == len(sites) > 0
-    assert sorted(summary["excluded"]) == sorted(excluded)
+    assert summary["split_shortcut_layers"] == sorted(sites) and sites
+    assert sorted(e["layer"] for e in summary["excluded"]) == sorted(excluded)
     ranges = summary["groups"]["ranges"]
     assert len(ranges) == 2 and ranges[0][1] < ranges[1][0]
     layer = loaded.model.get_submodule(next(iter(sites)))
@@ -57,7 +57,7 @@ def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_p
     calibrate("digits-unet", tmp_path, CalibrationSpec(trajectories=8, steps=10), progress=False)
     fp = outputs(load_model(reference.path("digits-unet")), 549)
     results = {}
-    for name, config in {"w8a8": PTQConfig(), "w4a8": PTQConfig(weights="int4"), "w8a4": PTQConfig(activations="int4")}.items():
+    for name, config in {"w8a8": QuantizationSpec.naive(), "w4a8": QuantizationSpec.naive("int4"), "w8a4": QuantizationSpec.naive("int8", "int4")}.items():
         loaded = load_model(reference.path("digits-unet"))
         quantize_model(loaded, config, tmp_path)
         results[name] = sqnr_db(fp, outputs(loaded, 549))
@@ -68,7 +68,7 @@ def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_p
 
 def test_quant_layer_computes_fake_quant_of_input_and_weight(tiny_unet_dir, calib_dir):
     loaded = load_model(tiny_unet_dir)
-    quantize_model(loaded, PTQConfig(), calib_dir)
+    quantize_model(loaded, QuantizationSpec.naive(), calib_dir)
     name, layer = next((n, m) for n, m in loaded.model.named_modules()
                        if isinstance(m, QuantLayer) and isinstance(m.layer, torch.nn.Linear))
     loaded.model._exporter_context.t = 500.0
@@ -78,3 +78,53 @@ def test_quant_layer_computes_fake_quant_of_input_and_weight(tiny_unet_dir, cali
         fake_quant(x, layer.act_scale[0, 0], FORMATS["int8"]),
         fake_quant(layer.layer.weight, w_amax / 127, FORMATS["int8"], axis=0), layer.layer.bias)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_mixed_precision_and_recipe_exclusions_apply_per_layer(tiny_unet_dir, calib_dir):
+    from exporter.recipe import Exclusion, PrecisionOverride
+
+    loaded = load_model(tiny_unet_dir)
+    spec = QuantizationSpec(weights="int8", activations="int8", groups=1,
+                            exclude=[Exclusion("conv_in", "first layer"), Exclusion("conv_out", "last layer")],
+                            precision=[PrecisionOverride("up_blocks.*", "int4", None)])
+    summary = quantize_model(loaded, spec, calib_dir)
+    assert summary["excluded"] == [{"layer": "conv_in", "reason": "first layer"},
+                                   {"layer": "conv_out", "reason": "last layer"}]
+    formats = summary["formats"]
+    assert formats["time_embedding.linear_1"] == ["int8", "int8"]  # the recipe replaced the default exclusions
+    ups = {n: f for n, f in formats.items() if n.startswith("up_blocks.")}
+    assert ups and all(f == ["int4", None] for f in ups.values())
+    layer = loaded.model.get_submodule(next(iter(ups)))
+    assert layer.afmt is None and layer.weight_scale.ndim == 2  # INT4: one scale per block of inputs
+
+
+@pytest.mark.parametrize("field, fragment", [("exclude", "exclude pattern 'down_block.*'"),
+                                             ("precision", "precision pattern 'down_block.*'")])
+def test_recipe_pattern_matching_no_layer_is_an_error(tiny_unet_dir, calib_dir, field, fragment):
+    from exporter.errors import UsageError
+    from exporter.recipe import Exclusion, PrecisionOverride
+
+    entry = Exclusion("down_block.*", "typo") if field == "exclude" else PrecisionOverride("down_block.*", "int4", None)
+    with pytest.raises(UsageError, match=fragment.replace(".", r"\.").replace("*", r"\*")):
+        quantize_model(load_model(tiny_unet_dir), QuantizationSpec(**{field: [entry]}), calib_dir)
+
+
+def test_a_layer_no_calibration_data_reaches_is_an_error_naming_it(tiny_unet_dir, calib_dir):
+    from exporter.errors import UsageError
+
+    loaded = load_model(tiny_unet_dir)
+    loaded.model.unused_head = torch.nn.Linear(4, 4)  # defined but never called, as some models have
+    with pytest.raises(UsageError, match="quantizer of layer unused_head left uncalibrated"):
+        quantize_model(loaded, QuantizationSpec.naive(), calib_dir)
+    layer = QuantLayer("lonely", torch.nn.Linear(4, 4), FORMATS["int8"], FORMATS["int8"], QuantizationSpec(),
+                       context=None, split=None)
+    layer.mode = "quant"
+    with pytest.raises(UsageError, match="layer lonely: activation quantizer is uncalibrated"):
+        layer(torch.randn(2, 4))
+
+
+def test_calibration_of_another_architecture_is_refused(tiny_dit_dir, calib_dir):
+    from exporter.errors import UsageError
+
+    with pytest.raises(UsageError, match="recorded from a UNet2DConditionModel, not this DiTTransformer2DModel"):
+        quantize_model(load_model(tiny_dit_dir), QuantizationSpec.naive(), calib_dir)

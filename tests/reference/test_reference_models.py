@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from exporter import ModelError, reference
 from exporter.cli import main
 from exporter.eval import evaluate
-from exporter.sampling.reference import sample_reference
+from exporter.sampling.pytorch import sample_pytorch
 
 
 def test_path_finds_both_and_rejects_unknown_names():
@@ -43,7 +43,7 @@ def test_conditioning_layouts():
 @pytest.mark.parametrize("name", reference.NAMES)
 def test_reference_quality_at_20_ddim_steps_with_guidance(name, tmp_path):
     """The issue's bar: class accuracy >= 90% over 10 rows x 8 images, 20 DDIM steps, guidance."""
-    record = sample_reference(name, tmp_path, rows=list(range(10)), per_row=8, steps=20, scheduler="ddim",
+    record = sample_pytorch(name, tmp_path, rows=list(range(10)), per_row=8, steps=20, scheduler="ddim",
                               seed=0, progress=False)
     assert record["guidance"] > 1.0  # the model's default guidance is on
     metrics = evaluate(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 from exporter import UsageError
 from exporter.cli import main
 from exporter.imageio import read_image_folder
-from exporter.sampling.reference import sample_reference
+from exporter.sampling.pytorch import sample_pytorch
 
 
 def test_cli_sample_on_random_init_unet_writes_named_images_and_grid(tiny_unet_dir, tmp_path):
@@ -29,7 +29,7 @@ def test_cli_sample_on_random_init_unet_writes_named_images_and_grid(tiny_unet_d
 def run(model_dir, out, **kw):
     options = dict(rows=[0, 1, 2], per_row=2, steps=3, seed=0, progress=False)
     options.update(kw)
-    sample_reference(str(model_dir), out, **options)
+    sample_pytorch(str(model_dir), out, **options)
     return read_image_folder(out)
 
 
@@ -71,7 +71,7 @@ def test_row_outside_conditioning_is_a_usage_error(tiny_unet_dir, tmp_path):
 
 def test_unconditional_and_class_conditional_unet2d(tiny_unet2d_dirs, tmp_path):
     plain, with_classes = tiny_unet2d_dirs
-    sample_reference(str(plain), tmp_path / "u", per_row=2, steps=3, progress=False)
+    sample_pytorch(str(plain), tmp_path / "u", per_row=2, steps=3, progress=False)
     assert sorted(read_image_folder(tmp_path / "u")) == [(0, 0), (0, 1)]  # no conditioning: one row
     images = run(with_classes, tmp_path / "c", guidance=2.0)
     assert len(images) == 6 and all(np.isfinite(v).all() for v in images.values())

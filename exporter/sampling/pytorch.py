@@ -1,4 +1,5 @@
-"""``exporter sample``: FP32 reference images from the PyTorch model, the yardstick's baseline."""
+"""``exporter sample``: images from the PyTorch model, FP32 (the yardstick's baseline) or
+fake-quantized from a calibration folder (what the exported Q/DQ graphs must reproduce)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from exporter import __version__
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
+from exporter.quant.ptq import quantize_model
+from exporter.recipe import QuantizationSpec
 from exporter.reference import resolve
 from exporter.sampling.loop import SampleSettings, generate
 
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 BUILTIN_DEFAULTS = {"steps": 20, "scheduler": "ddim", "guidance": 1.0, "per_row": 8}
 
 
-def sample_reference(
+def sample_pytorch(
     model: str,
     out: str | Path,
     cond: str | Path | None = None,
@@ -32,12 +35,19 @@ def sample_reference(
     seed: int = 0,
     batch_size: int = 40,
     progress: bool = True,
+    calib: str | Path | None = None,
+    quantization: QuantizationSpec | None = None,
 ) -> dict:
-    """Sample images with the FP32 PyTorch model into ``out``; returns the run record (also saved
-    as ``out/samples.json``). Unset options come from the model directory's ``sampling.json``, then
-    from built-in defaults; all rows of the conditioning file are used when ``rows`` is None."""
+    """Sample images with the PyTorch model into ``out``; returns the run record (also saved as
+    ``out/samples.json``). Unset options come from the model directory's ``sampling.json``, then
+    from built-in defaults; all rows of the conditioning file are used when ``rows`` is None.
+    With ``quantization`` the model is fake-quantized first (PTQ from the calibration folder ``calib``;
+    weight-only formats need none)."""
     start = time.perf_counter()
     loaded = load_model(resolve(model))
+    quant_summary = None
+    if quantization is not None:
+        quant_summary = quantize_model(loaded, quantization, calib)
     cond_path = Path(cond) if cond is not None else loaded.default_conditioning
     conditioning = load_conditioning(cond_path, loaded.adapter)
     defaults = {**BUILTIN_DEFAULTS, **loaded.sampling_defaults}
@@ -52,7 +62,11 @@ def sample_reference(
     )
     log.info("sampling %s (%s) with %s", loaded.directory, loaded.adapter.class_name, settings)
 
+    context = getattr(loaded.model, "_exporter_context", None)
+
     def denoise(x, t, c):
+        if context is not None:  # quantized layers pick the scales of t's group
+            context.t = float(t[0])
         return loaded.adapter.denoise(loaded.model, x, t, c)
 
     images = generate(denoise, loaded.adapter.sample_shape, loaded.scheduler_config, conditioning, settings, progress)
@@ -62,7 +76,8 @@ def sample_reference(
         "model": str(loaded.directory),
         "model_class": loaded.adapter.class_name,
         "conditioning": str(cond_path) if cond_path else None,
-        "precision": "fp32",
+        "precision": _precision(quantization),
+        "calibration": str(calib) if calib is not None else None,
         "backend": "pytorch",
         "rows": list(settings.rows),
         "per_row": settings.per_row,
@@ -75,5 +90,16 @@ def sample_reference(
         "torch_version": torch.__version__,
     }
     atomic_write_json(out / "samples.json", record)
+    if quant_summary is not None:
+        atomic_write_json(out / "quantization.json", quant_summary)
     log.info("wrote %d images and grid.png to %s", len(images), out)
     return record
+
+
+def _precision(spec: QuantizationSpec | None) -> str:
+    """``fp32``, or e.g. ``w4a8`` / ``w8a8-fp8`` / ``w4a16`` for the model-wide formats."""
+    if spec is None:
+        return "fp32"
+    bits = {"int8": "8", "fp8": "8", "int4": "4", "int6": "6"}
+    name = f"w{bits[spec.weights]}a{bits[spec.activations] if spec.activations else '16'}"
+    return name + ("-fp8" if "fp8" in (spec.weights, spec.activations) else "")

@@ -1,0 +1,74 @@
+"""Recipes: typed, strict (every unknown key or bad value is an error naming it), bundled per format."""
+
+import pytest
+
+from exporter.recipe import (FORMATS, RECIPES_DIR, Exclusion, PrecisionOverride, QuantizationSpec, RecipeError,
+                             bundled_recipe_path, load_recipe, recipe_from_dict, resolve_recipe)
+
+
+def test_quantization_section_builds_typed_objects():
+    recipe = recipe_from_dict({"quantization": {
+        "weights": "int4", "activations": None, "groups": 2,
+        "exclude": [{"pattern": "conv_in", "reason": "first layer"}],
+        "precision": [{"pattern": "up_blocks.2.*", "weights": "int8", "activations": "int8"}]}})
+    q = recipe.quantization
+    assert q.activations is None and q.groups == 2
+    assert q.exclude == [Exclusion("conv_in", "first layer")]
+    assert q.precision == [PrecisionOverride("up_blocks.2.*", "int8", "int8")]
+    assert recipe_from_dict({"quantization": None}).quantization is None
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ({"weigths": "int8"}, "recipe.quantization: unknown key(s) ['weigths']"),
+    ({"weights": "int3"}, "recipe.quantization.weights: unknown format 'int3'"),
+    ({"act_observer": "entropy"}, "recipe.quantization.act_observer"),
+    ({"groups": 0}, "groups and block_size must be >= 1"),
+    ({"groups": "4"}, "recipe.quantization.groups: expected int"),
+    ({"exclude": [{"pattern": "conv_in"}]}, "recipe.quantization.exclude[0]: missing key(s) ['reason']"),
+    ({"precision": [{"pattern": "x", "weights": "int8", "activations": "fp4"}]},
+     "recipe.quantization.precision[0].activations: unknown format 'fp4'"),
+])
+def test_mistakes_name_the_key(section, fragment):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"quantization": section})
+    assert fragment in str(error.value)
+
+
+def test_every_bundled_recipe_loads_and_format_picks_the_tuned_one():
+    files = sorted(RECIPES_DIR.glob("*/*.yaml"))
+    assert {f.stem for f in files if f.parent.name == "default"} == set(FORMATS)
+    for path in files:
+        load_recipe(path)
+    for model in ("digits-unet", "digits-dit"):
+        for fmt in FORMATS:
+            path = bundled_recipe_path(fmt, model)
+            assert path.is_file()
+            if fmt != "fp32":
+                assert path.parent.name == model  # tuned per reference model, exclusions listed
+                assert load_recipe(path).quantization.exclude
+    assert bundled_recipe_path("int8", "/some/model/dir").parent.name == "default"
+    assert resolve_recipe(None, "fp32", "digits-unet").quantization is None
+    with pytest.raises(RecipeError, match="unknown format 'int2'"):
+        bundled_recipe_path("int2")
+    with pytest.raises(RecipeError, match="not both"):
+        resolve_recipe(RECIPES_DIR / "default" / "int8.yaml", "int8", None)
+
+
+def test_naive_is_the_baseline_and_the_defaults_are_not():
+    naive, default = QuantizationSpec.naive(), QuantizationSpec()
+    assert (naive.groups, naive.split_shortcut, naive.act_observer, naive.weight_observer) == (1, False, "max", "max")
+    assert default != naive
+
+
+@pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
+def test_reference_recipes_list_exactly_the_adapter_exclusions_and_fit_the_model(model):
+    from exporter import reference
+    from exporter.models import load_model
+    from exporter.quant.ptq import plan_layers
+
+    loaded = load_model(reference.path(model))
+    for fmt in FORMATS[1:]:
+        spec = load_recipe(bundled_recipe_path(fmt, model)).quantization
+        assert [(e.pattern, e.reason) for e in spec.exclude] == list(loaded.adapter.default_exclusions)
+        plan, excluded = plan_layers(loaded.model, loaded.adapter, spec)  # raises on a pattern matching nothing
+        assert plan and excluded
