@@ -64,6 +64,10 @@ def test_other_spec_in_same_folder_and_tampered_shard_are_refused(tiny_unet_dir,
     shard.write_bytes(shard.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     with pytest.raises(CalibrationError, match="shard-00000.safetensors: missing or modified"):
         CalibrationData(tmp_path)
+    state = json.loads((tmp_path / "spec.json").read_text())
+    (tmp_path / "spec.json").write_text(json.dumps({**state, "coverage": {}}))
+    with pytest.raises(CalibrationError, match="covers no timesteps"):
+        CalibrationData(tmp_path)
 
 
 def test_normal_timestep_sampling_centres_on_0_4_T(tiny_dit_dir, tmp_path):
