@@ -96,6 +96,24 @@ def cmd_calibrate(args) -> None:
           f"timesteps into {args.out}")
 
 
+def cmd_export(args) -> None:
+    from exporter.export import export_graphs
+    from exporter.recipe import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe, args.format, args.model)
+    model = args.model or recipe.model
+    if model is None:
+        raise UsageError("no model: pass --model or set 'model' in the recipe")
+    quantization = recipe.quantization
+    if quantization is not None and quantization.activations is not None and args.calib is None:
+        raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
+    manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, progress=not args.quiet)
+    graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
+    groups = manifest["groups"]["ranges"] if manifest["groups"] else None
+    print(f"exported {graphs} graphs of {len(manifest['blocks'])} blocks"
+          + (f" ({len(groups)} timestep groups)" if groups else "") + f" into {args.out}")
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -143,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=int, help="override the recipe's trajectory count")
     p.add_argument("--out", type=Path, required=True, help="calibration folder (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", parents=[common], help="ONNX graphs per block and timestep group + manifest.json")
+    p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
+    p.add_argument("--calib", type=Path, help="calibration folder (needed unless fp32 or weight-only)")
+    add_recipe_options(p)
+    p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")

@@ -102,3 +102,15 @@ def run_cli():
                               timeout=600)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_calib(tiny_unet_dir, tmp_path_factory) -> Path:
+    """A small complete calibration of the tiny UNet (4 trajectories x 6 steps, CFG on)."""
+    from exporter.calibrate import calibrate
+    from exporter.recipe import CalibrationSpec
+
+    out = tmp_path_factory.mktemp("tiny-unet-calib")
+    calibrate(str(tiny_unet_dir), out, CalibrationSpec(trajectories=4, steps=6, batch_trajectories=4, guidance=2.0),
+              progress=False)
+    return out

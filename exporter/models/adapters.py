@@ -87,6 +87,10 @@ class ArchitectureAdapter:
         """Tensors a feature cache may reuse across steps (the deep features of DeepCache)."""
         return []
 
+    def cache_split(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """Blocks exported cut into layers, so the shallowest cache branch skips all it can."""
+        return ()
+
     def blocks(self, model: torch.nn.Module, split=()) -> list:
         """The model as blocks (one per diffusers block; those in ``split`` cut into layers)."""
         from exporter.models.blocks import partition
@@ -129,6 +133,10 @@ class UNetFamily(ArchitectureAdapter):
         from exporter.models.units import unet_split_shortcut_sites
 
         return unet_split_shortcut_sites(model)
+
+    def cache_split(self, model):
+        # DeepCache's shallowest branch keeps only the first down layer and the last up layer live
+        return ("down0", f"up{len(model.up_blocks) - 1}")
 
     def cacheable_features(self, blocks):
         # DeepCache: the up path's hidden input of each up block (or up layer when split)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter.errors import UsageError
-from exporter.quant.formats import QuantFormat, fake_quant, get_format, scale_from_amax
+from exporter.quant.formats import QuantFormat, fake_quant, get_format, quantize, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
 from exporter.recipe import QuantizationSpec
@@ -87,15 +87,66 @@ class QuantLayer(torch.nn.Module):
             observers = self.hist.setdefault(self.context.group, [HistogramObserver() for _ in self.parts(x)])
             for obs, part in zip(observers, self.parts(x)):
                 obs.observe(part)
+        elif self.mode == "quant" and torch.onnx.is_in_onnx_export():
+            return self._onnx_forward(x)
         elif self.mode == "quant" and self.afmt is not None:
             if self.act_scale.numel() == 0:
                 raise UsageError(f"layer {self.name}: activation quantizer is uncalibrated (run quantize_model)")
             scales = self.act_scale[self.context.group]
             x = torch.cat([fake_quant(p, s, self.afmt) for p, s in zip(self.parts(x), scales)], dim=1)
-        weight = self.weight_q if self.mode == "quant" else self.layer.weight
+        return self._apply(x, self.weight_q if self.mode == "quant" else self.layer.weight, self.layer.bias)
+
+    def _apply(self, x, weight, bias):
         if isinstance(self.layer, torch.nn.Conv2d):
-            return self.layer._conv_forward(x, weight, self.layer.bias)
-        return F.linear(x, weight, self.layer.bias)
+            return self.layer._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    # --- ONNX export: the same computation as standard Q/DQ nodes (see exporter.quant.onnx_ops) ---
+
+    def prepare_export(self, group: int) -> None:
+        """Buffers the graph of timestep group ``group`` stores: the quantized weight (two halves
+        at a split site), its scales, and this group's activation scales and zero point."""
+        from exporter.quant.onnx_ops import INT4_MARK, storage_dtype
+
+        mark = f"_{INT4_MARK}" if self.wfmt.name == "int4" else ""
+        w = self.layer.weight.detach()
+        if self.block_size:
+            q = quantize(w.flatten(1), self.weight_scale, self.wfmt, axis=1, block_size=self.block_size)
+        else:
+            q = quantize(w, self.weight_scale, self.wfmt, axis=0)
+        q = q.to(storage_dtype(self.wfmt))
+        self._weight_names = []
+        halves = self.split and not self.block_size  # per-channel scales hold for both halves
+        for i, part in enumerate([q[:, : self.split], q[:, self.split :]] if halves else [q]):
+            self._weight_names.append(f"onnx_weight{i}{mark}")
+            self.register_buffer(self._weight_names[-1], part.contiguous())
+        if self.afmt is not None:
+            for i, scale in enumerate(self.act_scale[group]):
+                self.register_buffer(f"onnx_act_scale{i}", scale.clone())
+            zmark = f"_{INT4_MARK}" if self.afmt.name == "int4" else ""
+            self._zero_point_name = f"onnx_zero_point{zmark}"
+            self.register_buffer(self._zero_point_name, torch.zeros((), dtype=storage_dtype(self.afmt)))
+
+    def _onnx_forward(self, x):
+        from exporter.quant.onnx_ops import DequantizeWeight, QuantizeDequantize
+
+        parts = self.parts(x)
+        if self.afmt is not None:
+            zero_point = getattr(self, self._zero_point_name)
+            parts = [QuantizeDequantize.apply(p, getattr(self, f"onnx_act_scale{i}"), zero_point)
+                     for i, p in enumerate(parts)]
+        shape = self.layer.weight.shape
+        if self.block_size:
+            w = DequantizeWeight.apply(getattr(self, self._weight_names[0]), self.weight_scale, 1, self.block_size)
+            w = w.reshape(shape)
+            weights = [w[:, : self.split], w[:, self.split :]] if self.split else [w]
+        else:
+            weights = [DequantizeWeight.apply(getattr(self, n), self.weight_scale, 0, 0) for n in self._weight_names]
+        if len(parts) == 1:
+            return self._apply(parts[0], weights[0], self.layer.bias)
+        # Split shortcut: two quantized convolutions summed, each input half with its own scale
+        # (a Concat of two differently scaled Q/DQ tensors would leave the convolution in float).
+        return self._apply(parts[0], weights[0], self.layer.bias) + self._apply(parts[1], weights[1], None)
 
 
 def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:

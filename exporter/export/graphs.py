@@ -1,0 +1,126 @@
+"""``exporter export``: one ONNX graph per block and timestep group, plus ``manifest.json``.
+
+The model is cut into blocks at the granularity caching needs (``adapter.cache_split``), each block
+traced with ``torch.onnx.export`` (TorchScript exporter, opset 20; 21 where INT4 appears) on real
+intermediate tensors. Quantized layers trace as QuantizeLinear/DequantizeLinear with the scales of
+the timestep group being exported (``QuantLayer.prepare_export``); a block without quantized
+activations has the same graph for every group and is written once. Weights go to one external
+file per block, shared by its groups' graphs (``exporter.export.passes``).
+
+Everything is written into ``OUT.partial`` and renamed to ``OUT`` at the end, so an interrupted
+export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from exporter.errors import UsageError
+from exporter.export.manifest import write_manifest
+from exporter.export.passes import WeightFile, finalize
+from exporter.models import load_conditioning, load_model
+from exporter.models.blocks import run_blocks
+from exporter.quant.ptq import QuantLayer, quantize_model
+from exporter.recipe import QuantizationSpec
+from exporter.reference import resolve
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+EXAMPLE_T = 500.0
+
+
+def example_tensors(loaded, blocks, conditioning) -> dict[str, torch.Tensor]:
+    """Every tensor the blocks exchange, by name, for a batch of 2 at t = 500 (trace inputs)."""
+    adapter = loaded.adapter
+    sample = torch.randn(2, *adapter.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), EXAMPLE_T)  # timesteps are float32 graph inputs (Euler's are fractional)
+    cond, _ = conditioning.batch([0, 0]) if conditioning.cond is not None else (None, None)
+    context = getattr(loaded.model, "_exporter_context", None)
+    if context is not None:
+        context.t = EXAMPLE_T
+    env = adapter.named_inputs(sample, t, cond)
+    with torch.no_grad():
+        run_blocks(blocks, env, ("noise_pred",), keep=env)
+    return env
+
+
+def dynamic_axes(names, env) -> dict[str, dict[int, str]]:
+    """Batch everywhere; height and width of image-shaped tensors."""
+    axes = {}
+    for name in names:
+        axes[name] = {0: "batch"}
+        if env[name].ndim == 4:
+            axes[name].update({2: f"{name}_height", 3: f"{name}_width"})
+    return axes
+
+
+def _trace(block, env) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer chatter
+        torch.onnx.export(block, tuple(env[n] for n in block.inputs), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=list(block.inputs), output_names=list(block.outputs),
+                          dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env), do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
+                  quantization: QuantizationSpec | None = None, progress: bool = True) -> dict:
+    """Export ``model`` (FP32, or quantized from ``calib`` with ``quantization``) into ``out``."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
+    loaded = load_model(resolve(model))
+    adapter = loaded.adapter
+    summary = quantize_model(loaded, quantization, calib) if quantization is not None else None
+    context = getattr(loaded.model, "_exporter_context", None)
+    groups = context.groups if context is not None else None
+    blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
+    conditioning = load_conditioning(loaded.default_conditioning, adapter)
+    env = example_tensors(loaded, blocks, conditioning)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    exported = []
+    n_graphs = sum(_group_count(b, groups) for b in blocks)
+    with tqdm(total=n_graphs, desc="exporting", unit="graph", disable=not progress or None) as bar:
+        for block in blocks:
+            weights = WeightFile(partial / f"{block.name}.weights")
+            layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
+            files = []
+            for g in range(_group_count(block, groups)):
+                for layer in layers:
+                    layer.prepare_export(g)
+                graph = finalize(_trace(block, env), weights)
+                name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
+                onnx.save_model(graph, partial / name)
+                onnx.checker.check_model(str(partial / name), full_check=True)
+                files.append(name)
+                bar.update(1)
+            exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
+    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning)
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    log.info("exported %d graphs of %d blocks into %s in %.1fs", n_graphs, len(blocks), out,
+             time.perf_counter() - start)
+    return manifest
+
+
+def _group_count(block, groups) -> int:
+    """One graph per timestep group where activation scales differ, else one graph."""
+    quantized_inputs = any(isinstance(m, QuantLayer) and m.afmt is not None for m in block.modules())
+    return len(groups) if groups is not None and quantized_inputs else 1

@@ -1,0 +1,128 @@
+"""``manifest.json``: everything a runtime needs to run a folder of graphs, and nothing else.
+
+Schema 1: source model (class and config, from which the runtime rebuilds the architecture
+adapter), sample shape, scheduler config and sampling defaults, the conditioning file (copied in),
+blocks in execution order with named inputs/outputs (shape with symbolic dims, dtype), their
+graph per timestep group and weight file, quantized vs float layers per block, the timestep
+groups with their t ranges, the cache topology (which blocks a cached step runs per cacheable
+feature), the sha256 of every file, and tool versions.
+
+``read_manifest`` refuses a folder whose manifest, graphs or weights are missing, truncated,
+edited or swapped (sha256), or that names a path outside the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from exporter import __version__
+from exporter.errors import ExporterError
+from exporter.fileio import atomic_write_json
+from exporter.models.blocks import blocks_to_run_with_cache
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+CONDITIONING = "conditioning.safetensors"
+
+
+class ManifestError(ExporterError):
+    """A graphs/engines folder that is incomplete, corrupted or inconsistent."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
+    shape = [axes.get(i, int(d)) for i, d in enumerate(tensor.shape)]
+    return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning) -> dict:
+    import diffusers
+    import onnx
+    import torch
+
+    from exporter.export.graphs import dynamic_axes
+
+    adapter = loaded.adapter
+    if conditioning.source is not None:
+        shutil.copyfile(conditioning.source, folder / CONDITIONING)
+    produced = {n for b in blocks for n in b.outputs}
+    model_inputs = list(dict.fromkeys(n for b in blocks for n in b.inputs if n not in produced))
+    features = adapter.cacheable_features(blocks)
+    block_entries = []
+    for item in exported:
+        block = item["block"]
+        axes = dynamic_axes((*block.inputs, *block.outputs), env)
+        layers = item["layers"]
+        block_entries.append({
+            "name": block.name,
+            "inputs": [_tensor_info(n, env[n], axes[n]) for n in block.inputs],
+            "outputs": [_tensor_info(n, env[n], axes[n]) for n in block.outputs],
+            "graphs": item["files"],
+            "weights": item["weights"],
+            "quantized_layers": {layer.name: [layer.wfmt.name, layer.afmt.name if layer.afmt else None]
+                                 for layer in layers},
+        })
+    manifest = {
+        "schema": SCHEMA,
+        "kind": "onnx",
+        "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config},
+        "quantization": summary and {k: summary[k] for k in ("spec", "excluded", "split_shortcut_layers", "groups")},
+        "sample_shape": list(adapter.sample_shape),
+        "scheduler_config": loaded.scheduler_config,
+        "sampling_defaults": loaded.sampling_defaults,
+        "conditioning": CONDITIONING if conditioning.source is not None else None,
+        "model_inputs": model_inputs,
+        "blocks": block_entries,
+        "groups": summary["groups"] if summary else None,
+        "cache": {"features": {f: blocks_to_run_with_cache(blocks, f, model_inputs) for f in features}},
+        "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
+        "versions": {"exporter": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "diffusers": diffusers.__version__},
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _inside(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or folder.resolve() not in path.parents:
+        raise ManifestError(f"{folder / MANIFEST} names {name!r}, a path outside its folder; refusing it")
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The verified manifest of a graphs folder (every file present and matching its sha256)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST} in {folder}: not an exported graphs folder (run exporter export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ManifestError(f"{path}: unknown manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}"
+                            f" (this exporter reads schema {SCHEMA})")
+    files = manifest.get("files", {})
+    referenced = {n for b in manifest["blocks"] for n in (*b["graphs"], b["weights"])}
+    if manifest.get("conditioning"):
+        referenced.add(manifest["conditioning"])
+    for name in sorted(referenced - set(files)):
+        raise ManifestError(f"{path} references {name} without a sha256 for it")
+    for name, digest in files.items():
+        file = _inside(folder, name)
+        if not file.is_file():
+            raise ManifestError(f"{file}: missing (listed in {MANIFEST})")
+        if sha256_file(file) != digest:
+            raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped since export")
+    return manifest

@@ -1,0 +1,129 @@
+"""Export: graph structure, numbers against PyTorch in ONNX Runtime, shared weights, a verified manifest."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter.export import ManifestError, export_graphs, read_manifest
+from exporter.models import load_model
+from exporter.models.blocks import run_blocks
+from exporter.quant.ptq import quantize_model
+from exporter.recipe import QuantizationSpec
+
+
+def block_outputs_in_ort(folder, manifest, env, group=0):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    results = {}
+    for block in manifest["blocks"]:
+        graph = block["graphs"][group if len(block["graphs"]) > 1 else 0]
+        session = ort.InferenceSession(str(folder / graph), options, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {i["name"]: env[i["name"]].numpy() for i in block["inputs"]})
+        results.update({o["name"]: out for o, out in zip(block["outputs"], outputs)})
+    return results
+
+
+def reference_tensors(loaded, t=700.0, batch=3):
+    """Every block tensor of the (possibly quantized) PyTorch model at ``t``, batch 3 (traced with 2)."""
+    torch.manual_seed(1)
+    adapter = loaded.adapter
+    cond = torch.randn(batch, 2, 8)
+    env = adapter.named_inputs(torch.randn(batch, *adapter.sample_shape), torch.full((batch,), t), cond)
+    context = getattr(loaded.model, "_exporter_context", None)
+    if context is not None:
+        context.t = t
+    blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
+    with torch.no_grad():
+        run_blocks(blocks, env, ("noise_pred",), keep=env)
+    return env
+
+
+def sqnr_db(ref, x):
+    return float(10 * np.log10((ref**2).mean() / max(((ref - x) ** 2).mean(), 1e-30)))
+
+
+def test_fp32_graphs_reproduce_the_blocks_at_another_batch_size(tiny_unet_dir, tmp_path):
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", progress=False)
+    names = [b["name"] for b in manifest["blocks"]]
+    assert names[:3] == ["stem", "down0.layer0", "down0.downsample"] and names[-2:] == ["up1.layer1", "head"]
+    assert manifest["groups"] is None and manifest["model_inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert manifest["cache"]["features"]  # DeepCache branches with the blocks each runs
+    env = reference_tensors(load_model(tiny_unet_dir))
+    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
+        np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_int8_graphs_have_qdq_on_every_quantized_layer_and_match_fake_quant(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    spec = QuantizationSpec(groups=2, split_shortcut=True)
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=spec,
+                             progress=False)
+    folder = tmp_path / "g"
+    assert len(manifest["groups"]["ranges"]) == 2
+    for block in manifest["blocks"]:
+        layers = block["quantized_layers"]
+        assert len(block["graphs"]) == (2 if layers else 1)
+        for graph_file in block["graphs"]:
+            graph = onnx.load(str(folder / graph_file), load_external_data=False).graph
+            ops = [n.op_type for n in graph.node]
+            int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+            weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
+            split = [n for n in layers if n in manifest["quantization"]["split_shortcut_layers"]]
+            # one int8 weight per quantized layer (two at a split site), one Q/DQ pair per input half
+            assert len(weight_dq) == len(layers) + len(split), (block["name"], graph_file)
+            assert ops.count("QuantizeLinear") == len(layers) + len(split)
+    # the groups' graphs of a block share one weight file: same bytes referenced, written once
+    up = next(b for b in manifest["blocks"] if len(b["graphs"]) == 2 and b["quantized_layers"])
+    locations = [{(e.key, e.value) for i in onnx.load(str(folder / g), load_external_data=False).graph.initializer
+                  for e in i.external_data} for g in up["graphs"]]
+    assert locations[0] == locations[1] and locations[0]
+
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, spec, tiny_unet_calib)
+    for t in (100.0, 900.0):
+        env = reference_tensors(loaded, t=t)
+        group = loaded.model._exporter_context.group
+        for name, out in block_outputs_in_ort(folder, manifest, env, group).items():
+            assert sqnr_db(env[name].numpy(), out) > 40, (name, t)
+
+
+def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
+    spec = QuantizationSpec(weights="int4", activations=None, block_size=16)
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", quantization=spec, progress=False)
+    graph = onnx.load(str(tmp_path / "g" / "down0.layer0.onnx"), load_external_data=False)
+    assert graph.opset_import[0].version == 21
+    int4 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    blocks = [a.i for n in graph.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
+              if a.name == "block_size"]
+    assert int4 and len(blocks) == len(int4) and 16 in blocks  # block 16, or the channel count when smaller
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, spec)
+    env = reference_tensors(loaded)
+    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
+        np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_a_changed_missing_or_escaping_file_is_refused(tiny_unet_dir, tmp_path, run_cli):
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, progress=False)
+    read_manifest(folder)
+    weights = folder / "mid.weights"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-8])
+    with pytest.raises(ManifestError, match="mid.weights: sha256 mismatch"):
+        read_manifest(folder)
+    weights.write_bytes(data)
+    (folder / "head.onnx").rename(tmp_path / "head.onnx")
+    with pytest.raises(ManifestError, match="head.onnx: missing"):
+        read_manifest(folder)
+    (tmp_path / "head.onnx").rename(folder / "head.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["../outside.onnx"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="outside its folder"):
+        read_manifest(folder)
+    result = run_cli("export", "--model", tiny_unet_dir, "--format", "fp32", "--out", folder)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
