@@ -114,6 +114,30 @@ def cmd_export(args) -> None:
           + (f" ({len(groups)} timestep groups)" if groups else "") + f" into {args.out}")
 
 
+def cmd_run(args) -> None:
+    import time
+
+    from exporter.fileio import atomic_write_json
+    from exporter.imageio import write_image_folder
+    from exporter.runtime import Runtime
+
+    start = time.perf_counter()
+    runtime = Runtime.load(args.graphs, threads=args.threads)
+    images = runtime.generate(cond=args.cond, rows=args.rows, per_row=args.per_row or 8, steps=args.steps,
+                              scheduler=args.scheduler, guidance=args.guidance, seed=args.seed,
+                              cache_interval=args.cache_interval, cache_branch=args.cache_branch,
+                              cache_schedule=args.cache_schedule, batch_size=args.batch_size,
+                              progress=not args.quiet)
+    write_image_folder(args.out, {key: img.numpy() for key, img in images.items()})
+    record = {"graphs": str(args.graphs), "backend": runtime.backend.name, "rows": sorted({r for r, _ in images}),
+              "per_row": args.per_row or 8, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
+              "seed": args.seed, "cache_interval": args.cache_interval, "cache_branch": args.cache_branch,
+              "cache_schedule": args.cache_schedule, "seconds": round(time.perf_counter() - start, 2),
+              "block_seconds": {k: round(v, 3) for k, v in runtime.seconds.items()}}
+    atomic_write_json(Path(args.out) / "samples.json", record)
+    print(f"wrote {len(images)} images to {args.out}")
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -132,6 +156,8 @@ def cmd_pipeline(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter.sampling import SCHEDULERS
+
     parser = argparse.ArgumentParser(
         prog="exporter",
         description="Diffusion models (diffusers UNets and DiTs) from PyTorch to quantized engines, with evidence.",
@@ -168,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_options(p)
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", parents=[common], help="denoise with exported graphs (ONNX Runtime), optional DeepCache")
+    p.add_argument("graphs", type=Path, help="folder written by exporter export")
+    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the one exported with the graphs)")
+    p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 (default: all)")
+    p.add_argument("--per-row", type=int, help="images per row (default 8)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+    p.add_argument("--cache-interval", type=int, default=1, help="DeepCache: a full step every N steps (1: off)")
+    p.add_argument("--cache-branch", help="cached feature (default: the shallowest branch)")
+    p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "quadratic"],
+                   help="which steps are full: every N-th, or denser early (same count)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")

@@ -20,7 +20,7 @@ from exporter.sampling.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, object, int], torch.Tensor]  # (x, t, cond, step)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def generate(
     for batch in batches:
         noise = torch.stack([initial_noise(sample_shape, settings.seed, r, k) for r, k in batch])
         cond, uncond = conditioning.batch([r for r, _ in batch])
-        latents = denoise_batch(lambda x, t, c, step: denoise(x, t, c), settings.scheduler, scheduler_config,
+        latents = denoise_batch(denoise, settings.scheduler, scheduler_config,
                                 noise, cond, uncond, settings.steps, settings.guidance, on_step=lambda: bar.update(1))
         out.update(zip(batch, latents))
     bar.close()

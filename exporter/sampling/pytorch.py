@@ -64,7 +64,7 @@ def sample_pytorch(
 
     context = getattr(loaded.model, "_exporter_context", None)
 
-    def denoise(x, t, c):
+    def denoise(x, t, c, step):
         if context is not None:  # quantized layers pick the scales of t's group
             context.t = float(t[0])
         return loaded.adapter.denoise(loaded.model, x, t, c)

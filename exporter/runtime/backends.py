@@ -1,0 +1,57 @@
+"""Backends run one graph (or engine) on named numpy tensors. ONNX Runtime is the default; the
+TensorRT backend joins behind the same two methods."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeBackend:
+    """One ONNX Runtime session per graph file, opened on first use. CUDA when the provider is
+    present, else CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.folder = folder
+        self.options = ort.SessionOptions()
+        if threads:
+            self.options.intra_op_num_threads = threads
+        formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair}
+        if "fp8" in formats:
+            # ORT's extended optimisations fuse FP8 Q/DQ into MatMulIntegerToFloat, which rejects
+            # float8 (an ORT bug); the basic level runs the Q/DQ nodes as written.
+            self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # onnxruntime-gpu lists CUDA even without a GPU, then warns on every session: ask for it only
+        # where a CUDA device exists.
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
+        self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        self._sessions: dict[str, object] = {}
+
+    def session(self, graph: str):
+        if graph not in self._sessions:
+            import onnxruntime as ort
+
+            self._sessions[graph] = ort.InferenceSession(str(self.folder / graph), self.options,
+                                                         providers=self.providers)
+            log.debug("opened %s (%s)", graph, self._sessions[graph].get_providers()[0])
+        return self._sessions[graph]
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return self.session(graph).run(outputs, feeds)
+
+
+def _cuda_device_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend}

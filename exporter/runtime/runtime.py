@@ -1,0 +1,137 @@
+"""The runtime: a denoising loop over exported graphs, with DeepCache-style feature caching.
+
+At every step each block runs the graph of the timestep group of the current t. With caching,
+"full" steps run every block and keep the cached feature (the input of an up block or layer);
+the steps in between run only the blocks that feature's branch needs (``manifest["cache"]``:
+the up path from that feature on, plus the shallow down blocks producing its skips) and reuse
+the kept feature. The shallowest branch (the default) skips the most.
+
+    from exporter.runtime import Runtime
+    images = Runtime.load("graphs/x").generate(rows=[0, 1], per_row=4, steps=20, cache_interval=3, seed=0)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.errors import UsageError
+from exporter.export.manifest import read_manifest
+from exporter.models import adapter_for, load_conditioning
+from exporter.quant.timestep_groups import TimestepGroups
+from exporter.runtime.backends import BACKENDS
+from exporter.sampling.loop import SampleSettings, generate
+
+log = logging.getLogger(__name__)
+
+
+def refresh_steps(steps: int, interval: int, schedule: str = "uniform") -> list[int]:
+    """Steps that run the full model. ``uniform``: every ``interval``-th step (DeepCache's default).
+    ``quadratic``: the same number of full steps, denser at the start of sampling, where features
+    change fastest between steps (spacing grows quadratically)."""
+    if interval < 1:
+        raise UsageError(f"cache interval must be >= 1, got {interval}")
+    full = -(-steps // interval)
+    if schedule == "uniform":
+        return list(range(0, steps, interval))
+    if schedule == "quadratic":
+        chosen = sorted({round((i / max(full - 1, 1)) ** 2 * (steps - 1)) for i in range(full)})
+        return chosen
+    raise UsageError(f"unknown cache schedule {schedule!r}; choose uniform or quadratic")
+
+
+@dataclass
+class CachePlan:
+    feature: str | None  # None: no caching
+    full_steps: set[int]
+    shallow_blocks: list[str]
+
+
+class Runtime:
+    def __init__(self, folder: Path, manifest: dict, backend: str = "onnxruntime", threads: int | None = None):
+        self.folder, self.manifest = folder, manifest
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        self.backend = BACKENDS[backend](folder, manifest, threads=threads)
+        self.adapter = adapter_for(manifest["source"]["model_class"], manifest["source"]["config"])
+        self.groups = TimestepGroups.from_dict(manifest["groups"]) if manifest["groups"] else None
+        self.blocks = manifest["blocks"]
+        self.dtypes = {t["name"]: t["dtype"] for b in self.blocks for t in b["inputs"]}
+        self.seconds: dict[str, float] = {}  # time spent per block, for benchmarks
+
+    @classmethod
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> Runtime:
+        folder = Path(folder)
+        return cls(folder, read_manifest(folder), backend, threads)
+
+    @property
+    def cache_features(self) -> dict[str, list[str]]:
+        return self.manifest["cache"]["features"]
+
+    def cache_plan(self, steps: int, interval: int, branch: str | None, schedule: str) -> CachePlan:
+        if interval <= 1:
+            return CachePlan(None, set(range(steps)), [b["name"] for b in self.blocks])
+        features = self.cache_features
+        if not features:
+            raise UsageError(f"{self.manifest['source']['model_class']} graphs declare no cacheable feature")
+        if branch is None:  # the shallowest branch: the fewest blocks on cached steps
+            branch = min(features, key=lambda f: len(features[f]))
+        if branch not in features:
+            raise UsageError(f"unknown cache branch {branch!r}; choose one of {', '.join(features)}")
+        return CachePlan(branch, set(refresh_steps(steps, interval, schedule)), features[branch])
+
+    def _feeds(self, block: dict, env: dict) -> dict[str, np.ndarray]:
+        return {t["name"]: env[t["name"]] for t in block["inputs"]}
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond, step: int, plan: CachePlan, cache: dict):
+        """One model call as graphs: every block on full steps, the branch's blocks otherwise."""
+        tt = float(t[0])
+        group = self.groups.group_of(tt) if self.groups else 0
+        inputs = self.adapter.named_inputs(x, t.to(torch.float32), cond)
+        env = {n: v.numpy().astype(self.dtypes.get(n, "float32"), copy=False) for n, v in inputs.items() if v is not None}
+        full = step in plan.full_steps or plan.feature not in cache
+        run = [b["name"] for b in self.blocks] if full else plan.shallow_blocks
+        if not full:
+            env[plan.feature] = cache[plan.feature]
+        for block in self.blocks:
+            if block["name"] not in run:
+                continue
+            graph = block["graphs"][group if len(block["graphs"]) > 1 else 0]
+            names = [o["name"] for o in block["outputs"]]
+            start = time.perf_counter()
+            env.update(zip(names, self.backend.run(graph, self._feeds(block, env), names)))
+            self.seconds[block["name"]] = self.seconds.get(block["name"], 0.0) + time.perf_counter() - start
+        if full and plan.feature is not None:
+            cache[plan.feature] = env[plan.feature]
+        return self.adapter.postprocess(torch.from_numpy(env["noise_pred"]))
+
+    def generate(self, cond: str | Path | None = None, rows: list[int] | None = None, per_row: int = 8,
+                 steps: int | None = None, scheduler: str | None = None, guidance: float | None = None,
+                 seed: int = 0, cache_interval: int = 1, cache_branch: str | None = None,
+                 cache_schedule: str = "uniform", batch_size: int = 40, progress: bool = True) -> dict:
+        """Images {(row, k): tensor [C, H, W]}, seeded exactly as ``exporter sample`` seeds them."""
+        defaults = {"steps": 20, "scheduler": "ddim", "guidance": 1.0, **self.manifest["sampling_defaults"]}
+        cond_path = Path(cond) if cond else (self.folder / self.manifest["conditioning"]
+                                             if self.manifest["conditioning"] else None)
+        conditioning = load_conditioning(cond_path, self.adapter)
+        settings = SampleSettings(
+            rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)), per_row=per_row,
+            steps=steps or defaults["steps"], scheduler=scheduler or defaults["scheduler"],
+            guidance=guidance if guidance is not None else defaults["guidance"], seed=seed, batch_size=batch_size)
+        plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
+        cache: dict = {}
+
+        def denoise(x, t, c, step):
+            if step == 0:
+                cache.clear()  # a new batch: nothing cached yet
+            return self.denoise(x, t, c, step, plan, cache)
+
+        log.info("running %s with %s%s", self.folder, settings,
+                 f", caching {plan.feature} (full steps {sorted(plan.full_steps)})" if plan.feature else "")
+        return generate(denoise, self.adapter.sample_shape, self.manifest["scheduler_config"], conditioning,
+                        settings, progress)

@@ -1,0 +1,98 @@
+"""The runtime over exported graphs: same images as PyTorch, group selection by t, DeepCache plans."""
+
+import json
+
+import pytest
+
+from exporter.export import export_graphs
+from exporter.models import load_conditioning, load_model
+from exporter.recipe import QuantizationSpec
+from exporter.runtime import Runtime, refresh_steps
+from exporter.sampling.loop import SampleSettings, generate
+
+
+def pytorch_latents(model_dir, rows, steps, scheduler, guidance):
+    loaded = load_model(model_dir)
+    cond = load_conditioning(loaded.default_conditioning, loaded.adapter)
+    settings = SampleSettings(rows=tuple(rows), per_row=2, steps=steps, scheduler=scheduler, guidance=guidance, seed=3)
+    return generate(lambda x, t, c, s: loaded.adapter.denoise(loaded.model, x, t, c), loaded.adapter.sample_shape,
+                    loaded.scheduler_config, cond, settings, False)
+
+
+@pytest.fixture(scope="module")
+def unet_graphs(tiny_unet_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graphs") / "fp32"
+    export_graphs(str(tiny_unet_dir), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
+def test_fp32_graphs_reproduce_the_pytorch_loop(tiny_unet_dir, unet_graphs, scheduler):
+    ours = Runtime.load(unet_graphs).generate(rows=[0, 2], per_row=2, steps=8, scheduler=scheduler, guidance=2.0,
+                                              seed=3, progress=False)
+    theirs = pytorch_latents(tiny_unet_dir, [0, 2], 8, scheduler, 2.0)
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
+
+
+def test_dit_graphs_with_class_labels(tiny_dit_dir, tmp_path):
+    export_graphs(str(tiny_dit_dir), tmp_path / "g", progress=False)
+    ours = Runtime.load(tmp_path / "g").generate(rows=[1, 3], per_row=2, steps=6, scheduler="ddim", guidance=2.0,
+                                                 seed=3, progress=False)
+    theirs = pytorch_latents(tiny_dit_dir, [1, 3], 6, "ddim", 2.0)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
+
+
+class CountingBackend:
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def run(self, graph, feeds, outputs):
+        self.calls.append(graph)
+        return self.backend.run(graph, feeds, outputs)
+
+
+def test_cached_steps_run_only_the_branch_blocks(unet_graphs):
+    runtime = Runtime.load(unet_graphs)
+    counter = runtime.backend = CountingBackend(runtime.backend)
+    plan = runtime.cache_plan(steps=7, interval=3, branch=None, schedule="uniform")
+    assert plan.full_steps == {0, 3, 6}
+    all_blocks = [b["name"] for b in runtime.blocks]
+    assert set(plan.shallow_blocks) < set(all_blocks) and "mid" not in plan.shallow_blocks
+    runtime.generate(rows=[0], per_row=1, steps=7, guidance=1.0, cache_interval=3, progress=False)
+    graphs = [c.removesuffix(".onnx") for c in counter.calls]
+    assert len(graphs) == 3 * len(all_blocks) + 4 * len(plan.shallow_blocks)
+    assert graphs.count("mid") == 3 and graphs.count("head") == 7
+    with pytest.raises(Exception, match="unknown cache branch 'nope'"):
+        runtime.cache_plan(7, 3, "nope", "uniform")
+
+
+def test_refresh_schedules():
+    assert refresh_steps(20, 5) == [0, 5, 10, 15]
+    quadratic = refresh_steps(20, 5, "quadratic")
+    assert len(quadratic) == 4 and quadratic[0] == 0 and quadratic[1] - quadratic[0] < quadratic[-1] - quadratic[-2]
+
+
+def test_each_step_uses_the_graph_of_its_timestep_group(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    runtime = Runtime.load(tmp_path / "g")
+    counter = runtime.backend = CountingBackend(runtime.backend)
+    runtime.generate(rows=[0], per_row=1, steps=6, scheduler="ddim", guidance=1.0, progress=False)
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(runtime.manifest["scheduler_config"])
+    scheduler.set_timesteps(6)
+    t_values = scheduler.timesteps.tolist()
+    expected = [f"mid.g{runtime.groups.group_of(t)}.onnx" for t in t_values]
+    assert [c for c in counter.calls if c.startswith("mid.")] == expected
+    assert len(set(expected)) == 2
+
+
+def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
+    result = run_cli("-q", "run", unet_graphs, "--rows", "0,1", "--per-row", "2", "--steps", "4", "--cache-interval", "2",
+                     "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o").glob("*_*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    record = json.loads((tmp_path / "o" / "samples.json").read_text())
+    assert record["cache_interval"] == 2 and record["block_seconds"]
