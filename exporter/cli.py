@@ -138,6 +138,14 @@ def cmd_run(args) -> None:
     print(f"wrote {len(images)} images to {args.out}")
 
 
+def cmd_bench(args) -> None:
+    from exporter.bench import format_bench, run_bench
+
+    result = run_bench(args.out, quick=args.quick, progress=not args.quiet)
+    print(format_bench(result))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -212,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", parents=[common], help="DeepCache speed-up of the runtime vs its ideal (a report)")
+    p.add_argument("--quick", action="store_true", help="16 images, one round (a smoke run)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")
