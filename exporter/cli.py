@@ -146,6 +146,14 @@ def cmd_bench(args) -> None:
     print(f"wrote {Path(args.out) / 'bench.json'}")
 
 
+def cmd_lint(args) -> int:
+    from exporter.export.lint import format_lint, lint_folder
+
+    reports = lint_folder(args.graphs)
+    print(format_lint(reports))
+    return 1 if any(r.violations for r in reports) else 0
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -226,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("lint", parents=[common],
+                       help="check graphs against TensorRT Q/DQ rules; quantized vs float layers per block")
+    p.add_argument("graphs", type=Path, help="folder written by exporter export")
+    p.set_defaults(func=cmd_lint)
+
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")
     p.add_argument("--reference", type=Path, help="folder generated from the same seeds (e.g. FP32)")
@@ -245,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args.func(args)
+        code = args.func(args)
     except ExporterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,19 @@ def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
     return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
+def _compute_modules(block, model_names: dict[int, str]) -> dict[str, str]:
+    """{module path inside the block graph (ONNX node scope): module name in the model} for every
+    Conv2d/Linear, so graph nodes can be traced back to recipe layers (lint, parity)."""
+    import torch
+
+    from exporter.quant.ptq import QuantLayer
+
+    wrapped = {id(m.layer) for m in block.modules() if isinstance(m, QuantLayer)}
+    return {path: model_names[id(module)] for path, module in block.named_modules()
+            if isinstance(module, QuantLayer)
+            or (isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and id(module) not in wrapped)}
+
+
 def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning) -> dict:
     import diffusers
     import onnx
@@ -58,6 +71,7 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
     produced = {n for b in blocks for n in b.outputs}
     model_inputs = list(dict.fromkeys(n for b in blocks for n in b.inputs if n not in produced))
     features = adapter.cacheable_features(blocks)
+    model_names = {id(m): n for n, m in loaded.model.named_modules()}
     block_entries = []
     for item in exported:
         block = item["block"]
@@ -71,6 +85,7 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
             "weights": item["weights"],
             "quantized_layers": {layer.name: [layer.wfmt.name, layer.afmt.name if layer.afmt else None]
                                  for layer in layers},
+            "modules": _compute_modules(block, model_names),
         })
     manifest = {
         "schema": SCHEMA,

@@ -1,0 +1,169 @@
+"""``exporter lint``: check exported graphs against TensorRT's explicit-quantization rules and
+show, per block, which compute layers are quantized and which stay in float, and why.
+
+A quantized layer that TensorRT cannot fuse silently runs in float, and the engine is no faster:
+this report makes that visible before any build. Rules (violations make the command fail):
+
+* ``one-sided``: a Conv/MatMul/Gemm with Q/DQ on only one of activation and weight (allowed for
+  weight-only layers, which the manifest declares);
+* ``zero-point``: every Q/DQ zero point is 0 (symmetric);
+* ``weight-axis``: per-channel weight scales lie on the output-channel axis (blocked INT4: blocks
+  along the input axis);
+* ``activation-scale``: activation scales are per tensor (scalars);
+* ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used.
+
+Warnings (reported, not failures): INT4 blocked weights feeding a Conv (TensorRT documents
+INT4 block quantization for weight-only GEMM layers, so such a convolution is expected to run
+from dequantized weights).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from exporter.export.manifest import read_manifest
+
+COMPUTE = ("Conv", "MatMul", "Gemm")
+PASS_THROUGH = ("Transpose", "Reshape", "Slice")  # weight layout ops between a weight DQ and its layer
+
+
+@dataclass
+class BlockReport:
+    block: str
+    graph: str
+    quantized: list[str] = field(default_factory=list)
+    weight_only: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)  # layer -> reason
+    attention_matmuls: int = 0
+    violations: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    """``/layers.0/resnet/conv1/Conv`` -> ``layers.0.resnet.conv1`` (the module path in the block)."""
+    return ".".join(node.name.strip("/").split("/")[:-1])
+
+
+def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    report = BlockReport(block["name"], path.name)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = Counter(i for n in graph.node for i in n.input)
+    outputs = {o.name for o in graph.output}
+    inits = {i.name: i for i in graph.initializer}
+    excluded = {e["layer"]: e["reason"] for e in (manifest["quantization"] or {}).get("excluded", [])}
+    quantized = block["quantized_layers"]
+
+    def dq_behind(tensor: str, through=()):
+        node = producer.get(tensor)
+        while node is not None and node.op_type in through:
+            node = producer.get(node.input[0])
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if len(node.input) > 2 and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any():
+                report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
+        if node.op_type == "QuantizeLinear":
+            users = [n for n in graph.node if node.output[0] in n.input]
+            if not users or any(u.op_type != "DequantizeLinear" for u in users):
+                report.violations.append(f"dangling: {node.name} does not feed a DequantizeLinear")
+            scale = inits.get(node.input[1])
+            if scale is not None and len(scale.dims) > 0:
+                report.violations.append(f"activation-scale: {node.name} quantizes an activation per channel")
+        if node.op_type == "DequantizeLinear" and not consumers[node.output[0]] and node.output[0] not in outputs:
+            report.violations.append(f"dangling: {node.name}'s output is unused")
+        if node.op_type not in COMPUTE:
+            continue
+        act_dq = dq_behind(node.input[0])
+        w_dq = dq_behind(node.input[1], PASS_THROUGH)
+        weight_is_constant = w_dq is not None or node.input[1] in inits or _constant_behind(node.input[1], producer, inits)
+        if not weight_is_constant:  # activation x activation (attention scores, attention x values)
+            report.attention_matmuls += 1
+            continue
+        layer = block["modules"].get(_scope(node), _scope(node))
+        if w_dq is not None:
+            _check_weight_axis(node, w_dq, producer, inits, report, layer)
+        if act_dq is not None and w_dq is not None:
+            report.quantized.append(layer)
+        elif w_dq is not None and quantized.get(layer, [None, None])[1] is None:
+            report.weight_only.append(layer)
+        elif act_dq is not None or w_dq is not None:
+            side = "activation" if act_dq is not None else "weight"
+            report.violations.append(f"one-sided: {layer} ({node.name}) has Q/DQ on its {side} only; "
+                                     "TensorRT runs it in float")
+        else:
+            report.float_layers[layer] = excluded.get(layer, "not quantized (unquantized export)"
+                                                      if manifest["quantization"] is None else "not quantized")
+    report.quantized = sorted(set(report.quantized))  # a split shortcut is two convolutions of one layer
+    report.weight_only = sorted(set(report.weight_only))
+    return report
+
+
+def _constant_behind(tensor, producer, inits) -> bool:
+    node = producer.get(tensor)
+    while node is not None and node.op_type in PASS_THROUGH:
+        tensor = node.input[0]
+        node = producer.get(tensor)
+    return tensor in inits or (node is not None and node.op_type == "Constant")
+
+
+def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: str) -> None:
+    attrs = {a.name: a.i for a in dq.attribute}
+    weight = inits.get(dq.input[0])
+    if weight is None:
+        return
+    if "block_size" in attrs:
+        if attrs.get("axis", 1) != 1:
+            report.violations.append(f"weight-axis: {dq.name} blocks axis {attrs['axis']}, not the input axis 1")
+        if node.op_type == "Conv":
+            report.warnings.append(f"{layer}: INT4 blocked weights on a Conv (TensorRT documents INT4 block "
+                                   "quantization for weight-only GEMM layers; expect it to run from dequantized weights)")
+        return
+    scale = inits.get(dq.input[1])
+    if scale is None or len(scale.dims) == 0:
+        return  # per-tensor weight scale: allowed
+    axis = attrs.get("axis", 1)
+    transposed = producer.get(node.input[1]) is not None and producer[node.input[1]].op_type == "Transpose"
+    if node.op_type == "Conv" or transposed:
+        expected = 0
+    elif node.op_type == "Gemm":
+        expected = 0 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 1
+    else:
+        expected = len(weight.dims) - 1
+    if axis % len(weight.dims) != expected:
+        report.violations.append(f"weight-axis: {dq.name} scales axis {axis}, not the output-channel axis {expected}")
+
+
+def lint_folder(folder: str | Path) -> list[BlockReport]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return [lint_graph(folder / graph, block, manifest) for block in manifest["blocks"] for graph in block["graphs"]]
+
+
+def format_lint(reports: list[BlockReport]) -> str:
+    lines = ["| block | graph | quantized | weight-only | float | attention matmuls |", "|---|---|---|---|---|---|"]
+    reasons: dict[str, str] = {}
+    for r in reports:
+        lines.append(f"| {r.block} | {r.graph} | {len(r.quantized)} | {len(r.weight_only)} | {len(r.float_layers)} "
+                     f"| {r.attention_matmuls} |")
+        reasons.update(r.float_layers)
+    total = Counter()
+    for r in reports:
+        total.update({"quantized": len(r.quantized), "weight-only": len(r.weight_only), "float": len(r.float_layers)})
+    lines.append(f"\ncompute layers over all graphs: {total['quantized']} quantized, {total['weight-only']} "
+                 f"weight-only, {total['float']} in float")
+    if reasons:
+        lines.append("layers left in float, and why:")
+        lines += [f"  {layer}: {reason}" for layer, reason in sorted(reasons.items())]
+    warnings = sorted({w for r in reports for w in r.warnings})
+    lines += [f"warning: {w}" for w in warnings]
+    violations = [f"{r.graph}: {v}" for r in reports for v in r.violations]
+    lines += [f"VIOLATION {v}" for v in violations]
+    lines.append(f"{len(violations)} rule violation(s)" if violations else "no rule violations")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Lint: the per-block quantized/float report and each TensorRT rule actually firing."""
+
+import json
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporter.export import export_graphs
+from exporter.export.lint import lint_folder
+from exporter.export.manifest import sha256_file
+from exporter.recipe import QuantizationSpec
+
+
+@pytest.fixture
+def int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib,
+                  quantization=QuantizationSpec(groups=1, split_shortcut=True), progress=False)
+    return folder
+
+
+def test_every_quantized_layer_is_counted_and_every_float_one_has_its_reason(int8_graphs, run_cli):
+    manifest = json.loads((int8_graphs / "manifest.json").read_text())
+    reports = {r.block: r for r in lint_folder(int8_graphs)}
+    for block in manifest["blocks"]:
+        report = reports[block["name"]]
+        assert not report.violations
+        assert report.quantized == sorted(block["quantized_layers"])
+    reasons = {layer: reason for r in reports.values() for layer, reason in r.float_layers.items()}
+    assert reasons["conv_in"].startswith("first layer") and "time_embedding.linear_1" in reasons
+    assert reports["down0.layer0"].attention_matmuls == 4  # QK^T and attention x V, self and cross
+    result = run_cli("lint", int8_graphs)
+    assert result.returncode == 0 and "no rule violations" in result.stdout
+
+
+def edit_graph(folder, name, edit):
+    path = folder / name
+    model = onnx.load(str(path), load_external_data=False)
+    edit(model.graph)
+    onnx.save(model, str(path))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(path)  # a deliberate edit, re-signed: lint must still catch it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graphs, run_cli):
+    def nonzero_zero_point(graph):
+        init = next(i for i in graph.initializer if "onnx_zero_point" in i.name)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 3, init.name))
+
+    def drop_activation_qdq(graph):
+        conv = next(n for n in graph.node if n.op_type == "Conv" and "conv1" in n.name)
+        dq = next(n for n in graph.node if n.output[0] == conv.input[0])
+        q = next(n for n in graph.node if n.output[0] == dq.input[0])
+        conv.input[0] = q.input[0]
+        graph.node.remove(dq)
+        graph.node.remove(q)
+
+    edit_graph(int8_graphs, "mid.onnx", nonzero_zero_point)
+    edit_graph(int8_graphs, "down1.onnx", drop_activation_qdq)
+    result = run_cli("lint", int8_graphs)
+    assert result.returncode == 1
+    assert "VIOLATION mid.onnx: zero-point" in result.stdout
+    assert "VIOLATION down1.onnx: one-sided: down_blocks.1.resnets.0.conv1" in result.stdout
