@@ -154,6 +154,19 @@ def cmd_lint(args) -> int:
     return 1 if any(r.violations for r in reports) else 0
 
 
+def cmd_parity(args) -> int:
+    from exporter.parity import check_parity, format_parity
+
+    results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only)
+    print(format_parity(results))
+    if e2e is not None:
+        print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
+              f"{e2e['max_abs_latents']:.2e}, PSNR {e2e['psnr_db']:.1f} dB, limit {e2e['limit']}: "
+              + ("ok" if e2e["passed"] else "FAIL"))
+    print(f"golden outputs and polygraphy data loaders: {Path(args.graphs) / 'parity'}")
+    return 0 if all(r.passed for r in results) and (e2e is None or e2e["passed"]) else 1
+
+
 def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
@@ -238,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check graphs against TensorRT Q/DQ rules; quantized vs float layers per block")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("parity", parents=[common], help="PyTorch vs ONNX Runtime per block and group (polygraphy)")
+    p.add_argument("graphs", type=Path, help="folder written by exporter export")
+    p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
+    p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")

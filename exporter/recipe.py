@@ -162,6 +162,13 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def quantization_from_dict(data: dict, where: str = "quantization") -> QuantizationSpec:
+    """A ``QuantizationSpec`` from its dict form (as saved in manifests and summaries)."""
+    spec = _build(QuantizationSpec, data, where)
+    spec.validate(where)
+    return spec
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Read a YAML recipe (None: all defaults)."""
     if path is None:

@@ -111,7 +111,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                 files.append(name)
                 bar.update(1)
             exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
-    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning)
+    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib)
     if out.exists():
         out.rmdir()
     partial.rename(out)

@@ -58,7 +58,7 @@ def _compute_modules(block, model_names: dict[int, str]) -> dict[str, str]:
             or (isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and id(module) not in wrapped)}
 
 
-def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning) -> dict:
+def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning, calib=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -90,7 +90,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
     manifest = {
         "schema": SCHEMA,
         "kind": "onnx",
-        "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config},
+        "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config,
+                   "calibration": str(Path(calib).resolve()) if calib is not None else None},
         "quantization": summary and {k: summary[k] for k in ("spec", "excluded", "split_shortcut_layers", "groups")},
         "sample_shape": list(adapter.sample_shape),
         "scheduler_config": loaded.scheduler_config,

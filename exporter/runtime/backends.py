@@ -24,11 +24,7 @@ class OnnxRuntimeBackend:
         self.options = ort.SessionOptions()
         if threads:
             self.options.intra_op_num_threads = threads
-        formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair}
-        if "fp8" in formats:
-            # ORT's extended optimisations fuse FP8 Q/DQ into MatMulIntegerToFloat, which rejects
-            # float8 (an ORT bug); the basic level runs the Q/DQ nodes as written.
-            self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.options.graph_optimization_level = optimization_level(manifest)
         # onnxruntime-gpu lists CUDA even without a GPU, then warns on every session: ask for it only
         # where a CUDA device exists.
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
@@ -46,6 +42,17 @@ class OnnxRuntimeBackend:
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         return self.session(graph).run(outputs, feeds)
+
+
+def optimization_level(manifest: dict):
+    """ONNX Runtime's full optimisation, except for FP8 graphs: its extended level fuses FP8 Q/DQ
+    into MatMulIntegerToFloat, which rejects float8 (an ORT bug); the basic level runs them as written."""
+    import onnxruntime as ort
+
+    formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair}
+    if "fp8" in formats:
+        return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
 def _cuda_device_present() -> bool:

@@ -1,0 +1,249 @@
+"""``exporter parity``: PyTorch ⇄ ONNX Runtime, per block and timestep group, with polygraphy.
+
+For every graph, real inputs are taken from calibration data (the recorded model inputs at
+timesteps of the graph's group, run through the PyTorch blocks so every block sees what it sees
+in a denoising trajectory). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
+fake-quantized exactly as exported) and the graph in ONNX Runtime on them and compares every
+output (``SimpleCompareFunc`` on the mean absolute error, with the tolerance an SQNR threshold
+implies; a Q/DQ graph legitimately differs from PyTorch by one quantization step wherever float
+rounding upstream flips a rounding decision, so max-error checks would flag isolated elements);
+the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
+bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
+hooks the modules) and the first layer below the threshold is named.
+
+Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
+polygraphy RunResults), a data-loader script and the command that repeats the check without
+this package: ``polygraphy run G.onnx --onnxrt --data-loader-script parity/G_data_loader.py
+--load-outputs parity/G.golden.json --check-error-stat mean --atol A --rtol 0`` with A per graph
+in ``parity/COMMANDS.txt`` (``--trt`` on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.errors import UsageError
+from exporter.export.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_DB = {"fp32": 80.0, "quantized": 40.0}
+SAMPLES = 8  # inputs per graph (a batch of 8)
+
+
+@dataclass
+class GraphParity:
+    block: str
+    graph: str
+    group: int
+    outputs: dict[str, tuple[float, float]]  # name -> (SQNR dB, max abs diff)
+    threshold: float
+    polygraphy_passed: bool
+    first_diverging_layer: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(sqnr >= self.threshold for sqnr, _ in self.outputs.values())
+
+
+def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
+    noise = float(np.mean((reference.astype(np.float64) - x) ** 2))
+    signal = float(np.mean(reference.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+
+
+def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of) -> dict[int, dict]:
+    """Per timestep group: every block tensor (numpy) for up to SAMPLES recorded samples."""
+    from exporter.calibrate import CalibrationData
+    from exporter.models.blocks import run_blocks
+
+    if calib is None:
+        raise UsageError("parity needs calibration data for real inputs: pass --calib (FP32 graphs) "
+                         "or export from a calibration folder")
+    data = CalibrationData(calib)
+    shard = next(iter(data))
+    context = getattr(loaded.model, "_exporter_context", None)
+    per_group: dict[int, dict] = {}
+    ts = sorted({float(t) for t in shard["t"].tolist()})
+    for t in ts:
+        g = group_of(t)
+        if g in per_group:
+            continue
+        index = (shard["t"] == t).nonzero().flatten()[:SAMPLES]
+        env = {n: shard[n][index] for n in manifest["model_inputs"]}
+        env["timestep"] = env["timestep"].to(torch.float32)
+        if context is not None:
+            context.t = t
+        with torch.no_grad():
+            run_blocks(blocks, env, ("noise_pred",), keep=env)
+        per_group[g] = {"t": t, "env": {n: v.numpy() for n, v in env.items()}}
+    return per_group
+
+
+def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
+                 end_to_end_check: bool = True) -> tuple[list[GraphParity], dict | None]:
+    """Per-graph parity results, and the end-to-end comparison (None when skipped)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    from exporter.models import load_model
+    from exporter.parity.runners import TorchBlockRunner
+    from exporter.quant.ptq import quantize_model
+    from exporter.quant.timestep_groups import TimestepGroups
+    from exporter.recipe import quantization_from_dict
+    from exporter.runtime.backends import optimization_level
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    loaded = load_model(manifest["source"]["model"])
+    calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
+                                                   if manifest["source"].get("calibration") else None)
+    quantization = manifest["quantization"]
+    if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
+        quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"), calib)
+    context = getattr(loaded.model, "_exporter_context", None)
+    groups = TimestepGroups.from_dict(manifest["groups"]) if manifest["groups"] else None
+    group_of = groups.group_of if groups else (lambda t: 0)
+    blocks = {b.name: b for b in loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))}
+    if [b["name"] for b in manifest["blocks"]] != list(blocks):
+        raise UsageError(f"{folder}: the model's blocks no longer match the exported ones; re-export")
+    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of)
+    threshold = THRESHOLD_DB["fp32" if quantization is None else "quantized"]
+    results = []
+    for entry in manifest["blocks"]:
+        for g, graph in enumerate(entry["graphs"]):
+            group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
+            if group not in per_group:
+                log.warning("no calibration sample falls in timestep group %d: %s not checked", group, graph)
+                continue
+            t, env = per_group[group]["t"], per_group[group]["env"]
+            feed = {i["name"]: env[i["name"]] for i in entry["inputs"]}
+            torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
+            onnx_runner = OnnxrtRunner(SessionFromOnnx(str(folder / graph), providers=["CPUExecutionProvider"],
+                                                       graph_optimization_level=optimization_level(manifest)))
+            run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
+            (torch_out,), (ort_out,) = run[0][1], run[1][1]
+            atol = mean_error_tolerance(torch_out, threshold)
+            accuracy = Comparator.compare_accuracy(run, compare_func=SimpleCompareFunc(
+                atol=atol, rtol=0.0, check_error_stat="mean"))
+            outputs = {n: (sqnr_db(torch_out[n], ort_out[n]), float(np.abs(torch_out[n] - ort_out[n]).max()))
+                       for n in torch_out.keys()}
+            result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy))
+            if not result.passed:
+                result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
+                                                      threshold)
+            if write_golden:
+                _write_golden(folder, graph, feed, run[0], atol)
+            results.append(result)
+    return results, (end_to_end(folder, manifest, loaded) if end_to_end_check else None)
+
+
+def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float) -> str | None:
+    """The first layer (in graph order) whose output falls below ``threshold`` dB against PyTorch."""
+    import onnx
+    from polygraphy.backend.onnx import modify_outputs
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+
+    from exporter.parity.runners import TorchBlockRunner
+
+    model = onnx.load(str(graph_path))
+    last_node_of = {}  # module path -> output of the last node in its scope
+    for node in model.graph.node:
+        scope = ".".join(node.name.strip("/").split("/")[:-1])
+        if node.output:
+            last_node_of[scope] = node.output[0]
+    order = list(dict.fromkeys(".".join(n.name.strip("/").split("/")[:-1]) for n in model.graph.node))
+    marked = modify_outputs(model, outputs=list(dict.fromkeys(last_node_of[p] for p in entry["modules"]
+                                                              if p in last_node_of)))
+    captured: dict = {}
+    torch_runner = TorchBlockRunner(block, entry["inputs"], context, t, capture=captured)
+    onnx_runner = OnnxrtRunner(SessionFromOnnx(marked.SerializeToString(), providers=["CPUExecutionProvider"]))
+    run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
+    (ort_out,) = run[1][1]
+    for path in order:
+        if path in entry["modules"] and path in captured and last_node_of.get(path) in ort_out:
+            if sqnr_db(captured[path], ort_out[last_node_of[path]]) < threshold:
+                return entry["modules"][path]
+    return None
+
+
+def mean_error_tolerance(golden: dict, threshold_db: float) -> float:
+    """The mean-absolute-error tolerance polygraphy checks: an SQNR of ``threshold_db`` allows an
+    RMS error of rms(signal) * 10^(-dB/20), and the mean absolute error never exceeds the RMS."""
+    rms = min(float(np.sqrt(np.mean(np.asarray(v, dtype=np.float64) ** 2))) for v in golden.values())
+    return max(rms * 10 ** (-threshold_db / 20), 1e-7)
+
+
+def end_to_end(folder: Path, manifest: dict, loaded, rows=(0, 1, 2, 3), per_row: int = 2) -> dict:
+    """The runtime's images against the PyTorch pipeline's (FP32 or fake-quantized), same seeds."""
+    from exporter.models import load_conditioning
+    from exporter.runtime import Runtime
+    from exporter.sampling.loop import SampleSettings, generate
+
+    defaults = {"steps": 20, "scheduler": "ddim", "guidance": 1.0, **manifest["sampling_defaults"]}
+    conditioning = load_conditioning(loaded.default_conditioning, loaded.adapter)
+    rows = tuple(r for r in rows if conditioning.num_rows is None or r < conditioning.num_rows)
+    settings = SampleSettings(rows=rows, per_row=per_row, steps=defaults["steps"], scheduler=defaults["scheduler"],
+                              guidance=defaults["guidance"], seed=0)
+    context = getattr(loaded.model, "_exporter_context", None)
+
+    def denoise(x, t, c, step):
+        if context is not None:
+            context.t = float(t[0])
+        return loaded.adapter.denoise(loaded.model, x, t, c)
+
+    ours = Runtime.load(folder).generate(rows=list(rows), per_row=per_row, steps=settings.steps,
+                                         scheduler=settings.scheduler, guidance=settings.guidance, progress=False)
+    theirs = generate(denoise, loaded.adapter.sample_shape, loaded.scheduler_config, conditioning, settings, False)
+    diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    # images live in [-1, 1]: PSNR over that peak-to-peak range of 2
+    mse = float(np.mean([float(((ours[k].clamp(-1, 1) - theirs[k].clamp(-1, 1)) ** 2).mean()) for k in ours]))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+    limit = {"max_abs": 1e-3} if manifest["quantization"] is None else {"psnr_db": 30.0}
+    passed = diff <= limit["max_abs"] if "max_abs" in limit else psnr >= limit["psnr_db"]
+    return {"images": len(ours), "steps": settings.steps, "max_abs_latents": diff, "psnr_db": psnr,
+            "limit": limit, "passed": passed}
+
+
+def _write_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float) -> None:
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    out = folder / "parity"
+    out.mkdir(exist_ok=True)
+    stem = graph.removesuffix(".onnx")
+    save_json([feed], str(out / f"{stem}.inputs.json"))
+    RunResults([("pytorch", torch_results[1])]).save(str(out / f"{stem}.golden.json"))
+    # polygraphy imports the script by file name: no dots in it
+    (out / f"{stem.replace('.', '_')}_data_loader.py").write_text(
+        "# polygraphy data loader: the recorded inputs PyTorch's golden outputs were computed from\n"
+        "from pathlib import Path\n\nfrom polygraphy.json import load_json\n\n\n"
+        "def load_data():\n"
+        f"    yield from load_json(str(Path(__file__).with_name('{stem}.inputs.json')))\n")
+    commands = out / "COMMANDS.txt"
+    line = (f"polygraphy run {graph} --onnxrt --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
+            f"--load-outputs parity/{stem}.golden.json --check-error-stat mean --atol {atol:.3g} --rtol 0\n")
+    existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
+        if commands.is_file() else ["# run from the graphs folder; add --trt on a GPU machine\n"]
+    commands.write_text("".join(existing) + line)
+
+
+def format_parity(results: list[GraphParity]) -> str:
+    lines = ["| block | graph | output | SQNR | max abs | threshold | polygraphy mean error | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name, (sqnr, max_abs) in r.outputs.items():
+            verdict = "ok" if r.passed else f"FAIL (first diverging layer: {r.first_diverging_layer})"
+            lines.append(f"| {r.block} | {r.graph} | {name} | {sqnr:.1f} dB | {max_abs:.2e} | {r.threshold:.0f} dB "
+                         f"| {'pass' if r.polygraphy_passed else 'fail'} | {verdict} |")
+    failed = [r.graph for r in results if not r.passed]
+    worst = min((s for r in results for s, _ in r.outputs.values()), default=float("nan"))
+    lines.append(f"{len(results)} graph(s) checked, worst SQNR {worst:.1f} dB; "
+                 + (f"{len(failed)} below threshold: {', '.join(failed)}" if failed else "all above threshold"))
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Parity: every graph against PyTorch with polygraphy, golden files that polygraphy's CLI replays,
+and a broken graph traced to its layer."""
+
+import json
+import subprocess
+
+import onnx
+from onnx import numpy_helper
+
+from exporter.export import export_graphs
+from exporter.export.manifest import sha256_file
+from exporter.parity import check_parity
+from exporter.recipe import QuantizationSpec
+
+
+def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    results, e2e = check_parity(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(results) == sum(len(b["graphs"]) for b in manifest["blocks"])
+    assert all(r.passed and r.polygraphy_passed for r in results), [(r.graph, r.outputs) for r in results]
+    assert e2e["passed"] and e2e["psnr_db"] >= 30
+    command = (folder / "parity" / "COMMANDS.txt").read_text().splitlines()[-1]
+    assert command.startswith("polygraphy run head.onnx --onnxrt")
+    replay = subprocess.run(command.split(), cwd=folder, capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr
+
+
+def test_a_wrong_weight_scale_fails_and_is_traced_to_its_layer(tiny_unet_dir, tiny_unet_calib, tmp_path, run_cli):
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=1),
+                  progress=False)
+    path = folder / "mid.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    scale = next(i for i in model.graph.initializer if i.name.endswith("resnets.1.conv2.weight_scale"))
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["mid.onnx"] = sha256_file(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    results, _ = check_parity(folder, end_to_end_check=False)
+    failed = [r for r in results if not r.passed]
+    assert [r.graph for r in failed] == ["mid.onnx"]
+    assert failed[0].first_diverging_layer == "mid_block.resnets.1.conv2"
+    result = run_cli("-q", "parity", folder, "--blocks-only")
+    assert result.returncode == 1 and "first diverging layer: mid_block.resnets.1.conv2" in result.stdout
