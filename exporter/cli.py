@@ -178,10 +178,16 @@ def cmd_eval(args) -> None:
     print(f"wrote {out}")
 
 
-def cmd_pipeline(args) -> None:
+def cmd_pipeline(args) -> int:
     from exporter.pipeline import run_pipeline
 
-    run_pipeline(args.model, args.out, fmt=args.format, **sampling_kwargs(args))
+    options = sampling_kwargs(args)
+    options.pop("cond"), options.pop("batch_size")
+    fmt = args.format or (None if args.recipe else "int8")
+    summary = run_pipeline(args.model, args.out, fmt=fmt, recipe_path=args.recipe, **options)
+    parity_ok = all(p["graphs_passed"] == p["graphs"] and (p["end_to_end"] is None or p["end_to_end"]["passed"])
+                    for p in summary["parity"].values())
+    return 0 if parity_ok and not summary["lint_violations"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,11 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("pipeline", parents=[common], help="all available stages end to end: today FP32 sampling + eval")
-    add_sampling_options(p)
-    p.add_argument("--format", default="fp32", choices=["fp32"], help="precision (more formats land later)")
-    p.add_argument("--out", type=Path, required=True, help="run root: ROOT/images/..., ROOT/metrics.json")
-    p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("pipeline", parents=[common],
+                       help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
+    p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
+    add_recipe_options(p)
+    p.add_argument("--rows", type=parse_rows, help="conditioning rows for the images (default 0-9)")
+    p.add_argument("--per-row", type=int, help="images per row (default 8)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="run root: ROOT/calib, graphs/, images/, summary.json")
+    p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40)
     return parser
 
 

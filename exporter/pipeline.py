@@ -1,10 +1,13 @@
-"""``exporter pipeline``: every available stage, end to end, for one model and one format.
+"""``exporter pipeline``: every stage, end to end, for one model and one recipe.
 
-Today the stages are FP32 reference sampling and the quality yardstick; calibration, export,
-the runtime and parity join as they land. Layout of ``ROOT``::
+calibrate -> quantize + export (and the FP32 baseline export) -> lint -> parity -> run -> eval.
+Layout of ``ROOT``::
 
-    ROOT/images/fp32/     <row>_<k>.png, grid.png, samples.json
-    ROOT/metrics.json     yardstick results per variant
+    ROOT/calib/                    calibration data (not for fp32 or weight-only formats)
+    ROOT/graphs/fp32/, ROOT/graphs/<format>/     exported graphs + manifest.json (+ parity/)
+    ROOT/images/pytorch-fp32/      the reference: FP32 PyTorch, same seeds
+    ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cache3)
+    ROOT/summary.json              every stage's result; the table is printed at the end
 """
 
 from __future__ import annotations
@@ -14,28 +17,135 @@ import time
 from pathlib import Path
 
 from exporter.errors import UsageError
-from exporter.eval import evaluate, format_table
+from exporter.eval import evaluate
 from exporter.fileio import atomic_write_json
-from exporter.sampling.pytorch import sample_pytorch
+from exporter.imageio import write_image_folder
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32",)  # the quantized formats arrive with calibration and export
+CACHE_INTERVAL = 3
 
 
-def run_pipeline(model: str, out: str | Path, fmt: str = "fp32", **sample_options) -> dict:
-    if fmt not in FORMATS:
-        raise UsageError(f"format {fmt!r} is not available yet; available: {', '.join(FORMATS)}")
+def _stage(name: str):
+    print(f"== {name}", flush=True)
+    return time.perf_counter()
+
+
+def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_path: str | Path | None = None,
+                 rows: list[int] | None = None, per_row: int | None = None, steps: int | None = None,
+                 scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
+                 progress: bool = True, **_) -> dict:
+    from exporter.calibrate import calibrate
+    from exporter.export import export_graphs
+    from exporter.export.lint import format_lint, lint_folder
+    from exporter.parity import check_parity, format_parity
+    from exporter.recipe import resolve_recipe
+    from exporter.runtime import Runtime
+    from exporter.sampling.pytorch import sample_pytorch
+
     root = Path(out)
-    start = time.perf_counter()
-    images_dir = root / "images" / "fp32"
-    record = sample_pytorch(model, images_dir, **sample_options)
-    metrics = evaluate(images_dir)
-    summary = {"model": record["model"], "format": fmt, "sampling": record, "metrics": {"fp32": metrics},
-               "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(root / "metrics.json", summary)
-    print(f"fp32 ({record['model_class']}, {record['steps']} {record['scheduler']} steps, "
-          f"guidance {record['guidance']}):")
-    print(format_table(metrics))
-    print(f"wrote {images_dir}/ and {root / 'metrics.json'}")
+    if (root / "graphs").exists() and any((root / "graphs").iterdir()):
+        raise UsageError(f"{root} holds an earlier pipeline run; choose another --out or delete it")
+    recipe = resolve_recipe(recipe_path, None if recipe_path else fmt, model)
+    model = model or recipe.model
+    if model is None:
+        raise UsageError("no model: pass --model or set 'model' in the recipe")
+    name = fmt if recipe_path is None else Path(recipe_path).stem
+    quantization = recipe.quantization
+    summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
+    sampling = dict(rows=rows if rows is not None else list(range(10)), per_row=per_row or 8, steps=steps,
+                    scheduler=scheduler, guidance=guidance, seed=seed)
+    started = time.perf_counter()
+
+    calib = None
+    if quantization is not None and quantization.activations is not None:
+        t = _stage("calibrate")
+        calib = root / "calib"
+        calibrate(model, calib, recipe.calibration, progress=progress)
+        summary["stages"]["calibrate"] = round(time.perf_counter() - t, 1)
+
+    t = _stage("export")
+    graphs = {"fp32": root / "graphs" / "fp32"}
+    export_graphs(model, graphs["fp32"], progress=progress)
+    if quantization is not None:
+        graphs[name] = root / "graphs" / name
+        export_graphs(model, graphs[name], calib=calib, quantization=quantization, progress=progress)
+    summary["stages"]["export"] = round(time.perf_counter() - t, 1)
+    summary["graph_bytes"] = {k: sum(f.stat().st_size for f in g.iterdir() if f.is_file()) for k, g in graphs.items()}
+
+    t = _stage("lint")
+    reports = lint_folder(graphs[name])
+    print(format_lint(reports).splitlines()[-1])
+    summary["lint_violations"] = [v for r in reports for v in r.violations]
+    summary["stages"]["lint"] = round(time.perf_counter() - t, 1)
+
+    t = _stage("parity")
+    parity = {}
+    for key, folder in graphs.items():
+        if calib is None and key != "fp32":
+            continue
+        results, e2e = check_parity(folder, calib=calib) if calib is not None else ([], None)
+        if results:
+            print(format_parity(results).splitlines()[-1])
+        parity[key] = {"graphs_passed": sum(r.passed for r in results), "graphs": len(results),
+                       "worst_sqnr_db": min((s for r in results for s, _ in r.outputs.values()), default=None),
+                       "end_to_end": e2e}
+    summary["parity"] = parity
+    summary["stages"]["parity"] = round(time.perf_counter() - t, 1)
+
+    t = _stage("run")
+    images = root / "images"
+    reference = sample_pytorch(model, images / "pytorch-fp32", progress=progress, **sampling)
+    runs = {"fp32": (graphs["fp32"], 1)}
+    if quantization is not None:
+        runs[name] = (graphs[name], 1)
+        runs[f"{name}-cache{CACHE_INTERVAL}"] = (graphs[name], CACHE_INTERVAL)
+    seconds = {}
+    for variant, (folder, interval) in runs.items():
+        start = time.perf_counter()
+        generated = Runtime.load(folder).generate(
+            rows=sampling["rows"], per_row=sampling["per_row"], steps=reference["steps"],
+            scheduler=reference["scheduler"], guidance=reference["guidance"], seed=seed,
+            cache_interval=interval, progress=progress)
+        seconds[variant] = round(time.perf_counter() - start, 2)
+        write_image_folder(images / variant, {k: v.numpy() for k, v in generated.items()})
+    summary["stages"]["run"] = round(time.perf_counter() - t, 1)
+
+    t = _stage("eval")
+    from exporter.reference import NAMES
+
+    digits = model in NAMES  # accuracy and FD-digits mean something for the digits models only
+    metrics = {"pytorch-fp32": evaluate(images / "pytorch-fp32", digits=digits)}
+    for variant in runs:
+        metrics[variant] = evaluate(images / variant, images / "pytorch-fp32", digits=digits)
+    summary["metrics"] = metrics
+    summary["runtime_seconds"] = seconds
+    summary["stages"]["eval"] = round(time.perf_counter() - t, 1)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(root / "summary.json", summary)
+    print(format_summary(summary))
+    print(f"wrote {root}/ (summary.json, graphs/, images/)")
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['model']}, {summary['format']}: {summary['seconds']} s "
+             f"({', '.join(f'{k} {v} s' for k, v in summary['stages'].items())})",
+             "| variant | accuracy | FD-digits | PSNR vs PyTorch FP32 | runtime s |", "|---|---|---|---|---|"]
+    for variant, m in summary["metrics"].items():
+        psnr = m.get("psnr_mean")
+        psnr_text = "—" if "n_compared" not in m else ("identical" if psnr is None else f"{psnr:.2f} dB")
+        secs = summary["runtime_seconds"].get(variant, "—")
+        accuracy = f"{100 * m['accuracy']:.1f} %" if "accuracy" in m else "—"
+        fd = f"{m['fd_digits']:.2f}" if "fd_digits" in m else "—"
+        lines.append(f"| {variant} | {accuracy} | {fd} | {psnr_text} | {secs} |")
+    for key, p in summary["parity"].items():
+        e2e = p["end_to_end"]
+        lines.append(f"parity {key}: {p['graphs_passed']}/{p['graphs']} graphs above threshold, worst "
+                     f"{p['worst_sqnr_db']:.1f} dB" + (f"; end to end PSNR {e2e['psnr_db']:.1f} dB" if e2e else ""))
+    sizes = summary["graph_bytes"]
+    lines.append("graph folder sizes: " + ", ".join(f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)"
+                                                     for k, v in sizes.items()))
+    if summary["lint_violations"]:
+        lines.append(f"lint: {len(summary['lint_violations'])} rule violation(s), see exporter lint")
+    return "\n".join(lines)

@@ -31,10 +31,17 @@ def _stack(images: dict, keys) -> np.ndarray:
     return np.stack(arrays)
 
 
-def evaluate(images_dir: str | Path, reference_dir: str | Path | None = None) -> dict:
+def evaluate(images_dir: str | Path, reference_dir: str | Path | None = None, digits: bool = True) -> dict:
+    """Digit accuracy and FD-digits (16x16 digit images only), PSNR/SSIM against ``reference_dir``.
+    With ``digits=False`` (any other model) only the comparison with the reference is made."""
     start = time.perf_counter()
     images = read_image_folder(images_dir)
     keys = sorted(images)
+    if not digits:
+        result = {"images": str(images_dir), "n_images": len(keys)}
+        if reference_dir is not None:
+            result.update(compare(images, read_image_folder(reference_dir), images_dir, reference_dir))
+        return result
     batch = _stack(images, keys)
     if batch.shape[1:] != (16, 16):
         raise ImageFolderError(f"{images_dir}: the digits yardstick needs 16x16 images, got {batch.shape[1:]}")

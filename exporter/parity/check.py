@@ -98,6 +98,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from exporter.recipe import quantization_from_dict
     from exporter.runtime.backends import optimization_level
 
+    from polygraphy.logger import G_LOGGER
+
+    if not log.isEnabledFor(logging.DEBUG):  # polygraphy's per-run INFO lines would drown the table
+        G_LOGGER.module_severity = G_LOGGER.WARNING
     folder = Path(folder)
     manifest = read_manifest(folder)
     loaded = load_model(manifest["source"]["model"])
@@ -204,9 +208,9 @@ def end_to_end(folder: Path, manifest: dict, loaded, rows=(0, 1, 2, 3), per_row:
     diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
     # images live in [-1, 1]: PSNR over that peak-to-peak range of 2
     mse = float(np.mean([float(((ours[k].clamp(-1, 1) - theirs[k].clamp(-1, 1)) ** 2).mean()) for k in ours]))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse))
     limit = {"max_abs": 1e-3} if manifest["quantization"] is None else {"psnr_db": 30.0}
-    passed = diff <= limit["max_abs"] if "max_abs" in limit else psnr >= limit["psnr_db"]
+    passed = bool(diff <= limit["max_abs"] if "max_abs" in limit else psnr >= limit["psnr_db"])
     return {"images": len(ours), "steps": settings.steps, "max_abs_latents": diff, "psnr_db": psnr,
             "limit": limit, "passed": passed}
 

@@ -1,0 +1,22 @@
+"""The whole pipeline on a tiny model: every stage runs and the summary holds each variant's metrics."""
+
+import json
+
+
+def test_pipeline_runs_every_stage_and_summarises(tiny_unet_dir, tmp_path, run_cli):
+    recipe = tmp_path / "w8a8.yaml"
+    recipe.write_text("calibration:\n  trajectories: 4\n  steps: 6\n  batch_trajectories: 4\n  guidance: 2.0\n"
+                      "quantization:\n  weights: int8\n  activations: int8\n  groups: 2\n")
+    out = tmp_path / "run"
+    result = run_cli("-q", "pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--rows", "0,1", "--per-row", "2",
+                     "--steps", "6", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == {"calibrate", "export", "lint", "parity", "run", "eval"}
+    assert set(summary["metrics"]) == {"pytorch-fp32", "fp32", "w8a8", "w8a8-cache3"}
+    assert summary["metrics"]["fp32"]["psnr_mean"] is None or summary["metrics"]["fp32"]["psnr_mean"] > 60
+    assert summary["parity"]["w8a8"]["graphs_passed"] == summary["parity"]["w8a8"]["graphs"] > 0
+    assert not summary["lint_violations"]
+    assert "| w8a8-cache3 |" in result.stdout
+    again = run_cli("pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--out", out)
+    assert again.returncode == 2 and "earlier pipeline run" in again.stderr
