@@ -140,15 +140,20 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy))
             if not result.passed:
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold)
+                                                      threshold, optimization_level(manifest))
             if write_golden:
                 _write_golden(folder, graph, feed, run[0], atol)
             results.append(result)
     return results, (end_to_end(folder, manifest, loaded) if end_to_end_check else None)
 
 
-def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float) -> str | None:
-    """The first layer (in graph order) whose output falls below ``threshold`` dB against PyTorch."""
+def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float,
+           level=None) -> str | None:
+    """The first layer (in graph order) whose output falls below ``threshold`` dB against PyTorch.
+
+    A wrong scale or weight shows as a sharp drop at its layer. Where error only accumulates (FP8
+    rounding decisions flipped by float-level differences upstream, layer after layer), the layer
+    named is merely where the accumulated error crosses the threshold."""
     import onnx
     from polygraphy.backend.onnx import modify_outputs
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -167,7 +172,8 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
                                                               if p in last_node_of)))
     captured: dict = {}
     torch_runner = TorchBlockRunner(block, entry["inputs"], context, t, capture=captured)
-    onnx_runner = OnnxrtRunner(SessionFromOnnx(marked.SerializeToString(), providers=["CPUExecutionProvider"]))
+    onnx_runner = OnnxrtRunner(SessionFromOnnx(marked.SerializeToString(), providers=["CPUExecutionProvider"],
+                                               graph_optimization_level=level))
     run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
     (ort_out,) = run[1][1]
     for path in order:

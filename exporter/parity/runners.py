@@ -48,7 +48,9 @@ class TorchBlockRunner(BaseRunner):
         with torch.no_grad():
             outputs = self.block(*(torch.from_numpy(np.asarray(feed_dict[i["name"]])) for i in self.input_info))
         self.inference_time = time.perf_counter() - start  # polygraphy reports it per runner
-        return OrderedDict((name, out.numpy()) for name, out in zip(self.block.outputs, outputs))
+        # contiguous copies: polygraphy views the arrays, and e.g. an unpatchified DiT output is strided
+        names = self.block.outputs
+        return OrderedDict((name, np.ascontiguousarray(out.numpy())) for name, out in zip(names, outputs))
 
     def deactivate_impl(self):
         for hook in self._hooks:

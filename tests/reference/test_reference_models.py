@@ -51,10 +51,11 @@ def test_reference_quality_at_20_ddim_steps_with_guidance(name, tmp_path):
     assert metrics["fd_digits"] < 10 * metrics["fd_digits_real_floor"], metrics
 
 
-def test_pipeline_writes_images_and_metrics(tmp_path):
-    rc = main(["-q", "pipeline", "--model", "digits-dit", "--rows", "0-9", "--per-row", "1", "--steps", "8",
-               "--out", str(tmp_path)])
+def test_fp32_pipeline_on_the_reference_dit(tmp_path):
+    rc = main(["-q", "pipeline", "--model", "digits-dit", "--format", "fp32", "--rows", "0-9", "--per-row", "1",
+               "--steps", "8", "--out", str(tmp_path)])
     assert rc == 0
-    summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["metrics"]["fp32"]["n_images"] == 10
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"]["pytorch-fp32"]["n_images"] == 10
+    assert summary["metrics"]["fp32"]["psnr_mean"] is None  # runtime images identical to PyTorch's
     assert (tmp_path / "images" / "fp32" / "grid.png").is_file()
