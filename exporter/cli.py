@@ -34,18 +34,24 @@ def parse_rows(text: str) -> list[int]:
     return rows
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
+def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
+    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model's or graphs' own)")
+    add_image_options(p)
+    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """Which images, and how they are denoised: the same options wherever images are made."""
     from exporter.sampling import SCHEDULERS
 
-    p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
-    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
     p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 or 0,3,7 (default: all)")
     p.add_argument("--per-row", type=int, help="images per row (default 8)")
     p.add_argument("--steps", type=int, help="denoising steps (default: model's sampling.json, else 20)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: model's, else ddim)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
 
 
 def sampling_kwargs(args) -> dict:
@@ -191,8 +197,6 @@ def cmd_pipeline(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exporter.sampling import SCHEDULERS
-
     parser = argparse.ArgumentParser(
         prog="exporter",
         description="Diffusion models (diffusers UNets and DiTs) from PyTorch to quantized engines, with evidence.",
@@ -232,14 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="denoise with exported graphs (ONNX Runtime), optional DeepCache")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
-    p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the one exported with the graphs)")
-    p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 (default: all)")
-    p.add_argument("--per-row", type=int, help="images per row (default 8)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+    add_sampling_options(p, model=False)
     p.add_argument("--cache-interval", type=int, default=1, help="DeepCache: a full step every N steps (1: off)")
     p.add_argument("--cache-branch", help="cached feature (default: the shallowest branch)")
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "quadratic"],
@@ -264,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("eval", parents=[common], help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
+    p = sub.add_parser("eval", parents=[common],
+                       help="quality yardstick: accuracy, FD-digits, PSNR/SSIM vs a reference")
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")
     p.add_argument("--reference", type=Path, help="folder generated from the same seeds (e.g. FP32)")
     p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
@@ -274,12 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
-    p.add_argument("--rows", type=parse_rows, help="conditioning rows for the images (default 0-9)")
-    p.add_argument("--per-row", type=int, help="images per row (default 8)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    add_image_options(p)  # rows default to 0-9 here
     p.add_argument("--out", type=Path, required=True, help="run root: ROOT/calib, graphs/, images/, summary.json")
     p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40)
     return parser

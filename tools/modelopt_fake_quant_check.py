@@ -23,7 +23,8 @@ other_integer = int(((ours - theirs).abs() > step / 2).sum())
 below = int((x < -127.5 * step).sum())
 print(f"INT8: {other_integer} of {x.numel()} values land on another integer "
       f"({below} lie below -127.5 steps: modelopt clamps to [-127, 127], ONNX to [-128, 127]); "
-      f"{int((ours != theirs).sum())} differ in the last bits (modelopt divides by 127/amax, ONNX multiplies by the scale)")
+      f"{int((ours != theirs).sum())} differ in the last bits "
+      "(modelopt divides by 127/amax, ONNX multiplies by the scale)")
 ours = fake_quant(x, amax / 448, FORMATS["fp8"])
 theirs = tensor_quant.scaled_e4m3(x, amax, None, 4, 3)
 print(f"FP8 E4M3: {int((ours != theirs).sum())} of {x.numel()} values differ")

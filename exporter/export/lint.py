@@ -82,7 +82,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             continue
         act_dq = dq_behind(node.input[0])
         w_dq = dq_behind(node.input[1], PASS_THROUGH)
-        weight_is_constant = w_dq is not None or node.input[1] in inits or _constant_behind(node.input[1], producer, inits)
+        weight_is_constant = w_dq is not None or _constant_behind(node.input[1], producer, inits)
         if not weight_is_constant:  # activation x activation (attention scores, attention x values)
             report.attention_matmuls += 1
             continue
@@ -123,7 +123,8 @@ def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: st
             report.violations.append(f"weight-axis: {dq.name} blocks axis {attrs['axis']}, not the input axis 1")
         if node.op_type == "Conv":
             report.warnings.append(f"{layer}: INT4 blocked weights on a Conv (TensorRT documents INT4 block "
-                                   "quantization for weight-only GEMM layers; expect it to run from dequantized weights)")
+                                   "quantization for weight-only GEMM layers; expect it to run from dequantized "
+                                   "weights)")
         return
     scale = inits.get(dq.input[1])
     if scale is None or len(scale.dims) == 0:

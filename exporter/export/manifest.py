@@ -126,9 +126,9 @@ def read_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ManifestError(f"{path}: unknown manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}"
-                            f" (this exporter reads schema {SCHEMA})")
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema != SCHEMA:
+        raise ManifestError(f"{path}: unknown manifest schema {schema!r} (this exporter reads schema {SCHEMA})")
     files = manifest.get("files", {})
     referenced = {n for b in manifest["blocks"] for n in (*b["graphs"], b["weights"])}
     if manifest.get("conditioning"):

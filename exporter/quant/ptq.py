@@ -178,7 +178,8 @@ def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tupl
             excluded.append({"layer": name, "reason": reason})
             continue
         override = next((o for o in spec.precision if fnmatch.fnmatch(name, o.pattern)), None)
-        weights, activations = (override.weights, override.activations) if override else (spec.weights, spec.activations)
+        chosen = override or spec
+        weights, activations = chosen.weights, chosen.activations
         plan[name] = (get_format(weights), get_format(activations) if activations else None)
     return plan, excluded
 

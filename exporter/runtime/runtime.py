@@ -93,7 +93,8 @@ class Runtime:
         tt = float(t[0])
         group = self.groups.group_of(tt) if self.groups else 0
         inputs = self.adapter.named_inputs(x, t.to(torch.float32), cond)
-        env = {n: v.numpy().astype(self.dtypes.get(n, "float32"), copy=False) for n, v in inputs.items() if v is not None}
+        env = {n: v.numpy().astype(self.dtypes.get(n, "float32"), copy=False)
+               for n, v in inputs.items() if v is not None}
         full = step in plan.full_steps or plan.feature not in cache
         run = [b["name"] for b in self.blocks] if full else plan.shallow_blocks
         if not full:

@@ -57,7 +57,9 @@ def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_p
     calibrate("digits-unet", tmp_path, CalibrationSpec(trajectories=8, steps=10), progress=False)
     fp = outputs(load_model(reference.path("digits-unet")), 549)
     results = {}
-    for name, config in {"w8a8": QuantizationSpec.naive(), "w4a8": QuantizationSpec.naive("int4"), "w8a4": QuantizationSpec.naive("int8", "int4")}.items():
+    configs = {"w8a8": QuantizationSpec.naive(), "w4a8": QuantizationSpec.naive("int4"),
+               "w8a4": QuantizationSpec.naive("int8", "int4")}
+    for name, config in configs.items():
         loaded = load_model(reference.path("digits-unet"))
         quantize_model(loaded, config, tmp_path)
         results[name] = sqnr_db(fp, outputs(loaded, 549))

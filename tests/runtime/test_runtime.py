@@ -90,8 +90,8 @@ def test_each_step_uses_the_graph_of_its_timestep_group(tiny_unet_dir, tiny_unet
 
 
 def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
-    result = run_cli("-q", "run", unet_graphs, "--rows", "0,1", "--per-row", "2", "--steps", "4", "--cache-interval", "2",
-                     "--out", tmp_path / "o")
+    result = run_cli("-q", "run", unet_graphs, "--rows", "0,1", "--per-row", "2", "--steps", "4",
+                     "--cache-interval", "2", "--out", tmp_path / "o")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "o").glob("*_*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
     record = json.loads((tmp_path / "o" / "samples.json").read_text())
