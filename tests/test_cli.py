@@ -8,7 +8,7 @@ import pytest
 def test_help_lists_the_subcommands(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("sample", "calibrate", "eval", "pipeline"):
+    for command in ("sample", "calibrate", "export", "lint", "parity", "run", "bench", "eval", "pipeline"):
         assert command in result.stdout
 
 
