@@ -113,7 +113,8 @@ def cmd_export(args) -> None:
     quantization = recipe.quantization
     if quantization is not None and quantization.activations is not None and args.calib is None:
         raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
-    manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, progress=not args.quiet)
+    manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=args.dtype,
+                             progress=not args.quiet)
     graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
     groups = manifest["groups"]["ranges"] if manifest["groups"] else None
     print(f"exported {graphs} graphs of {len(manifest['blocks'])} blocks"
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     p.add_argument("--calib", type=Path, help="calibration folder (needed unless fp32 or weight-only)")
     add_recipe_options(p)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="type of the unquantized parts: fp16 for TensorRT, fp32 for ONNX Runtime on CPU "
+                   "(no bf16: ONNX Conv has no bfloat16 type)")
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 

@@ -73,9 +73,19 @@ def _trace(block, env) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
+# No bf16: ONNX's Conv has no bfloat16 type (onnx.checker rejects such a graph), so UNet graphs
+# cannot carry it in standard ONNX.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
 def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
-                  quantization: QuantizationSpec | None = None, progress: bool = True) -> dict:
-    """Export ``model`` (FP32, or quantized from ``calib`` with ``quantization``) into ``out``."""
+                  quantization: QuantizationSpec | None = None, dtype: str = "fp32", progress: bool = True) -> dict:
+    """Export ``model`` (FP32, or quantized from ``calib`` with ``quantization``) into ``out``.
+
+    ``dtype`` is the type of everything not quantized (activations between Q/DQ pairs, float
+    layers, scales): a strongly typed TensorRT network runs each layer in the type its graph
+    declares, so graphs for TensorRT carry fp16; ONNX Runtime on CPU runs the fp32 variant.
+    Calibration and quantized values are computed in fp32 either way."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -89,7 +99,12 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     groups = context.groups if context is not None else None
     blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
     conditioning = load_conditioning(loaded.default_conditioning, adapter)
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     env = example_tensors(loaded, blocks, conditioning)
+    if dtype != "fp32":
+        loaded.model.to(DTYPES[dtype])
+        env = {n: v.to(DTYPES[dtype]) if v.is_floating_point() else v for n, v in env.items()}
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -111,7 +126,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                 files.append(name)
                 bar.update(1)
             exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
-    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib)
+    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype)
     if out.exists():
         out.rmdir()
     partial.rename(out)

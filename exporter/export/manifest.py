@@ -58,7 +58,8 @@ def _compute_modules(block, model_names: dict[int, str]) -> dict[str, str]:
             or (isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and id(module) not in wrapped)}
 
 
-def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning, calib=None) -> dict:
+def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning, calib=None,
+                   dtype: str = "fp32") -> dict:
     import diffusers
     import onnx
     import torch
@@ -93,6 +94,7 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
         "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config,
                    "calibration": str(Path(calib).resolve()) if calib is not None else None},
         "quantization": summary and {k: summary[k] for k in ("spec", "excluded", "split_shortcut_layers", "groups")},
+        "dtype": dtype,
         "sample_shape": list(adapter.sample_shape),
         "scheduler_config": loaded.scheduler_config,
         "sampling_defaults": loaded.sampling_defaults,

@@ -46,7 +46,9 @@ class TorchBlockRunner(BaseRunner):
             self.context.t = self.t
         start = time.perf_counter()
         with torch.no_grad():
-            outputs = self.block(*(torch.from_numpy(np.asarray(feed_dict[i["name"]])) for i in self.input_info))
+            # the reference is the float32 model, whatever float type the graph's inputs are in
+            outputs = self.block(*(_float32(torch.from_numpy(np.asarray(feed_dict[i["name"]])))
+                                   for i in self.input_info))
         self.inference_time = time.perf_counter() - start  # polygraphy reports it per runner
         # contiguous copies: polygraphy views the arrays, and e.g. an unpatchified DiT output is strided
         names = self.block.outputs
@@ -56,3 +58,7 @@ class TorchBlockRunner(BaseRunner):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.is_floating_point() else x

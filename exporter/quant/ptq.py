@@ -70,6 +70,10 @@ class QuantLayer(torch.nn.Module):
             wq = fake_quant(w, scale, wfmt, axis=0)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_q", wq)
+        # the quantized values (integers, or FP8 values) as computed here in float32; a plain
+        # attribute, so exporting the model in FP16/BF16 (model.to(dtype)) cannot round them
+        self.weight_values = quantize(w.flatten(1) if self.block_size else w, scale, wfmt,
+                                      axis=1 if self.block_size else 0, block_size=self.block_size)
         self.register_buffer("act_scale", torch.zeros(0))
         self.mode = "float"  # "observe_t" | "observe_hist" | "quant"
         self.per_t: dict[float, list[float]] = {}  # t -> input |max| per part
@@ -94,9 +98,9 @@ class QuantLayer(torch.nn.Module):
                 raise UsageError(f"layer {self.name}: activation quantizer is uncalibrated (run quantize_model)")
             scales = self.act_scale[self.context.group]
             x = torch.cat([fake_quant(p, s, self.afmt) for p, s in zip(self.parts(x), scales)], dim=1)
-        return self._apply(x, self.weight_q if self.mode == "quant" else self.layer.weight, self.layer.bias)
+        return self._compute(x, self.weight_q if self.mode == "quant" else self.layer.weight, self.layer.bias)
 
-    def _apply(self, x, weight, bias):
+    def _compute(self, x, weight, bias):
         if isinstance(self.layer, torch.nn.Conv2d):
             return self.layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
@@ -109,20 +113,15 @@ class QuantLayer(torch.nn.Module):
         from exporter.quant.onnx_ops import INT4_MARK, storage_dtype
 
         mark = f"_{INT4_MARK}" if self.wfmt.name == "int4" else ""
-        w = self.layer.weight.detach()
-        if self.block_size:
-            q = quantize(w.flatten(1), self.weight_scale, self.wfmt, axis=1, block_size=self.block_size)
-        else:
-            q = quantize(w, self.weight_scale, self.wfmt, axis=0)
-        q = q.to(storage_dtype(self.wfmt))
+        q = self.weight_values.to(storage_dtype(self.wfmt))
         self._weight_names = []
         halves = self.split and not self.block_size  # per-channel scales hold for both halves
         for i, part in enumerate([q[:, : self.split], q[:, self.split :]] if halves else [q]):
             self._weight_names.append(f"onnx_weight{i}{mark}")
             self.register_buffer(self._weight_names[-1], part.contiguous())
         if self.afmt is not None:
-            for i, scale in enumerate(self.act_scale[group]):
-                self.register_buffer(f"onnx_act_scale{i}", scale.clone())
+            for i, scale in enumerate(self.act_scale[group]):  # in the graph's float type, like the weight scale
+                self.register_buffer(f"onnx_act_scale{i}", scale.clone().to(self.weight_scale.dtype))
             zmark = f"_{INT4_MARK}" if self.afmt.name == "int4" else ""
             self._zero_point_name = f"onnx_zero_point{zmark}"
             self.register_buffer(self._zero_point_name, torch.zeros((), dtype=storage_dtype(self.afmt)))
@@ -143,10 +142,10 @@ class QuantLayer(torch.nn.Module):
         else:
             weights = [DequantizeWeight.apply(getattr(self, n), self.weight_scale, 0, 0) for n in self._weight_names]
         if len(parts) == 1:
-            return self._apply(parts[0], weights[0], self.layer.bias)
+            return self._compute(parts[0], weights[0], self.layer.bias)
         # Split shortcut: two quantized convolutions summed, each input half with its own scale
         # (a Concat of two differently scaled Q/DQ tensors would leave the convolution in float).
-        return self._apply(parts[0], weights[0], self.layer.bias) + self._apply(parts[1], weights[1], None)
+        return self._compute(parts[0], weights[0], self.layer.bias) + self._compute(parts[1], weights[1], None)
 
 
 def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:

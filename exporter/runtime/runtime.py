@@ -109,7 +109,7 @@ class Runtime:
             self.seconds[block["name"]] = self.seconds.get(block["name"], 0.0) + time.perf_counter() - start
         if full and plan.feature is not None:
             cache[plan.feature] = env[plan.feature]
-        return self.adapter.postprocess(torch.from_numpy(env["noise_pred"]))
+        return self.adapter.postprocess(torch.from_numpy(env["noise_pred"]).float())  # fp16 graphs: back to fp32
 
     def generate(self, cond: str | Path | None = None, rows: list[int] | None = None, per_row: int = 8,
                  steps: int | None = None, scheduler: str | None = None, guidance: float | None = None,

@@ -127,3 +127,20 @@ def test_a_changed_missing_or_escaping_file_is_refused(tiny_unet_dir, tmp_path, 
         read_manifest(folder)
     result = run_cli("export", "--model", tiny_unet_dir, "--format", "fp32", "--out", folder)
     assert result.returncode == 2 and "exists and is not empty" in result.stderr
+
+
+def test_fp16_variant_differs_only_in_the_float_type(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    spec = QuantizationSpec(groups=1, split_shortcut=True)
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=spec,
+                             dtype="fp16", progress=False)
+    assert manifest["dtype"] == "fp16"
+    graph = onnx.load(str(tmp_path / "g" / "mid.onnx"), load_external_data=False).graph
+    assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT16}
+    types = {i.data_type for i in graph.initializer}
+    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.FLOAT not in types  # int8 weights, fp16 scales
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, spec, tiny_unet_calib)
+    env = reference_tensors(loaded)
+    half = {n: v.half() if v.is_floating_point() else v for n, v in env.items()}
+    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, half).items():
+        assert sqnr_db(env[name].numpy(), out.astype(np.float32)) > 30, name  # vs the float32 fake-quant model
