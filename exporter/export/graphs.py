@@ -89,6 +89,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
@@ -99,8 +101,6 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     groups = context.groups if context is not None else None
     blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
     conditioning = load_conditioning(loaded.default_conditioning, adapter)
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     env = example_tensors(loaded, blocks, conditioning)
     if dtype != "fp32":
         loaded.model.to(DTYPES[dtype])

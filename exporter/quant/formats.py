@@ -71,11 +71,16 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int |
     return torch.round(scaled).clamp(fmt.qmin, fmt.qmax)  # torch.round is half-to-even, like ONNX
 
 
+def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None,
+               block_size: int | None = None) -> torch.Tensor:
+    """DequantizeLinear of quantized values ``q`` (as float32), in float32."""
+    return q * _broadcast(scale.to(torch.float32), q, axis, block_size)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int | None = None,
                block_size: int | None = None) -> torch.Tensor:
     """QuantizeLinear followed by DequantizeLinear, in float32."""
-    s = _broadcast(scale.to(torch.float32), x, axis, block_size)
-    return quantize(x, scale, fmt, axis, block_size) * s
+    return dequantize(quantize(x, scale, fmt, axis, block_size), scale, axis, block_size)
 
 
 def block_amax(w: torch.Tensor, block_size: int, axis: int = 1) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter.errors import UsageError
-from exporter.quant.formats import QuantFormat, fake_quant, get_format, quantize, scale_from_amax
+from exporter.quant.formats import QuantFormat, dequantize, fake_quant, get_format, quantize, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
 from exporter.recipe import QuantizationSpec
@@ -59,21 +59,19 @@ class QuantLayer(torch.nn.Module):
         self.name, self.layer, self.context, self.split = name, layer, context, split
         self.wfmt, self.afmt = wfmt, afmt
         w = layer.weight.detach()
-        if wfmt.name == "int4":
+        if wfmt.name == "int4":  # blocks of input channels, over the flattened [out, in * kh * kw] weight
             self.block_size = min(spec.block_size, w.shape[1])
-            amax = weight_amax(w.flatten(1), wfmt, spec.weight_observer, block_size=self.block_size)
-            scale = scale_from_amax(amax, wfmt)
-            wq = fake_quant(w.flatten(1), scale, wfmt, axis=1, block_size=self.block_size).reshape(w.shape)
+            w, axis = w.flatten(1), 1
+            scale = scale_from_amax(weight_amax(w, wfmt, spec.weight_observer, block_size=self.block_size), wfmt)
         else:
-            self.block_size = None
+            self.block_size, axis = None, 0
             scale = scale_from_amax(weight_amax(w, wfmt, spec.weight_observer, axis=0), wfmt)
-            wq = fake_quant(w, scale, wfmt, axis=0)
+        # the quantized values (integers, or FP8 values) computed here in float32; a plain
+        # attribute, so exporting the model in FP16 (model.to(dtype)) cannot round them
+        self.weight_values = quantize(w, scale, wfmt, axis=axis, block_size=self.block_size)
+        wq = dequantize(self.weight_values, scale, axis=axis, block_size=self.block_size)
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_q", wq)
-        # the quantized values (integers, or FP8 values) as computed here in float32; a plain
-        # attribute, so exporting the model in FP16/BF16 (model.to(dtype)) cannot round them
-        self.weight_values = quantize(w.flatten(1) if self.block_size else w, scale, wfmt,
-                                      axis=1 if self.block_size else 0, block_size=self.block_size)
+        self.register_buffer("weight_q", wq.reshape(layer.weight.shape))
         self.register_buffer("act_scale", torch.zeros(0))
         self.mode = "float"  # "observe_t" | "observe_hist" | "quant"
         self.per_t: dict[float, list[float]] = {}  # t -> input |max| per part
