@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from exporter.export.manifest import read_manifest
+from exporter.export.manifest import node_scope, read_manifest
 
 COMPUTE = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Slice")  # weight layout ops between a weight DQ and its layer
@@ -44,16 +44,14 @@ class BlockReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _scope(node: onnx.NodeProto) -> str:
-    """``/layers.0/resnet/conv1/Conv`` -> ``layers.0.resnet.conv1`` (the module path in the block)."""
-    return ".".join(node.name.strip("/").split("/")[:-1])
-
-
 def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
     graph = onnx.load(str(path), load_external_data=False).graph
     report = BlockReport(block["name"], path.name)
     producer = {o: n for n in graph.node for o in n.output}
-    consumers = Counter(i for n in graph.node for i in n.input)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
     inits = {i.name: i for i in graph.initializer}
     excluded = {e["layer"]: e["reason"] for e in (manifest["quantization"] or {}).get("excluded", [])}
@@ -70,13 +68,13 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             if len(node.input) > 2 and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any():
                 report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
         if node.op_type == "QuantizeLinear":
-            users = [n for n in graph.node if node.output[0] in n.input]
+            users = consumers.get(node.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users):
                 report.violations.append(f"dangling: {node.name} does not feed a DequantizeLinear")
             scale = inits.get(node.input[1])
             if scale is not None and len(scale.dims) > 0:
                 report.violations.append(f"activation-scale: {node.name} quantizes an activation per channel")
-        if node.op_type == "DequantizeLinear" and not consumers[node.output[0]] and node.output[0] not in outputs:
+        if node.op_type == "DequantizeLinear" and not consumers.get(node.output[0]) and node.output[0] not in outputs:
             report.violations.append(f"dangling: {node.name}'s output is unused")
         if node.op_type not in COMPUTE:
             continue
@@ -86,7 +84,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
         if not weight_is_constant:  # activation x activation (attention scores, attention x values)
             report.attention_matmuls += 1
             continue
-        layer = block["modules"].get(_scope(node), _scope(node))
+        layer = block["modules"].get(node_scope(node), node_scope(node))
         if w_dq is not None:
             _check_weight_axis(node, w_dq, producer, inits, report, layer)
         if act_dq is not None and w_dq is not None:

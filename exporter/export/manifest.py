@@ -45,6 +45,12 @@ def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
     return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
+def node_scope(node) -> str:
+    """The module path inside a block graph that emitted an ONNX node (the keys of a block's
+    ``modules``): ``/layers.0/resnet/conv1/Conv`` -> ``layers.0.resnet.conv1``."""
+    return ".".join(node.name.strip("/").split("/")[:-1])
+
+
 def _compute_modules(block, model_names: dict[int, str]) -> dict[str, str]:
     """{module path inside the block graph (ONNX node scope): module name in the model} for every
     Conv2d/Linear, so graph nodes can be traced back to recipe layers (lint, parity)."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from exporter.errors import UsageError
-from exporter.export.manifest import read_manifest
+from exporter.export.manifest import node_scope, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     """Per-graph parity results, and the end-to-end comparison (None when skipped)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
 
     from exporter.models import load_model
     from exporter.parity.runners import TorchBlockRunner
@@ -100,8 +101,6 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from exporter.quant.timestep_groups import TimestepGroups
     from exporter.recipe import quantization_from_dict
     from exporter.runtime.backends import optimization_level
-
-    from polygraphy.logger import G_LOGGER
 
     if not log.isEnabledFor(logging.DEBUG):  # polygraphy's per-run INFO lines would drown the table
         G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -121,6 +120,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         raise UsageError(f"{folder}: the model's blocks no longer match the exported ones; re-export")
     per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
+    level = optimization_level(manifest)
     results = []
     for entry in manifest["blocks"]:
         for g, graph in enumerate(entry["graphs"]):
@@ -132,7 +132,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             feed = {i["name"]: env[i["name"]].astype(i["dtype"]) for i in entry["inputs"]}  # the graph's types
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             onnx_runner = OnnxrtRunner(SessionFromOnnx(str(folder / graph), providers=["CPUExecutionProvider"],
-                                                       graph_optimization_level=optimization_level(manifest)))
+                                                       graph_optimization_level=level))
             run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
             (torch_out,), (ort_out,) = run[0][1], run[1][1]
             atol = mean_error_tolerance(torch_out, threshold)
@@ -143,7 +143,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy))
             if not result.passed:
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold, optimization_level(manifest))
+                                                      threshold, level)
             if write_golden:
                 _write_golden(folder, graph, feed, run[0], atol)
             results.append(result)
@@ -167,10 +167,9 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
     model = onnx.load(str(graph_path))
     last_node_of = {}  # module path -> output of the last node in its scope
     for node in model.graph.node:
-        scope = ".".join(node.name.strip("/").split("/")[:-1])
         if node.output:
-            last_node_of[scope] = node.output[0]
-    order = list(dict.fromkeys(".".join(n.name.strip("/").split("/")[:-1]) for n in model.graph.node))
+            last_node_of[node_scope(node)] = node.output[0]
+    order = list(dict.fromkeys(node_scope(n) for n in model.graph.node))
     marked = modify_outputs(model, outputs=list(dict.fromkeys(last_node_of[p] for p in entry["modules"]
                                                               if p in last_node_of)))
     captured: dict = {}
