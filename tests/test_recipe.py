@@ -2,8 +2,18 @@
 
 import pytest
 
-from exporter.recipe import (FORMATS, RECIPES_DIR, Exclusion, PrecisionOverride, QuantizationSpec, RecipeError,
-                             bundled_recipe_path, load_recipe, recipe_from_dict, resolve_recipe)
+from exporter.recipe import (
+    FORMATS,
+    RECIPES_DIR,
+    Exclusion,
+    PrecisionOverride,
+    QuantizationSpec,
+    RecipeError,
+    bundled_recipe_path,
+    load_recipe,
+    recipe_from_dict,
+    resolve_recipe,
+)
 
 
 def test_quantization_section_builds_typed_objects():
@@ -61,7 +71,7 @@ def test_naive_is_the_baseline_and_the_defaults_are_not():
 
 
 @pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
-def test_reference_recipes_list_exactly_the_adapter_exclusions_and_fit_the_model(model):
+def test_reference_recipes_decide_every_adapter_exclusion_and_fit_the_model(model):
     from exporter import reference
     from exporter.models import load_model
     from exporter.quant.ptq import plan_layers
@@ -69,6 +79,12 @@ def test_reference_recipes_list_exactly_the_adapter_exclusions_and_fit_the_model
     loaded = load_model(reference.path(model))
     for fmt in FORMATS[1:]:
         spec = load_recipe(bundled_recipe_path(fmt, model)).quantization
-        assert [(e.pattern, e.reason) for e in spec.exclude] == list(loaded.adapter.default_exclusions)
         plan, excluded = plan_layers(loaded.model, loaded.adapter, spec)  # raises on a pattern matching nothing
         assert plan and excluded
+        # every layer the adapter keeps in float is either excluded with the adapter's reason or
+        # deliberately quantized weight-only by a precision override (measured in the recipe's comment)
+        listed = [(e.pattern, e.reason) for e in spec.exclude]
+        assert all(entry in loaded.adapter.default_exclusions for entry in listed)
+        defaults = {layer["layer"] for layer in plan_layers(loaded.model, loaded.adapter, QuantizationSpec())[1]}
+        for layer in defaults - {e["layer"] for e in excluded}:
+            assert plan[layer][1] is None, (fmt, layer)

@@ -106,6 +106,27 @@ def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
         np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
 
 
+def test_fp8_graphs_keep_float8_types_through_the_graph_passes(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    # regression: graphsurgeon folds an Identity of an FP8 zero point into a UINT8 constant, which
+    # turns FP8 activations into uint8 ones without any checker noticing
+    spec = QuantizationSpec(weights="fp8", activations="fp8", weight_observer="max", act_observer="max", groups=1)
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=spec,
+                             progress=False)
+    for block in manifest["blocks"]:
+        graph = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False).graph
+        types = {i.name: i.data_type for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "QuantizeLinear":
+                assert types[node.input[2]] == onnx.TensorProto.FLOAT8E4M3FN, (block["name"], node.name)
+            if node.op_type == "DequantizeLinear" and node.input[0] in types:
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT8E4M3FN, (block["name"], node.name)
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, spec, tiny_unet_calib)
+    env = reference_tensors(loaded)
+    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
+        assert sqnr_db(env[name].numpy(), out) > 40, name
+
+
 def test_a_changed_missing_or_escaping_file_is_refused(tiny_unet_dir, tmp_path, run_cli):
     folder = tmp_path / "g"
     export_graphs(str(tiny_unet_dir), folder, progress=False)
@@ -137,7 +158,9 @@ def test_fp16_variant_differs_only_in_the_float_type(tiny_unet_dir, tiny_unet_ca
     graph = onnx.load(str(tmp_path / "g" / "mid.onnx"), load_external_data=False).graph
     assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT16}
     types = {i.data_type for i in graph.initializer}
-    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.FLOAT not in types  # int8 weights, fp16 scales
+    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.FLOAT16 in types  # int8 weights, fp16 scales
+    # float32 remains only in folded shape arithmetic (the attention's 1/sqrt(head_dim)), never a tensor
+    assert all(np.prod(i.dims) <= 1 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, spec, tiny_unet_calib)
     env = reference_tensors(loaded)
