@@ -121,6 +121,18 @@ def cmd_export(args) -> None:
           + (f" ({len(groups)} timestep groups)" if groups else "") + f" into {args.out}")
 
 
+def cmd_build(args) -> None:
+    from exporter.build.engines import build_engines
+    from exporter.recipe import BuildSpec, load_recipe
+
+    spec = load_recipe(args.recipe).build if args.recipe else BuildSpec()
+    if args.timing_cache:
+        spec.timing_cache = str(args.timing_cache)
+    manifest = build_engines(args.graphs, args.out, spec, progress=not args.quiet)
+    print(f"built {sum(len(b['engines']) for b in manifest['blocks'])} engines into {args.out} "
+          f"(TensorRT {manifest['tensorrt']['version']}, {manifest['tensorrt']['gpu']})")
+
+
 def cmd_run(args) -> None:
     import time
 
@@ -164,7 +176,8 @@ def cmd_lint(args) -> int:
 def cmd_parity(args) -> int:
     from exporter.parity import check_parity, format_parity
 
-    results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only)
+    results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
+                                engines=args.engines)
     print(format_parity(results))
     if e2e is not None:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
@@ -238,8 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", parents=[common], help="denoise with exported graphs (ONNX Runtime), optional DeepCache")
+    p = sub.add_parser("build", parents=[common], help="TensorRT engines from exported graphs (needs a GPU)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
+    p.add_argument("--recipe", type=Path, help="recipe whose build: section sets profiles and flags")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file shared across builds")
+    p.add_argument("--out", type=Path, required=True, help="engines folder (must not exist or be empty)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", parents=[common],
+                       help="denoise with exported graphs (ONNX Runtime) or built engines (TensorRT), optional DeepCache")
+    p.add_argument("graphs", type=Path, help="folder written by exporter export or exporter build")
     add_sampling_options(p, model=False)
     p.add_argument("--cache-interval", type=int, default=1, help="DeepCache: a full step every N steps (1: off)")
     p.add_argument("--cache-branch", help="cached feature (default: the shallowest branch)")
@@ -259,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("parity", parents=[common], help="PyTorch vs ONNX Runtime per block and group (polygraphy)")
+    p = sub.add_parser("parity", parents=[common], help="PyTorch vs ONNX Runtime (and TensorRT) per block and group (polygraphy)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
+    p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("eval", parents=[common],

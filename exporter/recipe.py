@@ -109,13 +109,43 @@ class QuantizationSpec:
 
 
 @dataclass
+class BuildSpec:
+    """How ``exporter build`` turns graphs into TensorRT engines."""
+
+    images: list[int] = field(default_factory=lambda: [1, 4, 16])  # min, opt, max images per model call
+    cfg: bool = True  # classifier-free guidance runs batched: the engines see twice the images
+    latent: list[list[int]] | None = None  # [[h, w] min, [h, w] opt, [h, w] max]; None: the model's size only
+    optimization_level: int = 3  # TensorRT's builder optimization level (0-5; 3 is its default)
+    refittable: bool = False
+    weight_streaming: bool = False
+    fp8_fallback: str | None = None  # "int8": FP8 graphs become INT8 on GPUs without FP8; None: stop
+    timing_cache: str | None = None  # a timing cache file to reuse across builds; None: <engines>/timing.cache
+
+    def validate(self, where: str) -> None:
+        if len(self.images) != 3 or not 1 <= self.images[0] <= self.images[1] <= self.images[2]:
+            raise RecipeError(f"{where}.images must be [min, opt, max] with 1 <= min <= opt <= max")
+        if self.latent is not None:
+            if len(self.latent) != 3 or any(len(hw) != 2 or min(hw) < 1 for hw in self.latent):
+                raise RecipeError(f"{where}.latent must be [[h, w], [h, w], [h, w]] (min, opt, max)")
+            for axis in (0, 1):
+                if not self.latent[0][axis] <= self.latent[1][axis] <= self.latent[2][axis]:
+                    raise RecipeError(f"{where}.latent: min <= opt <= max must hold for height and width")
+        if not 0 <= self.optimization_level <= 5:
+            raise RecipeError(f"{where}.optimization_level must lie in [0, 5]")
+        if self.fp8_fallback not in (None, "int8"):
+            raise RecipeError(f"{where}.fp8_fallback: {self.fp8_fallback!r} is not int8 or null")
+
+
+@dataclass
 class Recipe:
     model: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     quantization: QuantizationSpec | None = field(default_factory=QuantizationSpec)  # None: unquantized
+    build: BuildSpec = field(default_factory=BuildSpec)
 
     def validate(self, where: str = "recipe") -> None:
         self.calibration.validate(f"{where}.calibration")
+        self.build.validate(f"{where}.build")
         if self.quantization is not None:
             self.quantization.validate(f"{where}.quantization")
 

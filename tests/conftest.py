@@ -114,3 +114,23 @@ def tiny_unet_calib(tiny_unet_dir, tmp_path_factory) -> Path:
     calibrate(str(tiny_unet_dir), out, CalibrationSpec(trajectories=4, steps=6, batch_trajectories=4, guidance=2.0),
               progress=False)
     return out
+
+
+def _gpu_missing() -> str | None:
+    """Why TensorRT tests cannot run here (None when they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install -e '.[trt]')"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_missing()
+    if reason is None:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))

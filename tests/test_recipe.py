@@ -88,3 +88,17 @@ def test_reference_recipes_decide_every_adapter_exclusion_and_fit_the_model(mode
         defaults = {layer["layer"] for layer in plan_layers(loaded.model, loaded.adapter, QuantizationSpec())[1]}
         for layer in defaults - {e["layer"] for e in excluded}:
             assert plan[layer][1] is None, (fmt, layer)
+
+
+def test_build_section_is_typed_and_checked():
+    from exporter.recipe import recipe_from_dict
+
+    spec = recipe_from_dict({"build": {"images": [1, 2, 8], "latent": [[8, 8], [16, 16], [32, 32]],
+                                       "fp8_fallback": "int8"}}).build
+    assert spec.images == [1, 2, 8] and spec.cfg and spec.fp8_fallback == "int8"
+    for bad, message in (({"images": [4, 2, 1]}, "build.images must be"),
+                         ({"latent": [[8, 8], [4, 4], [16, 16]]}, "min <= opt <= max"),
+                         ({"fp8_fallback": "fp16"}, "is not int8 or null"),
+                         ({"profile": 1}, r"unknown key\(s\) \['profile'\]")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict({"build": bad})

@@ -37,6 +37,7 @@ class BlockReport:
     block: str
     graph: str
     quantized: list[str] = field(default_factory=list)
+    quantized_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node name -> model layer
     weight_only: list[str] = field(default_factory=list)
     float_layers: dict[str, str] = field(default_factory=dict)  # layer -> reason
     attention_matmuls: int = 0
@@ -89,6 +90,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             _check_weight_axis(node, w_dq, producer, inits, report, layer)
         if act_dq is not None and w_dq is not None:
             report.quantized.append(layer)
+            report.quantized_nodes[node.name] = layer
         elif w_dq is not None and quantized.get(layer, [None, None])[1] is None:
             report.weight_only.append(layer)
         elif act_dq is not None or w_dq is not None:

@@ -42,7 +42,10 @@ def sha256_file(path: Path) -> str:
 
 def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
     shape = [axes.get(i, int(d)) for i, d in enumerate(tensor.shape)]
-    return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
+    # the traced sizes: how each dynamic dimension scales with the batch and the latent size
+    # (TensorRT optimization profiles are computed from them)
+    return {"name": name, "shape": shape, "trace_shape": [int(d) for d in tensor.shape],
+            "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
 def node_scope(node) -> str:
@@ -125,7 +128,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The verified manifest of a graphs folder (every file present and matching its sha256)."""
+    """The verified manifest of a graphs or engines folder (every file present and matching its sha256)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -138,7 +141,10 @@ def read_manifest(folder: str | Path) -> dict:
     if schema != SCHEMA:
         raise ManifestError(f"{path}: unknown manifest schema {schema!r} (this exporter reads schema {SCHEMA})")
     files = manifest.get("files", {})
-    referenced = {n for b in manifest["blocks"] for n in (*b["graphs"], b["weights"])}
+    if manifest.get("kind") == "tensorrt":  # an engines folder (exporter build): plans, not graphs
+        referenced = {n for b in manifest["blocks"] for n in b["engines"]}
+    else:
+        referenced = {n for b in manifest["blocks"] for n in (*b["graphs"], b["weights"])}
     if manifest.get("conditioning"):
         referenced.add(manifest["conditioning"])
     for name in sorted(referenced - set(files)):

@@ -9,7 +9,11 @@ implies; a Q/DQ graph legitimately differs from PyTorch by one quantization step
 rounding upstream flips a rounding decision, so max-error checks would flag isolated elements);
 the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
 bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
-hooks the modules) and the first layer below the threshold is named.
+hooks the modules) and the first layer below the threshold is named, next to PyTorch's own
+sensitivity: the SQNR of PyTorch against itself on inputs perturbed by a few float32 ulps, which
+tells a block that is numerically that sensitive (quantizer rounding flips cascading) from a graph
+that computes something else. With ``engines`` (an ``exporter build`` folder, GPU machines), each
+graph's TensorRT engine joins the same polygraphy comparison as a third runner.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
 polygraphy RunResults), a data-loader script and the command that repeats the check without
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 # 66 dB per operation) bounds the unquantized ones and flips more rounding decisions in Q/DQ ones.
 THRESHOLD_DB = {("fp32", False): 80.0, ("fp32", True): 40.0, ("fp16", False): 60.0, ("fp16", True): 30.0}
 SAMPLES = 8  # inputs per graph (a batch of 8)
+# Relative input noise of the sensitivity probe: a few float32 ulps, the size of the differences
+# between two correct implementations of the layers upstream.
+SENSITIVITY_NOISE = 1e-6
 
 
 @dataclass
@@ -48,10 +55,16 @@ class GraphParity:
     threshold: float
     polygraphy_passed: bool
     first_diverging_layer: str | None = None
+    # PyTorch against itself with its inputs perturbed by SENSITIVITY_NOISE (relative): how far
+    # float-level differences alone move this block's output (computed for failing graphs)
+    self_sqnr: float | None = None
+    engine: str | None = None  # with --engines: the TensorRT engine built from this graph
+    engine_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs TensorRT
 
     @property
     def passed(self) -> bool:
-        return all(sqnr >= self.threshold for sqnr, _ in self.outputs.values())
+        compared = list(self.outputs.values()) + list((self.engine_outputs or {}).values())
+        return all(sqnr >= self.threshold for sqnr, _ in compared)
 
 
 def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
@@ -88,9 +101,35 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of) -> dic
     return per_group
 
 
+def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
+    """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``."""
+    if engines is None:
+        return {}
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    from exporter.build.gating import check_engines_compatible
+    from exporter.build.tensorrt import device_info
+
+    engine_manifest = read_manifest(engines)
+    if engine_manifest.get("kind") != "tensorrt":
+        raise UsageError(f"{engines} is not an engines folder (exporter build writes one)")
+    check_engines_compatible(engine_manifest, device_info())
+    runners = {}
+    for block in engine_manifest["blocks"]:
+        for plan, source in block["source_graphs"].items():
+            if manifest["files"].get(source["graph"]) != source["sha256"]:
+                raise UsageError(f"{engines / plan} was built from another {source['graph']} than the one in "
+                                 f"{folder}; rebuild the engines or pass their graphs folder")
+            runners[source["graph"]] = (plan, TrtRunner(EngineFromPath(str(engines / plan))))
+    return runners
+
+
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
-                 end_to_end_check: bool = True) -> tuple[list[GraphParity], dict | None]:
-    """Per-graph parity results, and the end-to-end comparison (None when skipped)."""
+                 end_to_end_check: bool = True, engines: str | Path | None = None
+                 ) -> tuple[list[GraphParity], dict | None]:
+    """Per-graph parity results, and the end-to-end comparison (None when skipped). With
+    ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
+    runs in the same polygraphy comparison and is held to the same threshold."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -106,6 +145,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         G_LOGGER.module_severity = G_LOGGER.WARNING
     folder = Path(folder)
     manifest = read_manifest(folder)
+    trt_runners = _engine_runners(Path(engines) if engines else None, folder, manifest)  # checked before work
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
@@ -133,17 +173,24 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             onnx_runner = OnnxrtRunner(SessionFromOnnx(str(folder / graph), providers=["CPUExecutionProvider"],
                                                        graph_optimization_level=level))
-            run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
+            plan, trt_runner = trt_runners.get(graph, (None, None))
+            run = Comparator.run([torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []),
+                                 data_loader=[feed])
             (torch_out,), (ort_out,) = run[0][1], run[1][1]
             atol = mean_error_tolerance(torch_out, threshold)
             accuracy = Comparator.compare_accuracy(run, compare_func=SimpleCompareFunc(
                 atol=atol, rtol=0.0, check_error_stat="mean"))
             outputs = {n: (sqnr_db(torch_out[n], ort_out[n]), float(np.abs(torch_out[n] - ort_out[n]).max()))
-                       for n in torch_out.keys()}
-            result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy))
+                       for n in torch_out}
+            result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy), engine=plan)
+            if trt_runner is not None:
+                (trt_out,) = run[2][1]
+                result.engine_outputs = {n: (sqnr_db(torch_out[n], trt_out[n]),
+                                             float(np.abs(torch_out[n] - trt_out[n]).max())) for n in torch_out}
             if not result.passed:
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
                                                       threshold, level)
+                result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
                 _write_golden(folder, graph, feed, run[0], atol)
             results.append(result)
@@ -183,6 +230,26 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
             if sqnr_db(captured[path], ort_out[last_node_of[path]]) < threshold:
                 return entry["modules"][path]
     return None
+
+
+def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
+    """Worst output SQNR of PyTorch against itself on inputs times (1 + N(0, SENSITIVITY_NOISE))
+    (FP16 inputs: their machine epsilon).
+
+    Quantized blocks are discontinuous: a rounding decision that flips moves a value by a whole
+    step, and downstream quantizers can flip in turn. When this number is near or below the
+    threshold, the block is that sensitive by itself, and a failing ONNX Runtime comparison says so
+    rather than that the graph computes something else."""
+    rng = np.random.default_rng(0)
+
+    def perturb(v):  # FP16 inputs: noise of their own resolution, or it would round away
+        noise = max(SENSITIVITY_NOISE, float(np.finfo(v.dtype).eps))
+        return (v * (1 + noise * rng.standard_normal(v.shape))).astype(v.dtype)
+
+    noisy = {n: perturb(v) if np.issubdtype(v.dtype, np.floating) else v for n, v in feed.items()}
+    with torch_runner:
+        perturbed = torch_runner.infer(noisy)
+    return min(sqnr_db(torch_out[n], perturbed[n]) for n in torch_out)
 
 
 def mean_error_tolerance(golden: dict, threshold_db: float) -> float:
@@ -252,9 +319,14 @@ def format_parity(results: list[GraphParity]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, (sqnr, max_abs) in r.outputs.items():
-            verdict = "ok" if r.passed else f"FAIL (first diverging layer: {r.first_diverging_layer})"
+            verdict = "ok" if r.passed else (f"FAIL (first diverging layer: {r.first_diverging_layer}; "
+                                             f"PyTorch vs itself under float-level input noise: "
+                                             f"{r.self_sqnr:.1f} dB)")
             lines.append(f"| {r.block} | {r.graph} | {name} | {sqnr:.1f} dB | {max_abs:.2e} | {r.threshold:.0f} dB "
                          f"| {'pass' if r.polygraphy_passed else 'fail'} | {verdict} |")
+        for name, (sqnr, max_abs) in (r.engine_outputs or {}).items():
+            lines.append(f"| {r.block} | {r.engine} (TensorRT) | {name} | {sqnr:.1f} dB | {max_abs:.2e} | "
+                         f"{r.threshold:.0f} dB | — | {'ok' if sqnr >= r.threshold else 'FAIL'} |")
     failed = [r.graph for r in results if not r.passed]
     worst = min((s for r in results for s, _ in r.outputs.values()), default=float("nan"))
     lines.append(f"{len(results)} graph(s) checked, worst SQNR {worst:.1f} dB; "

@@ -1,5 +1,6 @@
-"""Backends run one graph (or engine) on named numpy tensors. ONNX Runtime is the default; the
-TensorRT backend joins behind the same two methods."""
+"""Backends run one graph (or engine) on named numpy tensors: ONNX Runtime for graphs folders,
+TensorRT (``exporter.build.tensorrt.TensorRTBackend``) for engines folders, behind the same
+``run(file, feeds, outputs)``."""
 
 from __future__ import annotations
 
@@ -61,4 +62,16 @@ def _cuda_device_present() -> bool:
     return torch.cuda.is_available()
 
 
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
+def tensorrt_backend(folder: Path, manifest: dict, threads: int | None = None):
+    """The TensorRT backend (``exporter.build.tensorrt``), imported only when asked for."""
+    from exporter.build.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(folder, manifest, threads=threads)
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": tensorrt_backend}
+
+
+def default_backend(manifest: dict) -> str:
+    """Engines folders run on TensorRT, graphs folders on ONNX Runtime."""
+    return "tensorrt" if manifest.get("kind") == "tensorrt" else "onnxruntime"

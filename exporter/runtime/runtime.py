@@ -12,6 +12,7 @@ the kept feature. The shallowest branch (the default) skips the most.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from exporter.errors import UsageError
 from exporter.export.manifest import read_manifest
 from exporter.models import adapter_for, load_conditioning
 from exporter.quant.timestep_groups import TimestepGroups
-from exporter.runtime.backends import BACKENDS
+from exporter.runtime.backends import BACKENDS, default_backend
 from exporter.sampling.loop import SampleSettings, generate
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,14 @@ class CachePlan:
 
 
 class Runtime:
-    def __init__(self, folder: Path, manifest: dict, backend: str = "onnxruntime", threads: int | None = None):
+    def __init__(self, folder: Path, manifest: dict, backend: str | None = None, threads: int | None = None):
         self.folder, self.manifest = folder, manifest
+        backend = backend or default_backend(manifest)
+        if manifest.get("kind") == "tensorrt" and backend != "tensorrt":
+            raise UsageError(f"{folder} holds TensorRT engines; run its graphs folder "
+                             f"({manifest['source']['graphs']}) for ONNX Runtime")
+        if backend == "tensorrt" and manifest.get("kind") != "tensorrt":
+            raise UsageError(f"{folder} holds ONNX graphs; build engines first: exporter build {folder} --out DIR")
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         self.backend = BACKENDS[backend](folder, manifest, threads=threads)
@@ -65,7 +72,8 @@ class Runtime:
         self.seconds: dict[str, float] = {}  # time spent per block, for benchmarks
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> Runtime:
+    def load(cls, folder: str | Path, backend: str | None = None, threads: int | None = None) -> Runtime:
+        """A graphs folder (ONNX Runtime) or an engines folder (TensorRT), from its manifest."""
         folder = Path(folder)
         return cls(folder, read_manifest(folder), backend, threads)
 
@@ -102,7 +110,8 @@ class Runtime:
         for block in self.blocks:
             if block["name"] not in run:
                 continue
-            graph = block["graphs"][group if len(block["graphs"]) > 1 else 0]
+            files = block.get("engines") or block["graphs"]  # engines folder: .plan files
+            graph = files[group if len(files) > 1 else 0]
             names = [o["name"] for o in block["outputs"]]
             start = time.perf_counter()
             env.update(zip(names, self.backend.run(graph, self._feeds(block, env), names)))
@@ -124,6 +133,9 @@ class Runtime:
             rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)), per_row=per_row,
             steps=steps or defaults["steps"], scheduler=scheduler or defaults["scheduler"],
             guidance=guidance if guidance is not None else defaults["guidance"], seed=seed, batch_size=batch_size)
+        if self.manifest.get("kind") == "tensorrt":  # stay inside the engines' optimization profile
+            settings = dataclasses.replace(settings, batch_size=min(settings.batch_size,
+                                                                    self.manifest["tensorrt"]["images"][2]))
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
         cache: dict = {}
 

@@ -63,3 +63,26 @@ def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graph
     assert result.returncode == 1
     assert "VIOLATION mid.onnx: zero-point" in result.stdout
     assert "VIOLATION down1.onnx: one-sided: down_blocks.1.resnets.0.conv1" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
+def test_every_bundled_recipe_exports_graphs_tensorrt_accepts(model, tmp_path):
+    """What `exporter build` receives for the reference models follows TensorRT's Q/DQ rules: every
+    bundled format, and the FP16 variant TensorRT builds from. (A short calibration: the structure
+    of the graphs does not depend on how long one calibrates.)"""
+    from exporter.calibrate import calibrate
+    from exporter.recipe import FORMATS, CalibrationSpec, bundled_recipe_path, load_recipe
+
+    calib = tmp_path / "calib"
+    calibrate(model, calib, CalibrationSpec(trajectories=2, steps=3, batch_trajectories=2), progress=False)
+    variants = [(fmt, "fp32") for fmt in FORMATS[1:]] + [("int8", "fp16")]
+    for fmt, dtype in variants:
+        spec = load_recipe(bundled_recipe_path(fmt, model)).quantization
+        folder = tmp_path / f"{fmt}-{dtype}"
+        manifest = export_graphs(model, folder, calib=calib, quantization=spec, dtype=dtype, progress=False)
+        reports = lint_folder(folder)
+        assert not [v for r in reports for v in r.violations], (fmt, dtype)
+        quantized = {layer for b in manifest["blocks"] for layer in b["quantized_layers"]}
+        counted = {layer for r in reports for layer in (*r.quantized, *r.weight_only)}
+        assert counted == quantized, (fmt, dtype)  # every quantized layer recognised as such in its graph

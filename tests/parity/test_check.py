@@ -45,5 +45,7 @@ def test_a_wrong_weight_scale_fails_and_is_traced_to_its_layer(tiny_unet_dir, ti
     failed = [r for r in results if not r.passed]
     assert [r.graph for r in failed] == ["mid.onnx"]
     assert failed[0].first_diverging_layer == "mid_block.resnets.1.conv2"
+    # a real error: PyTorch itself is far steadier under float-level input noise than the threshold
+    assert failed[0].self_sqnr > failed[0].threshold + 20
     result = run_cli("-q", "parity", folder, "--blocks-only")
     assert result.returncode == 1 and "first diverging layer: mid_block.resnets.1.conv2" in result.stdout

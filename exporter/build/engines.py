@@ -1,0 +1,127 @@
+"""``exporter build``: one TensorRT engine per exported graph, plus ``manifest.json``.
+
+Order matters for users: the machine is checked first (TensorRT importable, a CUDA GPU, FP8 /
+INT4 support), so a missing piece stops the command at once and no ``engines/`` folder appears.
+Engines are written into ``OUT.partial`` and renamed at the end. All TensorRT calls go through
+``exporter.build.tensorrt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from exporter.build.gating import plan_build
+from exporter.build.precision import check_precision, format_precision
+from exporter.build.profiles import batch_sizes, block_profiles, latent_sizes
+from exporter.errors import UsageError
+from exporter.export.manifest import CONDITIONING, MANIFEST, read_manifest, sha256_file
+from exporter.fileio import atomic_write_json
+from exporter.recipe import BuildSpec
+
+log = logging.getLogger(__name__)
+
+PRECISION_REPORT = "precision.json"
+TIMING_CACHE = "timing.cache"
+
+
+def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = None,
+                  progress: bool = True) -> dict:
+    """Build every graph of ``graphs`` into ``out``; returns the engine manifest."""
+    from tqdm.auto import tqdm
+
+    from exporter.build import tensorrt
+    from exporter.export.lint import lint_graph
+
+    spec = spec or BuildSpec()
+    graphs, out = Path(graphs), Path(out)
+    manifest = read_manifest(graphs)
+    if manifest.get("kind") != "onnx":
+        raise UsageError(f"{graphs} is not an exported graphs folder (manifest kind {manifest.get('kind')!r})")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
+    device = tensorrt.device_info()  # fails fast, before anything is written
+    fallback = plan_build(manifest, spec, device)
+    profiles = block_profiles(manifest, spec)
+    timing_cache = Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fp8-as-int8-") as converted:
+            source = graphs
+            if fallback is not None:
+                from exporter.build.fallback import convert_folder
+
+                log.warning("%s: building FP8 graphs as INT8", fallback["reason"])
+                source = Path(converted)
+                convert_folder(graphs, manifest, source)
+            cache = partial / TIMING_CACHE if spec.timing_cache is None else timing_cache
+            engines, precision, seconds = {}, [], {}
+            n_graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
+            with tqdm(total=n_graphs, desc="building", unit="engine", disable=not progress or None) as bar:
+                for block in manifest["blocks"]:
+                    quantized = block["quantized_layers"]
+                    for graph in block["graphs"]:
+                        plan = graph.removesuffix(".onnx") + ".plan"
+                        began = time.perf_counter()
+                        layers = tensorrt.build_engine(source / graph, partial / plan, profiles[block["name"]],
+                                                       spec, cache)
+                        seconds[plan] = round(time.perf_counter() - began, 1)
+                        log.info("built %s in %.1fs", plan, seconds[plan])
+                        nodes = lint_graph(source / graph, block, manifest).quantized_nodes
+                        fmt = "int8" if fallback else None
+                        precision += check_precision(graph, {n: (layer, fmt or quantized[layer][1])
+                                                             for n, layer in nodes.items()}, layers)
+                        engines.setdefault(block["name"], []).append(plan)
+                        bar.update(1)
+        engine_manifest = _engine_manifest(graphs, manifest, partial, engines, profiles, spec, device, fallback,
+                                           seconds, timing_cache)
+        atomic_write_json(partial / PRECISION_REPORT, [r.__dict__ for r in precision])
+        atomic_write_json(partial / MANIFEST, engine_manifest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    log.info("built %d engines into %s in %.1fs", n_graphs, out, time.perf_counter() - start)
+    print(format_precision(precision))
+    return engine_manifest
+
+
+def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, profiles: dict, spec: BuildSpec,
+                     device, fallback, seconds: dict, timing_cache: Path) -> dict:
+    """The graphs' manifest (blocks, I/O, groups, cache topology: all the runtime needs), plus the
+    engines, where and how they were built, and the graph each came from."""
+    if manifest.get("conditioning"):
+        shutil.copyfile(graphs / manifest["conditioning"], folder / CONDITIONING)
+    blocks = []
+    for block in manifest["blocks"]:
+        plans = engines[block["name"]]
+        blocks.append({**block, "engines": plans,
+                       "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[block["name"]].items()},
+                       "source_graphs": {plan: {"graph": graph, "sha256": manifest["files"][graph]}
+                                         for plan, graph in zip(plans, block["graphs"])}})
+    quantized_formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair if f}
+    return {
+        **manifest,
+        "kind": "tensorrt",
+        "source": {**manifest["source"], "graphs": str(graphs.resolve())},
+        "blocks": blocks,
+        "tensorrt": {**device.to_dict(), "version": device.tensorrt,
+                     "precision": sorted({"int8"} | quantized_formats - {"fp8"}) if fallback else sorted(quantized_formats),
+                     "float_type": manifest.get("dtype", "fp32"), "fallback": fallback,
+                     "images": spec.images, "cfg": spec.cfg, "batch": batch_sizes(spec),
+                     "latent": [list(hw) for hw in latent_sizes(manifest, spec)],
+                     "flags": {"strongly_typed": True, "optimization_level": spec.optimization_level,
+                               "refittable": spec.refittable, "weight_streaming": spec.weight_streaming},
+                     "timing_cache": str(timing_cache), "build_seconds": seconds},
+        "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                  if p.name not in (MANIFEST, TIMING_CACHE, PRECISION_REPORT)},
+    }

@@ -1,0 +1,73 @@
+"""What this GPU and TensorRT can build and run, decided before any build or load.
+
+Plain logic over a ``DeviceInfo`` (what ``exporter.build.tensorrt.device_info`` reports) and the
+manifests, so every decision is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from exporter.errors import ExporterError
+from exporter.recipe import BuildSpec
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards have FP8 tensor cores; TensorRT refuses FP8 below
+INT4_MIN_TENSORRT = (10, 0)  # INT4 block-quantized weight-only GEMMs arrived with TensorRT 10.0
+
+
+class BuildError(ExporterError):
+    """Engines cannot be built or loaded here; the message says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    tensorrt: str  # version, e.g. "10.13.0.35"
+    gpu: str  # device name
+    compute_capability: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "compute_capability": list(self.compute_capability)}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def formats_used(manifest: dict) -> set[str]:
+    return {f for block in manifest["blocks"] for pair in block["quantized_layers"].values() for f in pair if f}
+
+
+def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | None:
+    """None when the graphs build as they are; a fallback record when FP8 must become INT8 (and the
+    recipe allows it). Raises BuildError when this GPU / TensorRT cannot build them."""
+    formats = formats_used(manifest)
+    if "int4" in formats and version_tuple(device.tensorrt) < INT4_MIN_TENSORRT:
+        raise BuildError(f"the graphs hold INT4 blocked weights, which need TensorRT >= "
+                         f"{'.'.join(map(str, INT4_MIN_TENSORRT))}; this machine has TensorRT {device.tensorrt}. "
+                         "Upgrade TensorRT or re-export with --format int8")
+    if "fp8" in formats and tuple(device.compute_capability) < FP8_MIN_CAPABILITY:
+        cc = ".".join(map(str, device.compute_capability))
+        reason = (f"FP8 needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}; "
+                  f"{device.gpu} has {cc}")
+        if spec.fp8_fallback != "int8":
+            raise BuildError(f"{reason}. Re-export with --format int8, or allow the fallback with "
+                             "'build: {fp8_fallback: int8}' in the recipe (FP8 scales and weights are converted "
+                             "to INT8 and the engine manifest records it)")
+        return {"from": "fp8", "to": "int8", "reason": reason}
+    return None
+
+
+def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
+    """Engines are tied to the TensorRT version and GPU architecture that built them; refuse others
+    with the way out, rather than fail inside deserialization."""
+    built = manifest["tensorrt"]
+    problems = []
+    if version_tuple(built["version"]) != version_tuple(device.tensorrt):
+        problems.append(f"built with TensorRT {built['version']}, this machine has {device.tensorrt}")
+    if tuple(built["compute_capability"]) != tuple(device.compute_capability):
+        problems.append(f"built for compute capability {'.'.join(map(str, built['compute_capability']))} "
+                        f"({built['gpu']}), this GPU ({device.gpu}) is "
+                        f"{'.'.join(map(str, device.compute_capability))}")
+    if problems:
+        raise BuildError("these engines cannot run here: " + "; ".join(problems) + ". TensorRT engines are not "
+                         f"portable: rebuild them here with 'exporter build {manifest['source']['graphs']} --out DIR'")

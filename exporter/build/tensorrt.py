@@ -1,0 +1,167 @@
+"""The one module that touches TensorRT and CUDA: device query, engine build (through polygraphy's
+loaders), the engine inspector, and the runtime backend that runs engines.
+
+``tensorrt`` is imported inside functions only, so ``import exporter`` and every CPU path work
+without it. Written against TensorRT 10+ (strongly typed networks, ``execute_async_v3``,
+user-managed device memory); the GPU tests in ``tests/build`` exercise it where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible
+from exporter.recipe import BuildSpec
+
+log = logging.getLogger(__name__)
+
+
+def device_info() -> DeviceInfo:
+    """TensorRT's version and the GPU's name and compute capability; BuildError naming whatever is
+    missing (no partial work is done before this check)."""
+    import torch
+
+    missing = []
+    try:
+        import tensorrt as trt
+    except ImportError:
+        trt = None
+        missing.append("TensorRT (pip install -e '.[trt]', on a machine with an NVIDIA driver)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False; a CUDA build of PyTorch is needed too)")
+    if missing:
+        raise BuildError("TensorRT engines are built and run on an NVIDIA GPU; this machine lacks "
+                         + " and ".join(missing) + ". ONNX Runtime runs the graphs here: exporter run GRAPHS")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return DeviceInfo(trt.__version__, props.name, (props.major, props.minor))
+
+
+def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...]]], spec: BuildSpec,
+                 timing_cache: Path) -> list[dict]:
+    """Build one engine from one graph and save it; returns the engine's layer information.
+
+    Strongly typed: the graph's Q/DQ and float types decide each layer's precision (no precision
+    flags). ``timing_cache`` is read if present and written back, so all engines of a run (and
+    later runs) share tactic timings."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
+    shapes = Profile()
+    for name, (smallest, optimal, largest) in profile.items():
+        shapes.add(name, min=smallest, opt=optimal, max=largest)
+    config = CreateConfig(profiles=[shapes], builder_optimization_level=spec.optimization_level,
+                          load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+                          refittable=spec.refittable or None, weight_streaming=spec.weight_streaming or None,
+                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)  # the inspector needs it
+    engine = engine_from_network(network_from_onnx_path(str(graph), strongly_typed=True), config=config,
+                                 save_timing_cache=str(timing_cache))
+    save_engine(engine, str(plan))
+    return layer_information(engine)
+
+
+def layer_information(engine) -> list[dict]:
+    import tensorrt as trt
+
+    inspector = engine.create_engine_inspector()
+    return [json.loads(inspector.get_layer_information(i, trt.LayerInformationFormat.JSON))
+            for i in range(engine.num_layers)]
+
+
+def _torch_dtype(trt_dtype):
+    import tensorrt as trt
+    import torch
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}
+    return table[trt_dtype]
+
+
+class TensorRTBackend:
+    """Runs ``.plan`` engines, one at a time, on one CUDA stream.
+
+    Every execution context is created with user-managed device memory and pointed at one shared
+    scratch buffer, sized for the largest engine opened so far: the blocks of a denoising step run
+    one after another, so their activations never need to coexist. Input shapes are set per call
+    and checked against the engine's profile. With ``cuda_graphs``, each (engine, input shapes)
+    is captured once and replayed (fixed shapes only pay the launch cost once)."""
+
+    name = "tensorrt"
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None, cuda_graphs: bool = False):
+        check_engines_compatible(manifest, device_info())  # refuse foreign engines before touching them
+        import tensorrt as trt
+        import torch
+
+        self.trt, self.torch = trt, torch
+        self.folder = Path(folder)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.stream = torch.cuda.Stream()
+        self.engines: dict[str, object] = {}
+        self.contexts: dict[str, object] = {}
+        self.scratch = None
+        self.cuda_graphs = cuda_graphs
+        self.captured: dict[tuple, tuple] = {}  # (plan, shapes) -> (graph, static inputs, static outputs)
+
+    def _open(self, plan: str):
+        if plan not in self.contexts:
+            engine = self.runtime.deserialize_cuda_engine((self.folder / plan).read_bytes())
+            if engine is None:
+                raise BuildError(f"{self.folder / plan}: TensorRT could not deserialize this engine; rebuild it")
+            context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            self.engines[plan], self.contexts[plan] = engine, context
+            size = engine.device_memory_size_v2
+            if self.scratch is None or self.scratch.numel() < size:
+                self.scratch = self.torch.empty(max(size, 1), dtype=self.torch.uint8, device="cuda")
+                self.captured.clear()  # captured graphs point at the old buffer
+                for other in self.contexts.values():  # every context moves to the larger buffer
+                    other.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            else:
+                context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        return self.engines[plan], self.contexts[plan]
+
+    def _bind(self, plan: str, engine, context, inputs: dict) -> dict:
+        """Set shapes and addresses; returns freshly allocated outputs {name: tensor}."""
+        for name, tensor in inputs.items():
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise BuildError(f"{plan}: input {name} of shape {tuple(tensor.shape)} lies outside the engine's "
+                                 f"profile (min, opt, max = {engine.get_tensor_profile_shape(name, 0)}); rebuild with "
+                                 "a wider build.images / build.latent in the recipe")
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) == self.trt.TensorIOMode.OUTPUT:
+                outputs[name] = self.torch.empty(tuple(context.get_tensor_shape(name)),
+                                                 dtype=_torch_dtype(engine.get_tensor_dtype(name)), device="cuda")
+                context.set_tensor_address(name, outputs[name].data_ptr())
+        return outputs
+
+    def run(self, plan: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        torch = self.torch
+        engine, context = self._open(plan)
+        key = (plan, tuple((n, v.shape) for n, v in sorted(feeds.items())))
+        with torch.cuda.stream(self.stream):
+            if key in self.captured:
+                graph, static_in, static_out = self.captured[key]
+                for name, array in feeds.items():
+                    static_in[name].copy_(torch.from_numpy(np.ascontiguousarray(array)), non_blocking=True)
+                graph.replay()
+                results = static_out
+            else:
+                inputs = {n: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", non_blocking=True)
+                          for n, a in feeds.items()}
+                results = self._bind(plan, engine, context, inputs)
+                if not context.execute_async_v3(self.stream.cuda_stream):
+                    raise BuildError(f"{plan}: TensorRT execution failed (see the TensorRT log above)")
+                if self.cuda_graphs:  # after one ordinary run, as TensorRT requires before capture
+                    self.stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        context.execute_async_v3(self.stream.cuda_stream)
+                    self.captured[key] = (graph, inputs, results)
+        self.stream.synchronize()
+        return [results[name].cpu().numpy() for name in outputs]

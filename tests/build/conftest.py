@@ -1,0 +1,57 @@
+"""Tiny exported graphs for the build tests, and the TensorRT boundary replaced (CPU machines)."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.build.gating import DeviceInfo
+from exporter.export import export_graphs
+from exporter.recipe import QuantizationSpec
+
+L4 = DeviceInfo("10.13.0.35", "NVIDIA L4", (8, 9))  # FP8-capable
+A10 = DeviceInfo("10.13.0.35", "NVIDIA A10", (8, 6))  # no FP8
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "graphs"
+    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "graphs"
+    spec = QuantizationSpec(weights="fp8", activations="fp8", weight_observer="max", act_observer="max", groups=1)
+    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=spec, progress=False)
+    return out
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """Replace exactly the TensorRT boundary (``exporter.build.tensorrt``'s device query and engine
+    build): the fake engine is the graph's bytes, and its layer information says every quantized
+    node ran in INT8 except the ones listed in ``fallen_back``."""
+    from exporter.build import tensorrt
+
+    calls = {"device": L4, "built": [], "fallen_back": set()}
+
+    def build_engine(graph, plan, profile, spec, timing_cache):
+        import onnx
+
+        model = onnx.load(str(graph), load_external_data=False)
+        calls["built"].append({"graph": graph, "profile": profile, "model": model})
+        plan.write_bytes(b"fake plan of " + graph.name.encode())
+        timing_cache.write_bytes(b"timings")
+        layers = []
+        for node in model.graph.node:
+            if node.op_type in ("Conv", "MatMul", "Gemm"):
+                dtype = "Float" if node.name in calls["fallen_back"] else "Int8"
+                layers.append({"Name": node.name, "LayerType": "CaskConvolution",
+                               "Inputs": [{"Name": node.input[0], "Format/Datatype": f"{dtype} NC/32HW32"}]})
+        return layers
+
+    monkeypatch.setattr(tensorrt, "device_info", lambda: calls["device"])
+    monkeypatch.setattr(tensorrt, "build_engine", build_engine)
+    return calls

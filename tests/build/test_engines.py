@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from exporter.build.engines import build_engines
+from exporter.build.gating import BuildError
+from exporter.export import read_manifest
+from exporter.export.manifest import ManifestError
+from exporter.recipe import BuildSpec
+from exporter.runtime import Runtime
+
+from .conftest import A10, L4
+
+
+def test_build_writes_one_engine_per_graph_and_a_manifest_the_runtime_can_check(tiny_int8_graphs, fake_tensorrt,
+                                                                                 tmp_path):
+    graphs = read_manifest(tiny_int8_graphs)
+    quantized_node = next(n.name for n in onnx.load(str(tiny_int8_graphs / "mid.g1.onnx"),
+                                                    load_external_data=False).graph.node if n.op_type == "Conv")
+    fake_tensorrt["fallen_back"].add(quantized_node)
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4]), progress=False)
+
+    assert read_manifest(tmp_path / "e") == manifest  # every plan present and matching its sha256
+    assert manifest["kind"] == "tensorrt" and manifest["tensorrt"]["gpu"] == "NVIDIA L4"
+    assert manifest["tensorrt"]["flags"]["strongly_typed"] and manifest["tensorrt"]["batch"] == [2, 4, 8]
+    for block, source in zip(manifest["blocks"], graphs["blocks"]):
+        assert block["engines"] == [g.replace(".onnx", ".plan") for g in source["graphs"]]
+        for origin in block["source_graphs"].values():
+            assert origin["sha256"] == graphs["files"][origin["graph"]]
+        assert block["profile"]["skip0" if "skip0" in block["profile"] else next(iter(block["profile"]))]
+    assert len(fake_tensorrt["built"]) == sum(len(b["graphs"]) for b in graphs["blocks"])
+    assert (tmp_path / "e" / "timing.cache").is_file()  # one cache, shared by every build
+    report = json.loads((tmp_path / "e" / "precision.json").read_text())
+    fell_back = [r for r in report if r["status"] == "fell back"]
+    assert {r["node"] for r in fell_back} == {quantized_node} and "mid.g1.onnx" in {r["graph"] for r in fell_back}
+    assert all(r["status"] == "ok" for r in report if r["node"] != quantized_node)
+
+    (tmp_path / "e" / "mid.g0.plan").write_bytes(b"swapped")
+    with pytest.raises(ManifestError, match="mid.g0.plan: sha256 mismatch"):
+        read_manifest(tmp_path / "e")
+
+
+def test_engines_from_another_gpu_are_refused_before_loading(tiny_int8_graphs, fake_tensorrt, tmp_path):
+    build_engines(tiny_int8_graphs, tmp_path / "e", progress=False)
+    fake_tensorrt["device"] = A10
+    with pytest.raises(BuildError, match="rebuild them here with 'exporter build"):
+        Runtime.load(tmp_path / "e")
+    with pytest.raises(Exception, match="holds TensorRT engines"):
+        Runtime.load(tmp_path / "e", backend="onnxruntime")
+    with pytest.raises(Exception, match="build engines first"):
+        Runtime.load(tiny_int8_graphs, backend="tensorrt")
+
+
+def test_fp8_graphs_stop_without_output_or_fall_back_to_int8_when_the_recipe_allows(tiny_fp8_graphs, fake_tensorrt,
+                                                                                   tmp_path):
+    fake_tensorrt["device"] = A10
+    with pytest.raises(BuildError, match="FP8 needs compute capability >= 8.9"):
+        build_engines(tiny_fp8_graphs, tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+    assert not fake_tensorrt["built"]
+
+    manifest = build_engines(tiny_fp8_graphs, tmp_path / "e", BuildSpec(fp8_fallback="int8"), progress=False)
+    assert manifest["tensorrt"]["fallback"]["to"] == "int8" and manifest["tensorrt"]["precision"] == ["int8"]
+    types = {i.data_type for b in fake_tensorrt["built"] for i in b["model"].graph.initializer}
+    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.FLOAT8E4M3FN not in types
+    fake_tensorrt["device"] = L4
+    built = len(fake_tensorrt["built"])
+    build_engines(tiny_fp8_graphs, tmp_path / "e2", BuildSpec(fp8_fallback="int8"), progress=False)
+    fp8_types = {i.data_type for b in fake_tensorrt["built"][built:] for i in b["model"].graph.initializer}
+    assert onnx.TensorProto.FLOAT8E4M3FN in fp8_types  # no fallback where FP8 runs
+
+
+def test_a_failing_build_leaves_no_partial_folder(tiny_int8_graphs, fake_tensorrt, monkeypatch, tmp_path):
+    from exporter.build import tensorrt
+
+    def broken(graph, plan, *args):
+        plan.write_bytes(b"half")
+        raise BuildError(f"TensorRT could not build {graph.name}")
+
+    monkeypatch.setattr(tensorrt, "build_engine", broken)
+    with pytest.raises(BuildError, match="could not build"):
+        build_engines(tiny_int8_graphs, tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
+def test_build_without_gpu_fails_fast_with_what_is_missing(tiny_int8_graphs, run_cli, tmp_path):
+    result = run_cli("build", tiny_int8_graphs, "--out", tmp_path / "engines")
+    assert result.returncode == 2
+    assert "error: TensorRT engines are built and run on an NVIDIA GPU; this machine lacks" in result.stderr
+    assert "a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "engines").exists() and not (tmp_path / "engines.partial").exists()
+
+
+def test_the_cpu_path_never_imports_tensorrt():
+    code = ("import sys, exporter, exporter.cli, exporter.build.engines, exporter.runtime, exporter.parity\n"
+            "assert 'tensorrt' not in sys.modules, 'tensorrt imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

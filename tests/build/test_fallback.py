@@ -1,0 +1,44 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from exporter.build.fallback import convert_folder
+from exporter.export import read_manifest
+from exporter.export.lint import lint_graph
+
+
+def run(path, feed, basic=False):
+    options = ort.SessionOptions()
+    if basic:  # FP8 graphs run at ONNX Runtime's basic level (exporter.runtime.backends.optimization_level)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_fp8_graphs_become_lint_clean_int8_graphs_computing_nearly_the_same(tiny_fp8_graphs, tmp_path):
+    manifest = read_manifest(tiny_fp8_graphs)
+    convert_folder(tiny_fp8_graphs, manifest, tmp_path / "int8")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for block in manifest["blocks"]:
+        graph = block["graphs"][0]
+        model = onnx.load(str(tmp_path / "int8" / graph), load_external_data=False)
+        types = {i.data_type for i in model.graph.initializer}
+        assert onnx.TensorProto.FLOAT8E4M3FN not in types, graph
+        report = lint_graph(tmp_path / "int8" / graph, block, manifest)
+        assert not report.violations, report.violations
+        if not block["quantized_layers"]:
+            continue
+        assert onnx.TensorProto.INT8 in types and len(report.quantized) == len(block["quantized_layers"])
+        feed = {}
+        for tensor in block["inputs"]:
+            shape = [2 if isinstance(d, str) and d == "batch" else d if isinstance(d, int) else t
+                     for d, t in zip(tensor["shape"], tensor["trace_shape"])]
+            feed[tensor["name"]] = (rng.standard_normal(shape) * (100 if tensor["name"] == "timestep" else 1)
+                                    ).astype(tensor["dtype"])
+        fp8 = run(tiny_fp8_graphs / graph, feed, basic=True)
+        int8 = run(tmp_path / "int8" / graph, feed)
+        for a, b in zip(fp8, int8):  # two approximations of one float block: close, not equal
+            sqnr = 10 * np.log10(np.mean(a.astype(np.float64) ** 2) / np.mean((a - b) ** 2))
+            assert 20 < sqnr < 80, (graph, sqnr)
+        checked += 1
+    assert checked >= 3

@@ -1,0 +1,35 @@
+import pytest
+
+from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible, plan_build
+from exporter.recipe import BuildSpec
+
+
+def manifest_with(*formats):
+    return {"blocks": [{"quantized_layers": {f"layer{i}": [f, f if f != "int4" else None]
+                                             for i, f in enumerate(formats)}}]}
+
+
+def test_fp8_needs_compute_capability_8_9_or_an_allowed_fallback():
+    ada, ampere = DeviceInfo("10.8.0", "NVIDIA L4", (8, 9)), DeviceInfo("10.8.0", "NVIDIA A100", (8, 0))
+    assert plan_build(manifest_with("fp8"), BuildSpec(), ada) is None
+    assert plan_build(manifest_with("int8"), BuildSpec(), ampere) is None
+    with pytest.raises(BuildError, match=r"compute capability >= 8.9; NVIDIA A100 has 8.0.*fp8_fallback: int8"):
+        plan_build(manifest_with("fp8"), BuildSpec(), ampere)
+    record = plan_build(manifest_with("fp8"), BuildSpec(fp8_fallback="int8"), ampere)
+    assert record["from"] == "fp8" and record["to"] == "int8" and "A100" in record["reason"]
+
+
+def test_int4_needs_tensorrt_10():
+    with pytest.raises(BuildError, match=r"TensorRT >= 10.0; this machine has TensorRT 9.3.0"):
+        plan_build(manifest_with("int4"), BuildSpec(), DeviceInfo("9.3.0", "NVIDIA L4", (8, 9)))
+    assert plan_build(manifest_with("int4"), BuildSpec(), DeviceInfo("10.0.1.6", "NVIDIA L4", (8, 9))) is None
+
+
+def test_engines_from_another_tensorrt_or_gpu_are_refused_with_the_rebuild_command():
+    manifest = {"tensorrt": {"version": "10.8.0.43", "gpu": "NVIDIA L4", "compute_capability": [8, 9]},
+                "source": {"graphs": "/runs/graphs/x"}}
+    check_engines_compatible(manifest, DeviceInfo("10.8.0.43", "NVIDIA L4", (8, 9)))
+    with pytest.raises(BuildError, match=r"TensorRT 10.8.0.43, this machine has 10.9.0.34.*exporter build /runs/graphs/x"):
+        check_engines_compatible(manifest, DeviceInfo("10.9.0.34", "NVIDIA L4", (8, 9)))
+    with pytest.raises(BuildError, match=r"compute capability 8.9 \(NVIDIA L4\), this GPU \(NVIDIA H100\) is 9.0"):
+        check_engines_compatible(manifest, DeviceInfo("10.8.0.43", "NVIDIA H100", (9, 0)))

@@ -1,0 +1,91 @@
+"""On a GPU machine with TensorRT: real builds of the tiny graphs, run and compared with ONNX Runtime.
+Skipped elsewhere (tests/conftest.py gives the reason)."""
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.build.engines import build_engines
+from exporter.build.gating import BuildError
+from exporter.recipe import BuildSpec
+from exporter.runtime import Runtime
+
+pytestmark = pytest.mark.gpu
+
+
+def sqnr_db(ref, x):
+    return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / max(np.mean((ref - x) ** 2), 1e-30)))
+
+
+def random_feed(block, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for tensor in block["inputs"]:
+        shape = [batch if d == "batch" else d if isinstance(d, int) else t
+                 for d, t in zip(tensor["shape"], tensor["trace_shape"])]
+        scale = 500.0 if tensor["name"] == "timestep" else 1.0
+        feed[tensor["name"]] = (rng.random(shape) * scale if scale > 1 else rng.standard_normal(shape)).astype(
+            tensor["dtype"])
+    return feed
+
+
+def test_tiny_int8_engines_match_onnx_runtime_per_block_and_end_to_end(tiny_int8_graphs, tmp_path):
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4]), progress=False)
+    engines, graphs = Runtime.load(tmp_path / "e"), Runtime.load(tiny_int8_graphs)
+    assert engines.backend.name == "tensorrt"
+    for block in manifest["blocks"]:
+        feed = random_feed(block)
+        outputs = [o["name"] for o in block["outputs"]]
+        for plan, graph in zip(block["engines"], block["graphs"]):
+            for trt_out, ort_out in zip(engines.backend.run(plan, feed, outputs),
+                                        graphs.backend.run(graph, feed, outputs)):
+                assert sqnr_db(ort_out, trt_out) > 30, (plan, sqnr_db(ort_out, trt_out))
+    a = engines.generate(rows=[0, 1], per_row=2, steps=6, progress=False)
+    b = graphs.generate(rows=[0, 1], per_row=2, steps=6, progress=False)
+    for key in a:
+        assert sqnr_db(b[key].numpy(), a[key].numpy()) > 25, key
+
+
+def test_an_input_outside_the_profile_is_a_clear_error(tiny_int8_graphs, tmp_path):
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 1, 2]), progress=False)
+    runtime = Runtime.load(tmp_path / "e")
+    block = manifest["blocks"][0]
+    with pytest.raises(BuildError, match="outside the engine's profile"):
+        runtime.backend.run(block["engines"][0], random_feed(block, batch=16), [o["name"] for o in block["outputs"]])
+
+
+def test_cuda_graph_replay_gives_the_same_outputs(tiny_int8_graphs, tmp_path):
+    from exporter.build.tensorrt import TensorRTBackend
+    from exporter.export import read_manifest
+
+    build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4]), progress=False)
+    manifest = read_manifest(tmp_path / "e")
+    plain = TensorRTBackend(tmp_path / "e", manifest)
+    graphs = TensorRTBackend(tmp_path / "e", manifest, cuda_graphs=True)
+    block = manifest["blocks"][1]
+    outputs = [o["name"] for o in block["outputs"]]
+    for seed in range(3):  # capture on the first call, replay on the next ones with new inputs
+        feed = random_feed(block, seed=seed)
+        for x, y in zip(plain.run(block["engines"][0], feed, outputs), graphs.run(block["engines"][0], feed, outputs)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_fp8_builds_only_where_the_gpu_has_fp8(tiny_fp8_graphs, tmp_path):
+    if torch.cuda.get_device_capability() >= (8, 9):
+        manifest = build_engines(tiny_fp8_graphs, tmp_path / "e", progress=False)
+        assert manifest["tensorrt"]["precision"] == ["fp8"] and manifest["tensorrt"]["fallback"] is None
+    else:
+        with pytest.raises(BuildError, match="FP8 needs compute capability"):
+            build_engines(tiny_fp8_graphs, tmp_path / "e", progress=False)
+        manifest = build_engines(tiny_fp8_graphs, tmp_path / "e", BuildSpec(fp8_fallback="int8"), progress=False)
+        assert manifest["tensorrt"]["fallback"]["to"] == "int8"
+
+
+def test_parity_runs_tensorrt_next_to_onnx_runtime(tiny_int8_graphs, tiny_unet_calib, tmp_path):
+    from exporter.parity import check_parity
+
+    build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 4, 8]), progress=False)
+    results, _ = check_parity(tiny_int8_graphs, calib=tiny_unet_calib, write_golden=False, end_to_end_check=False,
+                              engines=tmp_path / "e")
+    assert all(r.engine_outputs for r in results)
+    assert min(s for r in results for s, _ in r.engine_outputs.values()) > 30
