@@ -113,15 +113,21 @@ class TensorRTBackend:
                 raise BuildError(f"{self.folder / plan}: TensorRT could not deserialize this engine; rebuild it")
             context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             self.engines[plan], self.contexts[plan] = engine, context
-            size = engine.device_memory_size_v2
+            size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size  # 10.1+ / 10.0
             if self.scratch is None or self.scratch.numel() < size:
                 self.scratch = self.torch.empty(max(size, 1), dtype=self.torch.uint8, device="cuda")
                 self.captured.clear()  # captured graphs point at the old buffer
                 for other in self.contexts.values():  # every context moves to the larger buffer
-                    other.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+                    self._point_at_scratch(other)
             else:
-                context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+                self._point_at_scratch(context)
         return self.engines[plan], self.contexts[plan]
+
+    def _point_at_scratch(self, context) -> None:
+        if hasattr(context, "set_device_memory"):  # TensorRT 10.1+
+            context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        else:
+            context.device_memory = self.scratch.data_ptr()
 
     def _bind(self, plan: str, engine, context, inputs: dict) -> dict:
         """Set shapes and addresses; returns freshly allocated outputs {name: tensor}."""
