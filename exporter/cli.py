@@ -72,13 +72,18 @@ def cmd_sample(args) -> None:
     from exporter.sampling.pytorch import sample_pytorch
 
     quantization = None
-    if args.calib is not None or args.recipe is not None or args.format is not None:
+    if args.finetuned is not None:  # the model, calibration and recipe the run was made from
+        from exporter.finetune import finetuned_source
+
+        model, args.calib, quantization = finetuned_source(args.finetuned)
+        args.model = args.model or model
+    elif args.calib is not None or args.recipe is not None or args.format is not None:
         fmt = args.format or ("int8" if args.recipe is None else None)
         quantization = resolve_recipe(args.recipe, fmt, args.model).quantization
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
     record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
-                            **sampling_kwargs(args))
+                            finetuned=args.finetuned, **sampling_kwargs(args))
     print(f"wrote {record['precision']} images to {args.out}")
 
 
@@ -102,10 +107,36 @@ def cmd_calibrate(args) -> None:
           f"timesteps into {args.out}")
 
 
+def cmd_finetune(args) -> None:
+    from exporter.finetune import finetune
+    from exporter.recipe import FinetuneSpec, resolve_recipe
+
+    recipe = resolve_recipe(args.recipe, args.format, args.model)
+    model = args.model or recipe.model
+    if model is None:
+        raise UsageError("no model: pass --model or set 'model' in the recipe")
+    if recipe.quantization is None:
+        raise UsageError("finetuning needs a quantized recipe (a format other than fp32)")
+    spec = recipe.finetune or FinetuneSpec()
+    record = finetune(model, args.calib, recipe.quantization, spec, args.out, progress=not args.quiet)
+    print(f"finetuned {spec.method} ({spec.trajectories} trajectories x {spec.steps} steps) in {record['seconds']} s; "
+          f"loss {record['losses'][0]:.3g} -> {record['losses'][-1]:.3g}; export with: exporter export "
+          f"--finetuned {args.out} --out GRAPHS")
+
+
 def cmd_export(args) -> None:
     from exporter.export import export_graphs
     from exporter.recipe import resolve_recipe
 
+    if args.finetuned is not None:  # the model, calibration and recipe the run was made from
+        from exporter.finetune import finetuned_source
+
+        model, args.calib, quantization = finetuned_source(args.finetuned)
+        model = args.model or model
+        manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=args.dtype,
+                                 progress=not args.quiet, finetuned=args.finetuned)
+        print(f"exported {sum(len(b['graphs']) for b in manifest['blocks'])} graphs of the finetuned model into {args.out}")
+        return
     recipe = resolve_recipe(args.recipe, args.format, args.model)
     model = args.model or recipe.model
     if model is None:
@@ -230,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="fake-quantize with --recipe or --format (default: int8) from "
                    "this calibration folder (not needed for w4a16)")
     add_recipe_options(p)
+    p.add_argument("--finetuned", type=Path, help="an exporter finetune folder: its PTQ + finetuned model")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_sample)
 
@@ -248,8 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
                    help="type of the unquantized parts: fp16 for TensorRT, fp32 for ONNX Runtime on CPU "
                    "(no bf16: ONNX Conv has no bfloat16 type)")
+    p.add_argument("--finetuned", type=Path, help="an exporter finetune folder (brings its model, calibration, recipe)")
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", parents=[common],
+                       help="EfficientDM-style finetuning of the PTQ model (QALoRA + temporal LSQ, data-free)")
+    p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
+    p.add_argument("--calib", type=Path, required=True, help="calibration folder (PTQ starting point)")
+    add_recipe_options(p)
+    p.add_argument("--out", type=Path, required=True, help="finetune folder (rerun the same command to resume)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("build", parents=[common], help="TensorRT engines from exported graphs (needs a GPU)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")

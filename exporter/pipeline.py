@@ -1,9 +1,10 @@
 """``exporter pipeline``: every stage, end to end, for one model and one recipe.
 
-calibrate -> quantize + export (and the FP32 baseline export) -> lint -> parity -> run -> eval.
-Layout of ``ROOT``::
+calibrate -> [finetune, when the recipe has a finetune: section] -> quantize + export (and the
+FP32 baseline export) -> lint -> parity -> run -> eval. Layout of ``ROOT``::
 
     ROOT/calib/                    calibration data (not for fp32 or weight-only formats)
+    ROOT/finetune/                 the finetune run (finetune.safetensors, finetune.json)
     ROOT/graphs/fp32/, ROOT/graphs/<format>/     exported graphs + manifest.json (+ parity/)
     ROOT/images/pytorch-fp32/      the reference: FP32 PyTorch, same seeds
     ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cache3)
@@ -64,12 +65,25 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
         calibrate(model, calib, recipe.calibration, progress=progress)
         summary["stages"]["calibrate"] = round(time.perf_counter() - t, 1)
 
+    finetuned = None
+    if recipe.finetune is not None:
+        from exporter.finetune import finetune
+
+        if calib is None:
+            raise UsageError("finetuning needs calibration data: give the recipe quantized activations")
+        t = _stage("finetune")
+        finetuned = root / "finetune"
+        record = finetune(model, calib, quantization, recipe.finetune, finetuned, progress=progress)
+        summary["finetune"] = {"seconds": record["seconds"], "losses": record["losses"]}
+        summary["stages"]["finetune"] = round(time.perf_counter() - t, 1)
+
     t = _stage("export")
     graphs = {"fp32": root / "graphs" / "fp32"}
     export_graphs(model, graphs["fp32"], progress=progress)
     if quantization is not None:
         graphs[name] = root / "graphs" / name
-        export_graphs(model, graphs[name], calib=calib, quantization=quantization, progress=progress)
+        export_graphs(model, graphs[name], calib=calib, quantization=quantization, progress=progress,
+                      finetuned=finetuned)
     summary["stages"]["export"] = round(time.perf_counter() - t, 1)
     summary["graph_bytes"] = {k: sum(f.stat().st_size for f in g.iterdir() if f.is_file()) for k, g in graphs.items()}
 

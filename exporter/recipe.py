@@ -109,6 +109,32 @@ class QuantizationSpec:
 
 
 @dataclass
+class FinetuneSpec:
+    """EfficientDM-style finetuning after PTQ (``exporter finetune``): data-free distillation from
+    the FP32 model along its own DDIM trajectories, one optimizer step per denoising step."""
+
+    method: str = "qalora"  # qalora: LoRA + activation steps train; qat: every weight + steps (baseline)
+    rank: int = 8  # LoRA rank
+    trajectories: int = 64  # images whose FP32 trajectories are distilled (each with its CFG twin)
+    batch: int = 8  # trajectories per optimizer step
+    steps: int = 20  # DDIM steps per trajectory
+    guidance: float = 1.5
+    lr: float = 2e-4  # LoRA (or QAT weight) learning rate, scaled per layer by its weight step size
+    scale_lr: float = 2e-4  # activation step sizes, learned as log(step) (relative updates)
+    seed: int = 2000
+    checkpoint_every: int = 1  # save (and allow resuming) every N trajectory batches
+
+    def validate(self, where: str) -> None:
+        if self.method not in ("qalora", "qat"):
+            raise RecipeError(f"{where}.method: {self.method!r} is not qalora or qat")
+        for name in ("rank", "trajectories", "batch", "steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{where}.{name} must be >= 1")
+        if self.lr <= 0 or self.scale_lr < 0:
+            raise RecipeError(f"{where}: lr must be > 0 and scale_lr >= 0")
+
+
+@dataclass
 class BuildSpec:
     """How ``exporter build`` turns graphs into TensorRT engines."""
 
@@ -141,10 +167,15 @@ class Recipe:
     model: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     quantization: QuantizationSpec | None = field(default_factory=QuantizationSpec)  # None: unquantized
+    finetune: FinetuneSpec | None = None  # None: PTQ only
     build: BuildSpec = field(default_factory=BuildSpec)
 
     def validate(self, where: str = "recipe") -> None:
         self.calibration.validate(f"{where}.calibration")
+        if self.finetune is not None:
+            if self.quantization is None:
+                raise RecipeError(f"{where}.finetune needs a quantization section (it finetunes a quantized model)")
+            self.finetune.validate(f"{where}.finetune")
         self.build.validate(f"{where}.build")
         if self.quantization is not None:
             self.quantization.validate(f"{where}.quantization")

@@ -102,3 +102,16 @@ def test_build_section_is_typed_and_checked():
                          ({"profile": 1}, r"unknown key\(s\) \['profile'\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"build": bad})
+
+
+def test_finetune_section_is_typed_checked_and_needs_quantization():
+    from exporter.recipe import recipe_from_dict
+
+    spec = recipe_from_dict({"finetune": {"rank": 4, "trajectories": 16}}).finetune
+    assert spec.method == "qalora" and spec.rank == 4 and spec.batch == 8
+    assert recipe_from_dict({}).finetune is None  # PTQ only unless asked
+    for bad, message in (({"finetune": {"method": "lora"}}, "is not qalora or qat"),
+                         ({"finetune": {"rank": 0}}, "rank must be >= 1"),
+                         ({"quantization": None, "finetune": {}}, "needs a quantization section")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict(bad)

@@ -79,13 +79,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
-                  quantization: QuantizationSpec | None = None, dtype: str = "fp32", progress: bool = True) -> dict:
+                  quantization: QuantizationSpec | None = None, dtype: str = "fp32", progress: bool = True,
+                  finetuned: str | Path | None = None) -> dict:
     """Export ``model`` (FP32, or quantized from ``calib`` with ``quantization``) into ``out``.
 
     ``dtype`` is the type of everything not quantized (activations between Q/DQ pairs, float
     layers, scales): a strongly typed TensorRT network runs each layer in the type its graph
     declares, so graphs for TensorRT carry fp16; ONNX Runtime on CPU runs the fp32 variant.
-    Calibration and quantized values are computed in fp32 either way."""
+    Calibration and quantized values are computed in fp32 either way. ``finetuned`` (an
+    ``exporter finetune`` folder) is merged into the PTQ model before tracing."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -97,6 +99,10 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     loaded = load_model(resolve(model))
     adapter = loaded.adapter
     summary = quantize_model(loaded, quantization, calib) if quantization is not None else None
+    if finetuned is not None:
+        from exporter.finetune import apply_finetune
+
+        apply_finetune(loaded, finetuned)
     context = getattr(loaded.model, "_exporter_context", None)
     groups = context.groups if context is not None else None
     blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
@@ -126,7 +132,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                 files.append(name)
                 bar.update(1)
             exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
-    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype)
+    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype, finetuned)
     if out.exists():
         out.rmdir()
     partial.rename(out)

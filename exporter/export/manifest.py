@@ -68,7 +68,7 @@ def _compute_modules(block, model_names: dict[int, str]) -> dict[str, str]:
 
 
 def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditioning, calib=None,
-                   dtype: str = "fp32") -> dict:
+                   dtype: str = "fp32", finetuned=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -101,7 +101,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
         "schema": SCHEMA,
         "kind": "onnx",
         "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config,
-                   "calibration": str(Path(calib).resolve()) if calib is not None else None},
+                   "calibration": str(Path(calib).resolve()) if calib is not None else None,
+                   "finetuned": str(Path(finetuned).resolve()) if finetuned is not None else None},
         "quantization": summary and {k: summary[k] for k in ("spec", "excluded", "split_shortcut_layers", "groups")},
         "dtype": dtype,
         "sample_shape": list(adapter.sample_shape),

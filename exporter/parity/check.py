@@ -152,6 +152,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     quantization = manifest["quantization"]
     if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
         quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"), calib)
+        if manifest["source"].get("finetuned"):
+            from exporter.finetune import apply_finetune
+
+            apply_finetune(loaded, manifest["source"]["finetuned"])
     context = getattr(loaded.model, "_exporter_context", None)
     groups = TimestepGroups.from_dict(manifest["groups"]) if manifest["groups"] else None
     group_of = groups.group_of if groups else (lambda t: 0)

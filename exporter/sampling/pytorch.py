@@ -37,17 +37,22 @@ def sample_pytorch(
     progress: bool = True,
     calib: str | Path | None = None,
     quantization: QuantizationSpec | None = None,
+    finetuned: str | Path | None = None,
 ) -> dict:
     """Sample images with the PyTorch model into ``out``; returns the run record (also saved as
     ``out/samples.json``). Unset options come from the model directory's ``sampling.json``, then
     from built-in defaults; all rows of the conditioning file are used when ``rows`` is None.
     With ``quantization`` the model is fake-quantized first (PTQ from the calibration folder ``calib``;
-    weight-only formats need none)."""
+    weight-only formats need none), and with ``finetuned`` an ``exporter finetune`` run merged in."""
     start = time.perf_counter()
     loaded = load_model(resolve(model))
     quant_summary = None
     if quantization is not None:
         quant_summary = quantize_model(loaded, quantization, calib)
+    if finetuned is not None:
+        from exporter.finetune import apply_finetune
+
+        apply_finetune(loaded, finetuned)
     cond_path = Path(cond) if cond is not None else loaded.default_conditioning
     conditioning = load_conditioning(cond_path, loaded.adapter)
     defaults = {**BUILTIN_DEFAULTS, **loaded.sampling_defaults}
@@ -78,6 +83,7 @@ def sample_pytorch(
         "conditioning": str(cond_path) if cond_path else None,
         "precision": _precision(quantization),
         "calibration": str(calib) if calib is not None else None,
+        "finetuned": str(finetuned) if finetuned is not None else None,
         "backend": "pytorch",
         "rows": list(settings.rows),
         "per_row": settings.per_row,

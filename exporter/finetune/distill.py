@@ -1,0 +1,214 @@
+"""``exporter finetune``: data-free distillation of a PTQ'd model from its own FP32 model.
+
+The FP32 model (the teacher) samples DDIM trajectories from random noise and random conditioning
+rows (no dataset). At every denoising step, the quantized model (the student: PTQ from the
+calibration folder, then ``TrainableQuantLayer`` wrappers) predicts noise on the teacher's
+input (both CFG halves), its MSE to the teacher's prediction is one optimizer step (EfficientDM).
+Only the adapters (or, for the QAT baseline, the weights) and the activation steps train; the
+learning rate of each layer's adapter is scaled by its weight step size (EfficientDM's
+scale-aware rates).
+
+The output folder holds ``finetune.safetensors`` (trainable tensors and Adam state, written
+atomically every ``checkpoint_every`` trajectory batches: rerunning the same command resumes)
+and ``finetune.json`` (what was finetuned from what, the loss curve, the wall time).
+``apply_finetune`` merges a finished run into a freshly PTQ'd model, which then samples, exports
+and checks parity exactly like a PTQ model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from exporter.errors import ExporterError, UsageError
+from exporter.fileio import atomic_write_json
+from exporter.finetune.trainable import TrainableQuantLayer
+from exporter.quant.ptq import QuantLayer, _replace
+from exporter.recipe import FinetuneSpec, QuantizationSpec, quantization_from_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "finetune.safetensors"
+RECORD = "finetune.json"
+
+
+class FinetuneError(ExporterError):
+    """A finetune folder that does not fit the model, calibration or quantization it is used with."""
+
+
+def wrap(model: torch.nn.Module, spec: FinetuneSpec) -> dict[str, TrainableQuantLayer]:
+    generator = torch.Generator().manual_seed(spec.seed)  # the same adapters on every (re)run
+    layers = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLayer):
+            layers[name] = TrainableQuantLayer(module, spec.rank, spec.method, generator)
+            _replace(model, name, layers[name])
+    return layers
+
+
+def unwrap(model: torch.nn.Module, layers: dict[str, TrainableQuantLayer]) -> None:
+    for name, layer in layers.items():
+        layer.merge()
+        _replace(model, name, layer.q)
+
+
+def _optimizer(layers: dict[str, TrainableQuantLayer], spec: FinetuneSpec) -> torch.optim.Optimizer:
+    mean_step = sum(layer.weight_step for layer in layers.values()) / len(layers)
+    groups = []
+    for layer in layers.values():
+        weights = [layer.weight] if spec.method == "qat" else [layer.lora_A, layer.lora_B]
+        groups.append({"params": weights, "lr": spec.lr * layer.weight_step / mean_step})
+        if hasattr(layer, "log_step") and spec.scale_lr > 0:
+            groups.append({"params": [layer.log_step], "lr": spec.scale_lr})
+    return torch.optim.Adam(groups)
+
+
+def _state_tensors(layers, optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"{name}.{p}": t.detach().contiguous() for name, layer in layers.items()
+               for p, t in layer.named_parameters(recurse=False)}
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{i}.{key}"] = torch.as_tensor(value).contiguous()
+    return tensors
+
+
+def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for p, t in layer.named_parameters(recurse=False):
+                key = f"{name}.{p}"
+                if key not in tensors or tensors[key].shape != t.shape:
+                    raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe")
+                t.copy_(tensors[key])
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, field = key.split(".", 2)
+                state["state"].setdefault(int(index), {})[field] = value
+        optimizer.load_state_dict(state)
+
+
+def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec: FinetuneSpec, out: str | Path,
+             progress: bool = True) -> dict:
+    """Finetune (or resume finetuning) into ``out``; returns the record written to ``finetune.json``."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from exporter.models import load_conditioning, load_model
+    from exporter.quant.ptq import quantize_model
+    from exporter.reference import resolve
+    from exporter.sampling.loop import denoise_batch, initial_noise
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, student = load_model(resolve(model)), load_model(resolve(model))
+    summary = quantize_model(student, quantization, calib)
+    identity = {"model": str(student.directory), "calibration": str(Path(calib).resolve()),
+                "quantization": dataclasses.asdict(quantization), "finetune": dataclasses.asdict(spec),
+                "groups": summary["groups"]}
+    identity = json.loads(json.dumps(identity))  # as finetune.json holds it (lists, not tuples)
+    context = student.model._exporter_context
+    layers = wrap(student.model, spec)
+    optimizer = _optimizer(layers, spec)
+    record = {**identity, "done_batches": 0, "losses": [], "seconds": 0.0}
+    if (out / RECORD).is_file() and (out / CHECKPOINT).is_file():  # resume
+        previous = json.loads((out / RECORD).read_text())
+        if {k: previous.get(k) for k in identity} != identity:
+            raise UsageError(f"{out} holds a finetune of another model, calibration or recipe; choose another --out")
+        _load_state(layers, optimizer, load_file(str(out / CHECKPOINT)), out / CHECKPOINT)
+        record = previous
+        log.info("resuming %s after %d trajectory batches", out, record["done_batches"])
+
+    adapter = student.adapter
+    conditioning = load_conditioning(student.default_conditioning, adapter)
+    rows = list(range(conditioning.num_rows or 1))
+    batches = -(-spec.trajectories // spec.batch)
+    params = sum(p.numel() for layer in layers.values() for p in layer.parameters(recurse=False) if p.requires_grad)
+    log.info("finetuning %d layers (%s, %d trainable parameters) on %d trajectories x %d steps", len(layers),
+             spec.method, params, spec.trajectories, spec.steps)
+    teacher.model.requires_grad_(False)
+    student.model.requires_grad_(False)
+    for layer in layers.values():
+        for p in layer.parameters(recurse=False):
+            p.requires_grad_(True)
+
+    def train_step(model_in, t, cond_in, step):
+        with torch.inference_mode(False), torch.enable_grad():
+            x, tt = model_in.clone(), t.clone()
+            c = cond_in.clone() if isinstance(cond_in, torch.Tensor) else cond_in
+            with torch.no_grad():
+                target = adapter.denoise(teacher.model, x, tt, c)
+            context.t = float(tt[0])
+            loss = torch.nn.functional.mse_loss(adapter.denoise(student.model, x, tt, c), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return target  # the trajectory follows the FP32 model
+
+    start = time.perf_counter() - record["seconds"]
+    bar = tqdm(total=batches * spec.steps, initial=record["done_batches"] * spec.steps, desc="finetuning",
+               unit="step", disable=not progress or None)
+    for b in range(record["done_batches"], batches):
+        count = min(spec.batch, spec.trajectories - b * spec.batch)
+        keys = [(rows[(b * spec.batch + i) % len(rows)], b * spec.batch + i) for i in range(count)]
+        noise = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, k) for r, k in keys])
+        cond, uncond = conditioning.batch([r for r, _ in keys])
+        losses: list[float] = []
+        denoise_batch(train_step, "ddim", teacher.scheduler_config, noise, cond, uncond, spec.steps, spec.guidance,
+                      on_step=lambda: bar.update(1))
+        record["losses"].append(sum(losses) / len(losses))
+        record["done_batches"] = b + 1
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        bar.set_postfix(loss=f"{record['losses'][-1]:.2e}")
+        if record["done_batches"] % spec.checkpoint_every == 0 or record["done_batches"] == batches:
+            partial = out / (CHECKPOINT + ".partial")
+            save_file(_state_tensors(layers, optimizer), str(partial))
+            os.replace(partial, out / CHECKPOINT)
+            atomic_write_json(out / RECORD, record)
+    bar.close()
+    log.info("finetuned %s in %.1fs (loss %.3g -> %.3g)", model, record["seconds"], record["losses"][0],
+             record["losses"][-1])
+    return record
+
+
+def apply_finetune(loaded, folder: str | Path) -> dict:
+    """Merge a finetune run into ``loaded`` (already PTQ'd with the run's quantization and
+    calibration); returns the run's record."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / RECORD).is_file() or not (folder / CHECKPOINT).is_file():
+        raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD} / {CHECKPOINT}); run exporter finetune")
+    record = json.loads((folder / RECORD).read_text())
+    batches = -(-record["finetune"]["trajectories"] // record["finetune"]["batch"])
+    if record["done_batches"] < batches:
+        raise FinetuneError(f"{folder}: finetuning stopped after {record['done_batches']} of {batches} batches; "
+                            "rerun exporter finetune with the same options to finish it")
+    context = getattr(loaded.model, "_exporter_context", None)
+    groups = context.groups.to_dict() if context is not None and context.groups else None
+    if json.loads(json.dumps(groups)) != record["groups"]:
+        raise FinetuneError(f"{folder} was finetuned with other timestep groups than this quantized model's; "
+                            "use the calibration and recipe it was finetuned from")
+    spec = FinetuneSpec(**record["finetune"])
+    layers = wrap(loaded.model, spec)
+    _load_state(layers, None, load_file(str(folder / CHECKPOINT)), folder / CHECKPOINT)
+    unwrap(loaded.model, layers)
+    return record
+
+
+def finetuned_source(folder: str | Path) -> tuple[str, Path, QuantizationSpec]:
+    """(model, calibration folder, quantization spec) a finetune run was made from."""
+    folder = Path(folder)
+    if not (folder / RECORD).is_file():
+        raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD}); run exporter finetune")
+    record = json.loads((folder / RECORD).read_text())
+    return record["model"], Path(record["calibration"]), quantization_from_dict(record["quantization"],
+                                                                                 f"{folder / RECORD}.quantization")

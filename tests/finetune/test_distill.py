@@ -1,0 +1,110 @@
+import json
+from collections import Counter
+
+import onnx
+import pytest
+from safetensors.torch import load_file
+
+from exporter.export import export_graphs
+from exporter.finetune import FinetuneError, apply_finetune, finetune
+from exporter.finetune import distill as distill_module
+from exporter.models import load_model
+from exporter.parity import check_parity
+from exporter.quant.ptq import quantize_model
+from exporter.recipe import FinetuneSpec, QuantizationSpec
+
+QUANT = QuantizationSpec(weights="int4", activations="int8", groups=2, split_shortcut=True)
+SPEC = FinetuneSpec(rank=4, trajectories=4, batch=2, steps=3, guidance=2.0, lr=1e-2, scale_lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    record = finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, out, progress=False)
+    return out, record
+
+
+def test_finetuning_trains_adapters_and_steps_and_an_interrupted_run_resumes_identically(
+        finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path, monkeypatch):
+    out, record = finetuned
+    assert record["done_batches"] == 2 and len(record["losses"]) == 2
+    tensors = load_file(str(out / "finetune.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in tensors.items())  # B left zero
+    assert any(k.endswith("log_step") and v.abs().max() > 0 for k, v in tensors.items())
+
+    real_write = distill_module.atomic_write_json
+
+    def killed_after_first_checkpoint(path, data):
+        real_write(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module, "atomic_write_json", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["done_batches"] == 1
+    monkeypatch.setattr(distill_module, "atomic_write_json", real_write)
+    resumed = finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, tmp_path / "run", progress=False)
+    assert resumed["losses"] == record["losses"]
+    again = load_file(str(tmp_path / "run" / "finetune.safetensors"))
+    for key, value in tensors.items():
+        assert (again[key] == value).all(), key
+
+    with pytest.raises(Exception, match="another model, calibration or recipe"):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, FinetuneSpec(rank=2, trajectories=4, batch=2, steps=3),
+                 tmp_path / "run", progress=False)
+
+
+def test_the_finetuned_model_exports_like_ptq_and_keeps_parity(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
+    out, _ = finetuned
+    ptq = export_graphs(str(tiny_unet_dir), tmp_path / "ptq", calib=tiny_unet_calib, quantization=QUANT,
+                        progress=False)
+    tuned = export_graphs(str(tiny_unet_dir), tmp_path / "ft", calib=tiny_unet_calib, quantization=QUANT,
+                          progress=False, finetuned=out)
+    assert tuned["source"]["finetuned"] == str(out.resolve())
+    changed = 0
+    for a, b in zip(ptq["blocks"], tuned["blocks"]):
+        for graph in a["graphs"]:
+            ops = [Counter(n.op_type for n in onnx.load(str(folder / graph), load_external_data=False).graph.node)
+                   for folder in (tmp_path / "ptq", tmp_path / "ft")]
+            assert ops[0] == ops[1], graph  # no LoRA op: the adapters live in the quantized weights
+        changed += tuned["files"][b["weights"]] != ptq["files"][a["weights"]]
+    assert changed  # ... which did change
+    results, _ = check_parity(tmp_path / "ft", end_to_end_check=False, write_golden=False)
+    assert all(r.passed for r in results) and min(s for r in results for s, _ in r.outputs.values()) >= 40
+
+
+def test_a_finetune_is_refused_where_it_does_not_fit(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
+    out, _ = finetuned
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, QuantizationSpec(weights="int4", activations="int8", groups=1), tiny_unet_calib)
+    with pytest.raises(FinetuneError, match="other timestep groups"):
+        apply_finetune(loaded, out)
+    record = json.loads((out / "finetune.json").read_text())
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "finetune.safetensors").write_bytes((out / "finetune.safetensors").read_bytes())
+    (tmp_path / "partial" / "finetune.json").write_text(json.dumps({**record, "done_batches": 1}))
+    with pytest.raises(FinetuneError, match="stopped after 1 of 2 batches"):
+        apply_finetune(loaded, tmp_path / "partial")
+    with pytest.raises(FinetuneError, match="not a finetune folder"):
+        apply_finetune(loaded, tmp_path)
+
+
+def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, tmp_path, run_cli):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantization: {weights: int4, activations: int8, groups: 1}\n"
+                      "finetune: {rank: 2, trajectories: 2, batch: 2, steps: 2}\n")
+    assert run_cli("calibrate", "--model", tiny_dit_dir, "--recipe", recipe, "--trajectories", "2",
+                   "--out", tmp_path / "c").returncode == 0
+    result = run_cli("finetune", "--model", tiny_dit_dir, "--calib", tmp_path / "c", "--recipe", recipe,
+                     "--out", tmp_path / "ft")
+    assert result.returncode == 0, result.stderr
+    assert "export with: exporter export --finetuned" in result.stdout
+    result = run_cli("sample", "--model", tiny_dit_dir, "--finetuned", tmp_path / "ft", "--rows", "0",
+                     "--per-row", "2", "--steps", "2", "--out", tmp_path / "img")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "img" / "samples.json").read_text())["finetuned"] == str(tmp_path / "ft")
+    result = run_cli("export", "--finetuned", tmp_path / "ft", "--out", tmp_path / "g")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["source"]["finetuned"]
+    result = run_cli("export", "--finetuned", tmp_path / "nothing", "--out", tmp_path / "g2")
+    assert result.returncode == 2 and "not a finetune folder" in result.stderr
