@@ -18,7 +18,7 @@ from exporter.build.gating import plan_build
 from exporter.build.precision import check_precision, format_precision
 from exporter.build.profiles import batch_sizes, block_profiles, latent_sizes
 from exporter.errors import UsageError
-from exporter.export.manifest import CONDITIONING, MANIFEST, read_manifest, sha256_file
+from exporter.export.manifest import CONDITIONING, MANIFEST, formats_used, read_manifest, sha256_file
 from exporter.fileio import atomic_write_json
 from exporter.recipe import BuildSpec
 
@@ -108,7 +108,7 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                        "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[block["name"]].items()},
                        "source_graphs": {plan: {"graph": graph, "sha256": manifest["files"][graph]}
                                          for plan, graph in zip(plans, block["graphs"])}})
-    quantized_formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair if f}
+    quantized_formats = formats_used(manifest)
     return {
         **manifest,
         "kind": "tensorrt",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from exporter.errors import ExporterError
+from exporter.export.manifest import formats_used
 from exporter.recipe import BuildSpec
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards have FP8 tensor cores; TensorRT refuses FP8 below
@@ -31,10 +32,6 @@ class DeviceInfo:
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
-
-
-def formats_used(manifest: dict) -> set[str]:
-    return {f for block in manifest["blocks"] for pair in block["quantized_layers"].values() for f in pair if f}
 
 
 def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | None:

@@ -48,6 +48,11 @@ def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
             "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
+def formats_used(manifest: dict) -> set[str]:
+    """Every weight and activation format of the manifest's quantized layers (int8, fp8, int4)."""
+    return {f for block in manifest["blocks"] for pair in block["quantized_layers"].values() for f in pair if f}
+
+
 def node_scope(node) -> str:
     """The module path inside a block graph that emitted an ONNX node (the keys of a block's
     ``modules``): ``/layers.0/resnet/conv1/Conv`` -> ``layers.0.resnet.conv1``."""

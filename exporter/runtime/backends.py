@@ -50,8 +50,9 @@ def optimization_level(manifest: dict):
     into MatMulIntegerToFloat, which rejects float8 (an ORT bug); the basic level runs them as written."""
     import onnxruntime as ort
 
-    formats = {f for b in manifest["blocks"] for pair in b["quantized_layers"].values() for f in pair}
-    if "fp8" in formats:
+    from exporter.export.manifest import formats_used
+
+    if "fp8" in formats_used(manifest):
         return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
