@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from exporter.quant.formats import QuantFormat, dequantize, fake_quant, quantize
+from exporter.quant.formats import QuantFormat, compact, dequantize, fake_quant, quantize
 from exporter.quant.ptq import QuantLayer
 
 
@@ -88,10 +88,11 @@ class TrainableQuantLayer(torch.nn.Module):
         q = self.q
         w = self.merged_weight().detach().float()
         if q.block_size:
-            q.weight_values = quantize(w.flatten(1), q.weight_scale, q.wfmt, axis=1, block_size=q.block_size)
+            q.weight_values = compact(quantize(w.flatten(1), q.weight_scale, q.wfmt, axis=1, block_size=q.block_size),
+                                      q.wfmt)
             wq = dequantize(q.weight_values, q.weight_scale, axis=1, block_size=q.block_size)
         else:
-            q.weight_values = quantize(w, q.weight_scale, q.wfmt, axis=0)
+            q.weight_values = compact(quantize(w, q.weight_scale, q.wfmt, axis=0), q.wfmt)
             wq = dequantize(q.weight_values, q.weight_scale, axis=0)
         q.weight_q.copy_(wq.reshape(q.weight_q.shape))
         if q.afmt is not None:

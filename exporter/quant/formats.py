@@ -73,8 +73,15 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int |
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None,
                block_size: int | None = None) -> torch.Tensor:
-    """DequantizeLinear of quantized values ``q`` (as float32), in float32."""
-    return q * _broadcast(scale.to(torch.float32), q, axis, block_size)
+    """DequantizeLinear of quantized values ``q`` (float32, or as ``compact`` stores them), in float32."""
+    return q.to(torch.float32) * _broadcast(scale.to(torch.float32), q, axis, block_size)
+
+
+def compact(q: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Quantized values in the smallest dtype that holds them exactly: int8 for the integer formats
+    (INT4 and the simulated INT6 included), float8_e4m3fn for FP8. A quarter of float32's memory,
+    which is gigabytes for a real-size model's weights."""
+    return q.to(torch.float8_e4m3fn if fmt.kind == "fp8" else torch.int8)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int | None = None,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter.errors import UsageError
-from exporter.quant.formats import QuantFormat, dequantize, fake_quant, get_format, quantize, scale_from_amax
+from exporter.quant.formats import QuantFormat, compact, dequantize, fake_quant, get_format, quantize, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
 from exporter.recipe import QuantizationSpec
@@ -66,9 +66,9 @@ class QuantLayer(torch.nn.Module):
         else:
             self.block_size, axis = None, 0
             scale = scale_from_amax(weight_amax(w, wfmt, spec.weight_observer, axis=0), wfmt)
-        # the quantized values (integers, or FP8 values) computed here in float32; a plain
-        # attribute, so exporting the model in FP16 (model.to(dtype)) cannot round them
-        self.weight_values = quantize(w, scale, wfmt, axis=axis, block_size=self.block_size)
+        # the quantized values (integers, or FP8 values), stored exactly in int8 / float8; a plain
+        # attribute, so exporting the model in FP16 (model.to(dtype)) cannot touch them
+        self.weight_values = compact(quantize(w, scale, wfmt, axis=axis, block_size=self.block_size), wfmt)
         wq = dequantize(self.weight_values, scale, axis=axis, block_size=self.block_size)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_q", wq.reshape(layer.weight.shape))
