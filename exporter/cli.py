@@ -67,16 +67,21 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--format", choices=FORMATS, help="use the bundled recipe for this format")
 
 
+def finetuned_inputs(args) -> tuple[str, Path, object]:
+    """(model, calibration, quantization spec) of ``--finetuned DIR``: the run brings its own."""
+    from exporter.finetune import finetuned_source
+
+    model, calib, quantization = finetuned_source(args.finetuned)
+    return args.model or model, calib, quantization
+
+
 def cmd_sample(args) -> None:
     from exporter.recipe import resolve_recipe
     from exporter.sampling.pytorch import sample_pytorch
 
     quantization = None
-    if args.finetuned is not None:  # the model, calibration and recipe the run was made from
-        from exporter.finetune import finetuned_source
-
-        model, args.calib, quantization = finetuned_source(args.finetuned)
-        args.model = args.model or model
+    if args.finetuned is not None:
+        args.model, args.calib, quantization = finetuned_inputs(args)
     elif args.calib is not None or args.recipe is not None or args.format is not None:
         fmt = args.format or ("int8" if args.recipe is None else None)
         quantization = resolve_recipe(args.recipe, fmt, args.model).quantization
@@ -128,24 +133,18 @@ def cmd_export(args) -> None:
     from exporter.export import export_graphs
     from exporter.recipe import resolve_recipe
 
-    if args.finetuned is not None:  # the model, calibration and recipe the run was made from
-        from exporter.finetune import finetuned_source
-
-        model, args.calib, quantization = finetuned_source(args.finetuned)
-        model = args.model or model
-        manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=args.dtype,
-                                 progress=not args.quiet, finetuned=args.finetuned)
-        print(f"exported {sum(len(b['graphs']) for b in manifest['blocks'])} graphs of the finetuned model into {args.out}")
-        return
-    recipe = resolve_recipe(args.recipe, args.format, args.model)
-    model = args.model or recipe.model
-    if model is None:
-        raise UsageError("no model: pass --model or set 'model' in the recipe")
-    quantization = recipe.quantization
-    if quantization is not None and quantization.activations is not None and args.calib is None:
-        raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
+    if args.finetuned is not None:
+        model, args.calib, quantization = finetuned_inputs(args)
+    else:
+        recipe = resolve_recipe(args.recipe, args.format, args.model)
+        model = args.model or recipe.model
+        if model is None:
+            raise UsageError("no model: pass --model or set 'model' in the recipe")
+        quantization = recipe.quantization
+        if quantization is not None and quantization.activations is not None and args.calib is None:
+            raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
     manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=args.dtype,
-                             progress=not args.quiet)
+                             progress=not args.quiet, finetuned=args.finetuned)
     graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
     groups = manifest["groups"]["ranges"] if manifest["groups"] else None
     print(f"exported {graphs} graphs of {len(manifest['blocks'])} blocks"

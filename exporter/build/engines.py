@@ -46,11 +46,12 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
     device = tensorrt.device_info()  # fails fast, before anything is written
     fallback = plan_build(manifest, spec, device)
     profiles = block_profiles(manifest, spec)
-    timing_cache = Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    # one timing cache for every engine: the recipe's file, else one inside the engines folder
+    cache = Path(spec.timing_cache) if spec.timing_cache else partial / TIMING_CACHE
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="fp8-as-int8-") as converted:
@@ -61,7 +62,6 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                 log.warning("%s: building FP8 graphs as INT8", fallback["reason"])
                 source = Path(converted)
                 convert_folder(graphs, manifest, source)
-            cache = partial / TIMING_CACHE if spec.timing_cache is None else timing_cache
             engines, precision, seconds = {}, [], {}
             n_graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
             with tqdm(total=n_graphs, desc="building", unit="engine", disable=not progress or None) as bar:
@@ -81,7 +81,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                         engines.setdefault(block["name"], []).append(plan)
                         bar.update(1)
         engine_manifest = _engine_manifest(graphs, manifest, partial, engines, profiles, spec, device, fallback,
-                                           seconds, timing_cache)
+                                           seconds, Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE)
         atomic_write_json(partial / PRECISION_REPORT, [r.__dict__ for r in precision])
         atomic_write_json(partial / MANIFEST, engine_manifest)
     except BaseException:

@@ -185,9 +185,7 @@ def apply_finetune(loaded, folder: str | Path) -> dict:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / RECORD).is_file() or not (folder / CHECKPOINT).is_file():
-        raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD} / {CHECKPOINT}); run exporter finetune")
-    record = json.loads((folder / RECORD).read_text())
+    record = _record(folder)
     batches = -(-record["finetune"]["trajectories"] // record["finetune"]["batch"])
     if record["done_batches"] < batches:
         raise FinetuneError(f"{folder}: finetuning stopped after {record['done_batches']} of {batches} batches; "
@@ -207,8 +205,13 @@ def apply_finetune(loaded, folder: str | Path) -> dict:
 def finetuned_source(folder: str | Path) -> tuple[str, Path, QuantizationSpec]:
     """(model, calibration folder, quantization spec) a finetune run was made from."""
     folder = Path(folder)
-    if not (folder / RECORD).is_file():
-        raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD}); run exporter finetune")
-    record = json.loads((folder / RECORD).read_text())
+    record = _record(folder)
     return record["model"], Path(record["calibration"]), quantization_from_dict(record["quantization"],
                                                                                  f"{folder / RECORD}.quantization")
+
+
+def _record(folder: Path) -> dict:
+    """A finetune folder's ``finetune.json``, after checking the folder is one."""
+    if not (folder / RECORD).is_file() or not (folder / CHECKPOINT).is_file():
+        raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD} / {CHECKPOINT}); run exporter finetune")
+    return json.loads((folder / RECORD).read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from exporter.build.gating import DeviceInfo
@@ -10,6 +11,18 @@ from exporter.recipe import QuantizationSpec
 
 L4 = DeviceInfo("10.13.0.35", "NVIDIA L4", (8, 9))  # FP8-capable
 A10 = DeviceInfo("10.13.0.35", "NVIDIA A10", (8, 6))  # no FP8
+
+
+def random_feed(block: dict, batch: int = 2, seed: int = 0) -> dict:
+    """Inputs for one block of a manifest at its traced sizes: Gaussian tensors, t in [0, 500)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for tensor in block["inputs"]:
+        shape = [batch if d == "batch" else d if isinstance(d, int) else t
+                 for d, t in zip(tensor["shape"], tensor["trace_shape"])]
+        values = rng.random(shape) * 500 if tensor["name"] == "timestep" else rng.standard_normal(shape)
+        feed[tensor["name"]] = values.astype(tensor["dtype"])
+    return feed
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ from exporter.build.fallback import convert_folder
 from exporter.export import read_manifest
 from exporter.export.lint import lint_graph
 
+from .conftest import random_feed
+
 
 def run(path, feed, basic=False):
     options = ort.SessionOptions()
@@ -17,7 +19,6 @@ def run(path, feed, basic=False):
 def test_fp8_graphs_become_lint_clean_int8_graphs_computing_nearly_the_same(tiny_fp8_graphs, tmp_path):
     manifest = read_manifest(tiny_fp8_graphs)
     convert_folder(tiny_fp8_graphs, manifest, tmp_path / "int8")
-    rng = np.random.default_rng(0)
     checked = 0
     for block in manifest["blocks"]:
         graph = block["graphs"][0]
@@ -29,12 +30,7 @@ def test_fp8_graphs_become_lint_clean_int8_graphs_computing_nearly_the_same(tiny
         if not block["quantized_layers"]:
             continue
         assert onnx.TensorProto.INT8 in types and len(report.quantized) == len(block["quantized_layers"])
-        feed = {}
-        for tensor in block["inputs"]:
-            shape = [2 if isinstance(d, str) and d == "batch" else d if isinstance(d, int) else t
-                     for d, t in zip(tensor["shape"], tensor["trace_shape"])]
-            feed[tensor["name"]] = (rng.standard_normal(shape) * (100 if tensor["name"] == "timestep" else 1)
-                                    ).astype(tensor["dtype"])
+        feed = random_feed(block)
         fp8 = run(tiny_fp8_graphs / graph, feed, basic=True)
         int8 = run(tmp_path / "int8" / graph, feed)
         for a, b in zip(fp8, int8):  # two approximations of one float block: close, not equal

@@ -10,23 +10,13 @@ from exporter.build.gating import BuildError
 from exporter.recipe import BuildSpec
 from exporter.runtime import Runtime
 
+from .conftest import random_feed
+
 pytestmark = pytest.mark.gpu
 
 
 def sqnr_db(ref, x):
     return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / max(np.mean((ref - x) ** 2), 1e-30)))
-
-
-def random_feed(block, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for tensor in block["inputs"]:
-        shape = [batch if d == "batch" else d if isinstance(d, int) else t
-                 for d, t in zip(tensor["shape"], tensor["trace_shape"])]
-        scale = 500.0 if tensor["name"] == "timestep" else 1.0
-        feed[tensor["name"]] = (rng.random(shape) * scale if scale > 1 else rng.standard_normal(shape)).astype(
-            tensor["dtype"])
-    return feed
 
 
 def test_tiny_int8_engines_match_onnx_runtime_per_block_and_end_to_end(tiny_int8_graphs, tmp_path):
