@@ -190,9 +190,15 @@ def cmd_run(args) -> None:
 def cmd_bench(args) -> None:
     from exporter.bench import format_bench, run_bench
 
-    result = run_bench(args.out, quick=args.quick, progress=not args.quiet)
+    result = run_bench(args.out, quick=args.quick, models=tuple(args.models), progress=not args.quiet)
     print(format_bench(result))
-    print(f"wrote {Path(args.out) / 'bench.json'}")
+    print(f"wrote {Path(args.out) / 'bench.json'} and bench.md; pictures and report: exporter report {args.out}")
+
+
+def cmd_report(args) -> None:
+    from exporter.report import build_report
+
+    print(f"wrote {build_report(args.run)} and its pictures")
 
 
 def cmd_lint(args) -> int:
@@ -207,7 +213,8 @@ def cmd_parity(args) -> int:
     from exporter.parity import check_parity, format_parity
 
     results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
-                                engines=args.engines)
+                                engines=args.engines, blocks_to_check=args.blocks,
+                                samples=args.samples)
     print(format_parity(results))
     if e2e is not None:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
@@ -310,10 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", parents=[common], help="DeepCache speed-up of the runtime vs its ideal (a report)")
-    p.add_argument("--quick", action="store_true", help="16 images, one round (a smoke run)")
+    p = sub.add_parser("bench", parents=[common],
+                       help="PyTorch, the DeepCache package and the runtime (FP32, quantized, cached), side by side")
+    p.add_argument("--quick", action="store_true",
+                   help="16 images, one round, INT8 only, cache interval 3 (a few minutes on 2 cores)")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["digits-unet", "digits-dit"],
+                   help="comma-separated reference names or model directories (default: both reference models)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", parents=[common], help="a bench run's tables and pictures in one Markdown file")
+    p.add_argument("run", type=Path, help="folder written by exporter bench")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("lint", parents=[common],
                        help="check graphs against TensorRT Q/DQ rules; quantized vs float layers per block")
@@ -324,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
+    p.add_argument("--blocks", type=lambda s: s.split(","), help="check only these blocks, e.g. up3.layer2,head")
+    p.add_argument("--samples", type=int, default=8,
+                   help="recorded inputs per graph, run as one batch (default 8; fewer for real-size models)")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
     p.set_defaults(func=cmd_parity)
 

@@ -26,6 +26,7 @@ import torch
 from exporter.errors import UsageError
 from exporter.export.manifest import write_manifest
 from exporter.export.passes import WeightFile, finalize
+from exporter.fileio import atomic_write_json
 from exporter.models import load_conditioning, load_model
 from exporter.models.blocks import run_blocks
 from exporter.quant.ptq import QuantLayer, quantize_model
@@ -98,7 +99,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
         raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
     loaded = load_model(resolve(model))
     adapter = loaded.adapter
-    summary = quantize_model(loaded, quantization, calib) if quantization is not None else None
+    summary = (quantize_model(loaded, quantization, calib, keep_float_weights=finetuned is not None)
+               if quantization is not None else None)
     if finetuned is not None:
         from exporter.finetune import apply_finetune
 
@@ -133,6 +135,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                 bar.update(1)
             exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
     manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype, finetuned)
+    if summary is not None:  # the whole PTQ record (per-t activation ranges, exclusions): for people and plots
+        atomic_write_json(partial / "quantization.json", summary)
     if out.exists():
         out.rmdir()
     partial.rename(out)

@@ -73,8 +73,8 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
-def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of) -> dict[int, dict]:
-    """Per timestep group: every block tensor (numpy) for up to SAMPLES recorded samples."""
+def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES) -> dict[int, dict]:
+    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples."""
     from exporter.calibrate import CalibrationData
     from exporter.models.blocks import run_blocks
 
@@ -90,7 +90,7 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of) -> dic
         g = group_of(t)
         if g in per_group:
             continue
-        index = (shard["t"] == t).nonzero().flatten()[:SAMPLES]
+        index = (shard["t"] == t).nonzero().flatten()[:samples]
         env = {n: shard[n][index] for n in manifest["model_inputs"]}
         env["timestep"] = env["timestep"].to(torch.float32)
         if context is not None:
@@ -125,11 +125,15 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
 
 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
-                 end_to_end_check: bool = True, engines: str | Path | None = None
+                 end_to_end_check: bool = True, engines: str | Path | None = None,
+                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES
                  ) -> tuple[list[GraphParity], dict | None]:
     """Per-graph parity results, and the end-to-end comparison (None when skipped). With
     ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
-    runs in the same polygraphy comparison and is held to the same threshold."""
+    runs in the same polygraphy comparison and is held to the same threshold. ``blocks_to_check``
+    limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
+    their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
+    (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -151,7 +155,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                                                    if manifest["source"].get("calibration") else None)
     quantization = manifest["quantization"]
     if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
-        quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"), calib)
+        quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"), calib,
+                       keep_float_weights=bool(manifest["source"].get("finetuned")))
         if manifest["source"].get("finetuned"):
             from exporter.finetune import apply_finetune
 
@@ -162,11 +167,16 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     blocks = {b.name: b for b in loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))}
     if [b["name"] for b in manifest["blocks"]] != list(blocks):
         raise UsageError(f"{folder}: the model's blocks no longer match the exported ones; re-export")
-    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of)
+    unknown = sorted(set(blocks_to_check or ()) - set(blocks))
+    if unknown:
+        raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
+    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
     results = []
     for entry in manifest["blocks"]:
+        if blocks_to_check and entry["name"] not in blocks_to_check:
+            continue
         for g, graph in enumerate(entry["graphs"]):
             group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
             if group not in per_group:

@@ -1,0 +1,294 @@
+"""``exporter bench``: every variant a user could pick, measured side by side in one run.
+
+Per reference model (layout of ``OUT/<model>/``: ``calib/``, ``graphs/<precision>/``,
+``images/<variant>/``): the artifacts are made first (calibration, exports; reused when present),
+per-block parity of the quantized graphs is checked, then every variant (see
+:mod:`exporter.bench.variants`) is warmed up and timed in interleaved rounds (the order reverses
+every round) so machine drift hits them alike: latency, one image per call (two with
+classifier-free guidance), and throughput, 40 images per call, for the FP32 variants that
+compete head to head (PyTorch, the DeepCache package, our FP32 graphs, with and without caching).
+Then each variant's peak memory is measured in a process of its own, and its images from the
+last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the Amdahl ideal from the uncached run's per-block
+times. Results: ``OUT/bench.json`` and ``OUT/bench.md``. Timings are never test assertions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.bench.probe import probe_peak_rss
+from exporter.bench.variants import Variant, deepcache_available, open_variant, plan_variants
+from exporter.fileio import atomic_write_json
+from exporter.imageio import write_image_folder
+from exporter.sampling.loop import SampleSettings
+
+log = logging.getLogger(__name__)
+
+MODELS = ("digits-unet", "digits-dit")
+PROBE_STEPS = 6  # memory probes: one batch, enough steps to cross every timestep group and cache refresh
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    formats: tuple[str, ...]  # quantized graphs to run (the first also runs with caching)
+    intervals: tuple[int, ...]
+    schedules: tuple[str, ...]
+    rows: tuple[int, ...]
+    per_row: int
+    rounds: int
+    trajectories: int | None = None  # calibration trajectories (None: the bundled recipe's)
+    steps: int = 20
+    batch_size: int = 1  # latency: one image per request (x2 with CFG), as a server answers a prompt
+    throughput_batch: int = 40  # throughput: PyTorch, DeepCache and FP32 graphs also at this batch
+
+
+FULL = BenchPlan(("int8", "fp8", "w4a8"), (2, 3, 5), ("uniform", "quadratic"), tuple(range(10)), 8, 3)
+QUICK = BenchPlan(("int8",), (3,), ("uniform", "quadratic"), tuple(range(4)), 4, 1, trajectories=8)
+
+
+def ideal_speedup(block_seconds: dict[str, float], shallow: list[str], steps: int, full_steps: int) -> float:
+    """Amdahl: full steps cost every block, cached steps only the branch's blocks."""
+    full = sum(block_seconds.values())
+    cached = sum(block_seconds[b] for b in shallow)
+    return steps * full / (full_steps * full + (steps - full_steps) * cached)
+
+
+def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MODELS, progress: bool = True) -> dict:
+    plan = QUICK if quick else FULL
+    out = Path(out)
+    import torch
+
+    result = {"quick": quick, "plan": dataclasses.asdict(plan), "deepcache_package": _deepcache_version(),
+              "threads": {"torch": torch.get_num_threads(), "onnxruntime": os.cpu_count()}, "models": {}}
+    if torch.get_num_threads() != os.cpu_count():  # e.g. OMP_NUM_THREADS set: the race would be unfair
+        log.warning("PyTorch runs %d threads, ONNX Runtime %d: unset OMP_NUM_THREADS for a fair comparison",
+                    torch.get_num_threads(), os.cpu_count())
+    for model in models:
+        result["models"][model] = bench_model(model, out / model, plan, progress)
+        atomic_write_json(out / "bench.json", result)  # partial results survive a later failure
+    (out / "bench.md").write_text(format_bench(result) + "\n")
+    return result
+
+
+def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[dict[str, Path], Path]:
+    """Calibration and exported graphs of every precision (reused when already there)."""
+    from exporter.calibrate import calibrate
+    from exporter.export import export_graphs
+    from exporter.recipe import resolve_recipe
+
+    calib = root / "calib"
+    spec = resolve_recipe(None, plan.formats[0], model).calibration
+    if plan.trajectories is not None:
+        spec = dataclasses.replace(spec, trajectories=plan.trajectories)
+    _say(f"{model}: calibration ({spec.trajectories} trajectories x {spec.steps} steps)")
+    calibrate(model, calib, spec, progress=progress)  # resumes / returns at once when complete
+    graphs = {}
+    for precision in ("fp32", *plan.formats):
+        graphs[precision] = root / "graphs" / precision
+        if (graphs[precision] / "manifest.json").is_file():
+            continue
+        _say(f"{model}: exporting {precision} graphs")
+        quantization = None if precision == "fp32" else resolve_recipe(None, precision, model).quantization
+        export_graphs(model, graphs[precision], calib=calib if quantization else None, quantization=quantization,
+                      progress=progress)
+    return graphs, calib
+
+
+def block_parity(graphs: Path, calib: Path) -> list[dict]:
+    """Per-graph SQNR of PyTorch fake quant vs ONNX Runtime (the report's bar chart)."""
+    from exporter.parity import check_parity
+
+    results, _ = check_parity(graphs, calib=calib, write_golden=False, end_to_end_check=False)
+    def worst(r) -> float | None:  # None: identical outputs (infinite SQNR, which JSON cannot hold)
+        sqnr = min(s for s, _ in r.outputs.values())
+        return None if math.isinf(sqnr) else sqnr
+
+    return [{"block": r.block, "graph": r.graph, "group": r.group, "threshold_db": r.threshold,
+             "sqnr_db": worst(r), "passed": r.passed} for r in results]
+
+
+def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) -> dict:
+    from exporter.eval import evaluate
+    from exporter.export.manifest import read_manifest
+    from exporter.reference import NAMES, resolve
+
+    graphs, calib = prepare(model, root, plan, progress)
+    parity = {}
+    for precision in plan.formats:
+        _say(f"{model}: per-block parity of the {precision} graphs")
+        parity[precision] = block_parity(graphs[precision], calib)
+    fp32_manifest = read_manifest(graphs["fp32"])
+    is_unet = fp32_manifest["source"]["model_class"] == "UNet2DConditionModel"
+    variants = plan_variants(is_unet, list(plan.formats), list(plan.intervals), list(plan.schedules),
+                             deepcache_available())
+    if is_unet and not deepcache_available():
+        log.warning("the DeepCache package is not installed (pip install DeepCache): its variants are left out")
+    shared: dict = {}
+    runners = {v.name: open_variant(v, model, graphs, shared) for v in variants}
+    settings = SampleSettings(rows=plan.rows, per_row=plan.per_row, steps=plan.steps, scheduler="ddim",
+                              guidance=fp32_manifest["sampling_defaults"].get("guidance", 1.0), seed=0,
+                              batch_size=plan.batch_size)
+    n_images = len(plan.rows) * plan.per_row
+
+    _say(f"{model}: warm-up of {len(variants)} variants")
+    for v in variants:  # opens every session and touches every timestep group's graph
+        runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
+    seconds: dict[str, list[float]] = {v.name: [] for v in variants}
+    block_seconds: dict[str, dict[str, float]] = {}  # uncached runtime variants: per-block time per round
+    images = {}
+    for r in range(plan.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for i, v in enumerate(order):
+            runtime = getattr(runners[v.name], "runtime", None)
+            if runtime is not None:
+                runtime.seconds.clear()
+            start = time.perf_counter()
+            images[v.name] = runners[v.name](settings)
+            seconds[v.name].append(time.perf_counter() - start)
+            if runtime is not None and v.interval == 1:
+                acc = block_seconds.setdefault(v.precision, {})
+                for block, s in runtime.seconds.items():
+                    acc[block] = acc.get(block, 0.0) + s / plan.rounds
+            _say(f"{model}: round {r + 1}/{plan.rounds}, {i + 1}/{len(order)} {v.name}: "
+                 f"{seconds[v.name][-1]:.2f} s", progress)
+    throughput = _throughput(variants, runners, settings, plan)
+    for name, generated in images.items():
+        write_image_folder(root / "images" / name, {k: x.numpy() for k, x in generated.items()})
+
+    _say(f"{model}: peak memory, one process per variant")
+    probe = dataclasses.replace(settings, rows=settings.rows[:1], per_row=plan.batch_size, steps=PROBE_STEPS)
+    peak = {v.name: probe_peak_rss(v, model, graphs, probe) for v in variants}
+
+    _say(f"{model}: image quality against PyTorch FP32")
+    digits = model in NAMES
+    reference = root / "images" / "pytorch-fp32"
+    sizes = {p: _artifact_bytes(g) for p, g in graphs.items()}
+    model_bytes = sum(f.stat().st_size for f in Path(resolve(model)).rglob("*.safetensors"))
+    base = {"pytorch": statistics.median(seconds["pytorch-fp32"]), "ort": statistics.median(seconds["ort-fp32"])}
+    rows = []
+    for v in variants:
+        median = statistics.median(seconds[v.name])
+        quality = evaluate(root / "images" / v.name, None if v.name == "pytorch-fp32" else reference, digits=digits)
+        row = {**v.to_dict(), "seconds": seconds[v.name], "images": n_images,
+               "ms_per_image": {k: 1000 * f(seconds[v.name]) / n_images
+                                for k, f in (("median", statistics.median), ("min", min), ("max", max))},
+               "speedup_vs_pytorch": base["pytorch"] / median, "speedup_vs_ort_fp32": base["ort"] / median,
+               "peak_rss_mb": peak[v.name],
+               "artifact_mb": (sizes[v.precision] if v.kind == "runtime" else model_bytes) / 1e6,
+               "accuracy": quality.get("accuracy"), "fd_digits": quality.get("fd_digits"),
+               "psnr_vs_fp32": quality.get("psnr_mean")}
+        if v.name in throughput:
+            row["throughput_ms_per_image"] = 1000 * statistics.median(throughput[v.name]) / n_images
+        if v.kind == "runtime" and v.interval > 1:
+            row |= _cache_ideal(runners[v.name].runtime, v, block_seconds[v.precision], median,
+                                statistics.median(seconds[f"ort-{v.precision}"]), plan.steps)
+        ours = f"ort-fp32-cache{v.interval}"
+        if v.kind == "deepcache" and ours in images:  # the same algorithm? compare image by image
+            row["psnr_vs_ours"] = evaluate(root / "images" / v.name, root / "images" / ours, digits=False)["psnr_mean"]
+        rows.append(row)
+    return {"images": n_images, "steps": plan.steps, "guidance": settings.guidance, "rounds": plan.rounds,
+            "batch_size": plan.batch_size, "throughput_batch": plan.throughput_batch,
+            "backend": next(iter(shared.values())).backend.name, "variants": rows, "parity": parity,
+            "calibration": str(calib), "graphs": {k: str(g) for k, g in graphs.items()},
+            "block_seconds": block_seconds}
+
+
+def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan
+                ) -> dict[str, list[float]]:
+    """Seconds per round at ``plan.throughput_batch`` images per call, for PyTorch, the DeepCache
+    package and our FP32 graphs at the middle cache interval (and uncached)."""
+    interval = plan.intervals[len(plan.intervals) // 2]
+    chosen = [v for v in variants if v.precision == "fp32" and v.schedule == "uniform"
+              and (v.kind == "pytorch" or v.interval in (1, interval))]
+    batched = dataclasses.replace(settings, batch_size=plan.throughput_batch)
+    seconds: dict[str, list[float]] = {v.name: [] for v in chosen}
+    for r in range(plan.rounds):
+        for v in chosen if r % 2 == 0 else chosen[::-1]:
+            start = time.perf_counter()
+            runners[v.name](batched)
+            seconds[v.name].append(time.perf_counter() - start)
+            _say(f"throughput round {r + 1}/{plan.rounds}, {v.name}: {seconds[v.name][-1]:.2f} s")
+    return seconds
+
+
+def _cache_ideal(runtime, v: Variant, block_seconds: dict, median: float, uncached: float, steps: int) -> dict:
+    from exporter.runtime import refresh_steps
+
+    cache = runtime.cache_plan(steps, v.interval, None, v.schedule)
+    ideal = ideal_speedup(block_seconds, cache.shallow_blocks, steps, len(refresh_steps(steps, v.interval, v.schedule)))
+    measured = uncached / median
+    return {"cached_feature": cache.feature, "speedup_vs_uncached": measured, "ideal_speedup": ideal,
+            "fraction_of_ideal": measured / ideal}
+
+
+def _artifact_bytes(graphs: Path) -> int:
+    """What a deployment ships: every file the manifest lists, and the manifest."""
+    from exporter.export.manifest import read_manifest
+
+    files = list(read_manifest(graphs)["files"]) + ["manifest.json"]
+    return sum((graphs / f).stat().st_size for f in files)
+
+
+def _deepcache_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("DeepCache")
+    except PackageNotFoundError:
+        return None
+
+
+def _say(message: str, show: bool = True) -> None:
+    log.info(message)
+    if show:
+        print(f"== {message}", flush=True)
+
+
+def format_bench(result: dict) -> str:
+    lines = []
+    for model, r in result["models"].items():
+        lines += [f"### {model}", "",
+                  (f"{r['images']} images, {r['steps']} DDIM steps, guidance {r['guidance']}; latency: "
+                  f"{r['batch_size']} image per call (x2 with CFG), median of {r['rounds']} interleaved round(s) "
+                  f"(min-max); throughput: {r['throughput_batch']} images per call; peak RSS of a process "
+                  f"generating one latency call's images; backend {r['backend']}."), "",
+                  ("| variant | latency ms / image | vs PyTorch | vs ORT FP32 | cache: vs uncached (ideal) "
+                  "| throughput ms / image | peak RSS | artifact | accuracy | FD-digits | PSNR vs FP32 |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for v in r["variants"]:
+            ms = v["ms_per_image"]
+            cache = (f"{v['speedup_vs_uncached']:.2f}x ({v['ideal_speedup']:.2f}x, "
+                     f"{100 * v['fraction_of_ideal']:.0f} %)" if "ideal_speedup" in v else "")
+            psnr = "—" if v["name"] == "pytorch-fp32" else (
+                "identical" if v["psnr_vs_fp32"] is None else f"{v['psnr_vs_fp32']:.2f} dB")
+            accuracy = "—" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f} %"
+            fd = "—" if v["fd_digits"] is None else f"{v['fd_digits']:.2f}"
+            batched = f"{v['throughput_ms_per_image']:.1f}" if "throughput_ms_per_image" in v else ""
+            lines.append(f"| {v['name']} | {ms['median']:.1f} ({ms['min']:.1f}–{ms['max']:.1f}) "
+                         f"| {v['speedup_vs_pytorch']:.2f}x | {v['speedup_vs_ort_fp32']:.2f}x | {cache} | {batched} "
+                         f"| {v['peak_rss_mb']:.0f} MB | {v['artifact_mb']:.2f} MB | {accuracy} | {fd} | {psnr} |")
+        if r["images"] < 40:
+            lines += ["", (f"(FD-digits from {r['images']} images is dominated by sampling noise; the full bench "
+                      "uses 80.)")]
+        same = [v for v in r["variants"] if "psnr_vs_ours" in v]
+        if same:
+            lines += ["", "DeepCache package vs our runtime at the same interval (FP32 graphs, shallowest branch), "
+                      "image by image: " + ", ".join(
+                          f"interval {v['interval']}: " + ("identical" if v["psnr_vs_ours"] is None
+                                                           else f"{v['psnr_vs_ours']:.1f} dB")
+                          for v in same)]
+        for precision, graphs in r["parity"].items():
+            finite = [g for g in graphs if g["sqnr_db"] is not None]
+            worst = (f"worst {min(g['sqnr_db'] for g in finite):.1f} dB "
+                     f"({min(finite, key=lambda g: g['sqnr_db'])['graph']})" if finite else "all identical")
+            lines.append(f"Per-block parity {precision} (PyTorch fake quant vs ONNX Runtime): "
+                         f"{sum(g['passed'] for g in graphs)}/{len(graphs)} graphs above threshold, {worst}")
+        lines.append("")
+    return "\n".join(lines)
