@@ -30,6 +30,27 @@ def save_tiny_unet(directory: Path, pipeline_layout: bool = True) -> Path:
     return directory
 
 
+def save_tiny_sdxl_unet(directory: Path) -> Path:
+    """A 2-level UNet with SDXL's added conditioning (pooled text + 6 size/crop ids, text_time)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16), cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4,
+    )
+    unet.save_pretrained(directory / "unet", safe_serialization=True)
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_config(directory / "scheduler")
+    save_file({"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8), "text_embeds": torch.randn(3, 6),
+               "uncond_text_embeds": torch.zeros(1, 6), "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])},
+              str(directory / "conditioning.safetensors"))
+    return directory
+
+
 def save_tiny_dit(directory: Path) -> Path:
     from diffusers import DDIMScheduler, DiTTransformer2DModel
     from safetensors.torch import save_file
@@ -86,6 +107,11 @@ def tiny_pixart_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_unet_dir(tmp_path_factory) -> Path:
     return save_tiny_unet(tmp_path_factory.mktemp("tiny-unet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    return save_tiny_sdxl_unet(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 """The quantization evidence table: which diffusion-specific PTQ technique buys what, per format.
 
-    pip install matplotlib        # for the per-t activation range plot
     python tools/ptq_evidence.py --out runs/evidence              # both reference models, ~40 min
 
 For each reference model: calibrate with the bundled recipe's calibration (64 trajectories x 20
@@ -145,38 +144,12 @@ def markdown(results: dict) -> str:
 
 def plot_ranges(root: Path, model: str) -> Path | None:
     """Per-t input range of the layers whose range varies most over t, with the chosen groups."""
+    from exporter.report.figures import activation_ranges
+
     source = root / model / "int8" / "groups" / "quantization.json"
     if not source.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    q = json.loads(source.read_text())
-    ts, layers = q["per_t_amax"]["timesteps"], q["per_t_amax"]["layers"]
-    spread = {n: max(v) / max(min(v), 1e-12) for n, v in layers.items()}
-    chosen = []  # the 4 widest-varying layers, skipping ones reading the same tensor (q/k/v), + the flattest
-    for name in sorted(spread, key=spread.get, reverse=True):
-        if len(chosen) < 4 and all(layers[name] != layers[c] for c in chosen):
-            chosen.append(name)
-    chosen.append(min(spread, key=spread.get))
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-    for name in chosen:
-        ax.plot(ts, layers[name], marker="o", markersize=3, label=f"{name} ({spread[name]:.1f}x)")
-    ranges = q["groups"]["ranges"]
-    for (_, last), (first, _) in zip(ranges, ranges[1:]):  # the lookup threshold between two groups
-        ax.axvline((last + first) / 2, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("timestep t (noise level; sampling runs right to left)")
-    ax.set_ylabel("max |input| at t")
-    ax.set_title(f"{model}: activation range per t; dashed: the {len(q['groups']['ranges'])} timestep groups")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = root / model / "act_ranges.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return activation_ranges(json.loads(source.read_text()), root / model / "act_ranges.png", model)
 
 
 def main() -> None:

@@ -112,6 +112,7 @@ UNET_EXCLUSIONS = (
     ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
     ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
     ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
+    ("add_embedding.*", "SDXL's pooled-text and size embedding: once per call, joins the time embedding"),
     ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
     ("conv_out", "last layer: its error goes straight into the predicted noise"),
 )
@@ -166,10 +167,21 @@ class UNet2DConditionAdapter(UNetFamily):
     def embedding_dim(self) -> int:
         return self.config["cross_attention_dim"]
 
+    @property
+    def pooled_text(self) -> bool:
+        """SDXL's added conditioning: pooled text embedding + size/crop ids (``text_time``)."""
+        return self.config.get("addition_embed_type") == "text_time"
+
     def denoise(self, model, sample, t, cond):
+        if isinstance(cond, dict):  # SDXL: the pooled text and the size ids ride along
+            added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+            return model(sample, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
+                         return_dict=False)[0]
         return model(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     def named_inputs(self, sample, t, cond):
+        if isinstance(cond, dict):
+            return {"sample": sample, "timestep": t, **cond}
         return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
 
 

@@ -6,12 +6,16 @@ Two layouts, picked by the model's adapter:
   [1, seq, dim], the null prompt for classifier-free guidance.
 * ``class_labels`` (class-conditional models): ``class_labels`` [N] int64 and ``null_class`` [1].
 
+SDXL-style UNets (``addition_embed_type: text_time``) also read ``text_embeds`` [N, P] with
+``uncond_text_embeds`` [1, P] (the pooled text embedding) and ``time_ids`` [N or 1, k] (original
+size, crop, target size); their batches are dicts of the three model inputs.
+
 Row ``i`` of the file is what ``--rows i`` selects. Unconditional models need no file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +30,8 @@ class Conditioning:
     cond: torch.Tensor | None  # [N, seq, dim] float or [N] int64; None when unconditional
     uncond: torch.Tensor | None  # [1, seq, dim] or [1]
     source: Path | None = None
+    # further model inputs: name -> (per row [N, ...] or shared [1, ...], null-conditioning [1, ...])
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int | None:
@@ -43,7 +49,26 @@ class Conditioning:
             return None, None
         index = torch.tensor(rows, dtype=torch.long)
         uncond = self.uncond.expand(len(rows), *self.uncond.shape[1:])
-        return self.cond[index], uncond
+        if not self.extra:
+            return self.cond[index], uncond
+
+        def rows_of(x):
+            return x[index] if x.shape[0] > 1 else x.expand(len(rows), *x.shape[1:])
+
+        cond_batch, uncond_batch = {EMBEDDINGS: self.cond[index]}, {EMBEDDINGS: uncond}
+        for name, (values, null) in self.extra.items():
+            cond_batch[name], uncond_batch[name] = rows_of(values), rows_of(null)
+        return cond_batch, uncond_batch
+
+
+EMBEDDINGS = "encoder_hidden_states"
+
+
+def cfg_batch(uncond, cond):
+    """The classifier-free-guidance batch [null; conditional], for tensors or dicts of tensors."""
+    if isinstance(cond, dict):
+        return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    return torch.cat([uncond, cond])
 
 
 def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Conditioning:
@@ -69,7 +94,18 @@ def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Condit
             raise ConditioningError(
                 f"{path}: embeddings are {cond.shape[-1]} wide but the model expects {adapter.embedding_dim}"
             )
-        return Conditioning(kind, cond.float(), uncond.float(), Path(path))
+        extra = {}
+        if getattr(adapter, "pooled_text", False):
+            text, null_text, time_ids = _require(tensors, path, "text_embeds", "uncond_text_embeds", "time_ids")
+            if text.ndim != 2 or text.shape[0] != cond.shape[0] or null_text.shape != (1, text.shape[1]) \
+                    or time_ids.ndim != 2 or time_ids.shape[0] not in (1, cond.shape[0]):
+                raise ConditioningError(
+                    f"{path}: 'text_embeds' must be [N, P], 'uncond_text_embeds' [1, P] and 'time_ids' [N or 1, k] "
+                    f"with N = {cond.shape[0]}; got {tuple(text.shape)}, {tuple(null_text.shape)}, "
+                    f"{tuple(time_ids.shape)}")
+            extra = {"text_embeds": (text.float(), null_text.float()),
+                     "time_ids": (time_ids.float(), time_ids[:1].float())}
+        return Conditioning(kind, cond.float(), uncond.float(), Path(path), extra)
     labels, null = _require(tensors, path, "class_labels", "null_class")
     if labels.ndim != 1 or null.shape != (1,) or labels.is_floating_point() or null.is_floating_point():
         raise ConditioningError(f"{path}: 'class_labels' must be integer [N] and 'null_class' integer [1]")

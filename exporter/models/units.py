@@ -26,9 +26,16 @@ class UNetStem(torch.nn.Module):
         self.time_proj, self.time_embedding, self.act, self.conv_in = (
             unet.time_proj, unet.time_embedding, unet.time_embed_act, unet.conv_in)
         self._get_time_embed = unet.get_time_embed
+        self.text_time = unet.config.get("addition_embed_type") == "text_time"
+        if self.text_time:  # SDXL: + embedding of the pooled text and the size/crop ids
+            self.add_time_proj, self.add_embedding = unet.add_time_proj, unet.add_embedding
 
-    def forward(self, sample, timestep):
+    def forward(self, sample, timestep, *added):
         emb = self.time_embedding(self._get_time_embed(sample=sample, timestep=timestep), None)
+        if self.text_time:  # as diffusers' get_aug_embed does for text_time
+            text_embeds, time_ids = added
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds.to(emb.dtype)], dim=-1))
         if self.act is not None:
             emb = self.act(emb)
         return self.conv_in(sample), emb
@@ -114,7 +121,11 @@ def unet_units(unet, cross_attention: bool) -> list[Unit]:
     if cross_attention:
         unsupported = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim",
                                                "num_class_embeds") if cfg.get(k)}
-        stem = Unit("stem", "stem", UNetStem(unet), ("sample", "timestep"), ("skip0", "temb"))
+        added = ()
+        if unsupported.get("addition_embed_type") == "text_time":  # SDXL
+            del unsupported["addition_embed_type"]
+            added = ("text_embeds", "time_ids")
+        stem = Unit("stem", "stem", UNetStem(unet), ("sample", "timestep", *added), ("skip0", "temb"))
     else:
         unsupported = {k: cfg.get(k) for k in ("time_embedding_type", "downsample_type", "upsample_type")
                        if cfg.get(k) not in (None, "positional", "conv")}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.models.conditioning import Conditioning
+from exporter.models.conditioning import Conditioning, cfg_batch
 from exporter.sampling.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def denoise_batch(
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     use_cfg = guidance > 1.0 and cond is not None
-    cond_in = torch.cat([uncond, cond]) if use_cfg else cond
+    cond_in = cfg_batch(uncond, cond) if use_cfg else cond
     with torch.inference_mode():
         for step, t in enumerate(scheduler.timesteps):
             model_in = scheduler.scale_model_input(latents, t)
