@@ -69,8 +69,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="working folder (model, calib, graphs, logs)")
     parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--parity-block", default="up3.layer2", help="the block checked for parity")
+    parser.add_argument("--parity-block", help="the block checked for parity (default: the last up layer)")
     args = parser.parse_args()
+    block = args.parity_block or {"sd15": "up3.layer2", "sdxl": "up2.layer2"}[args.layout]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.yaml").write_text(RECIPE.format(trajectories=args.trajectories, steps=args.steps))
@@ -86,7 +87,7 @@ def main() -> int:
         ("export", exporter + ["export", "--model", str(model), "--recipe", str(work / "recipe.yaml"),
                                "--calib", str(calib), "--out", str(graphs)]),
         ("lint", exporter + ["lint", str(graphs)]),
-        ("parity", exporter + ["parity", str(graphs), "--blocks", args.parity_block, "--blocks-only",
+        ("parity", exporter + ["parity", str(graphs), "--blocks", block, "--blocks-only",
                               "--samples", "2"]),
     ]
     results = []

@@ -137,27 +137,7 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
                               batch_size=plan.batch_size)
     n_images = len(plan.rows) * plan.per_row
 
-    _say(f"{model}: warm-up of {len(variants)} variants")
-    for v in variants:  # opens every session and touches every timestep group's graph
-        runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
-    seconds: dict[str, list[float]] = {v.name: [] for v in variants}
-    block_seconds: dict[str, dict[str, float]] = {}  # uncached runtime variants: per-block time per round
-    images = {}
-    for r in range(plan.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for i, v in enumerate(order):
-            runtime = getattr(runners[v.name], "runtime", None)
-            if runtime is not None:
-                runtime.seconds.clear()
-            start = time.perf_counter()
-            images[v.name] = runners[v.name](settings)
-            seconds[v.name].append(time.perf_counter() - start)
-            if runtime is not None and v.interval == 1:
-                acc = block_seconds.setdefault(v.precision, {})
-                for block, s in runtime.seconds.items():
-                    acc[block] = acc.get(block, 0.0) + s / plan.rounds
-            _say(f"{model}: round {r + 1}/{plan.rounds}, {i + 1}/{len(order)} {v.name}: "
-                 f"{seconds[v.name][-1]:.2f} s", progress)
+    seconds, block_seconds, images = _latency(model, variants, runners, settings, plan, progress)
     throughput = _throughput(variants, runners, settings, plan)
     for name, generated in images.items():
         write_image_folder(root / "images" / name, {k: x.numpy() for k, x in generated.items()})
@@ -198,6 +178,34 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
             "backend": next(iter(shared.values())).backend.name, "variants": rows, "parity": parity,
             "calibration": str(calib), "graphs": {k: str(g) for k, g in graphs.items()},
             "block_seconds": block_seconds}
+
+
+def _latency(model: str, variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan,
+             progress: bool) -> tuple[dict, dict, dict]:
+    """Warm-up, then ``plan.rounds`` interleaved rounds: seconds per variant per round, the
+    uncached runtime variants' per-block seconds (averaged over rounds) and the last round's images."""
+    _say(f"{model}: warm-up of {len(variants)} variants")
+    for v in variants:  # opens every session and touches every timestep group's graph
+        runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
+    seconds: dict[str, list[float]] = {v.name: [] for v in variants}
+    block_seconds: dict[str, dict[str, float]] = {}
+    images = {}
+    for r in range(plan.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for i, v in enumerate(order):
+            runtime = getattr(runners[v.name], "runtime", None)
+            if runtime is not None:
+                runtime.seconds.clear()
+            start = time.perf_counter()
+            images[v.name] = runners[v.name](settings)
+            seconds[v.name].append(time.perf_counter() - start)
+            if runtime is not None and v.interval == 1:
+                acc = block_seconds.setdefault(v.precision, {})
+                for block, s in runtime.seconds.items():
+                    acc[block] = acc.get(block, 0.0) + s / plan.rounds
+            _say(f"{model}: round {r + 1}/{plan.rounds}, {i + 1}/{len(order)} {v.name}: "
+                 f"{seconds[v.name][-1]:.2f} s", progress)
+    return seconds, block_seconds, images
 
 
 def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan

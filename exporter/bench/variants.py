@@ -121,8 +121,8 @@ def _deepcache(model: str, interval: int) -> Callable[[SampleSettings], Images]:
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=0)
 
-    def denoise(x, t, c, step):
-        return pipe.unet(x, t[0], encoder_hidden_states=c, return_dict=False)[0]
+    def denoise(x, t, c, step):  # the adapter calls unet(sample, t, encoder_hidden_states=...) like diffusers
+        return loaded.adapter.denoise(pipe.unet, x, t[0], c)
 
     def run(s: SampleSettings) -> Images:
         pipe.scheduler = make_scheduler(s.scheduler, loaded.scheduler_config)

@@ -51,10 +51,13 @@ class QuantLayer(torch.nn.Module):
 
     Buffers hold what the exporter writes: ``weight_scale`` (per output channel, or
     [out, in/block] for INT4 blocks) and ``act_scale`` [groups, parts] (parts = 2 at a split site).
+    ``weight_q`` (the dequantized weight, in float) is kept for fast fake-quant forwards unless
+    ``materialize=False``: then each forward dequantizes, and a real-size model holds its weights
+    once, in int8 / float8, instead of twice more in float32.
     """
 
     def __init__(self, name: str, layer: torch.nn.Module, wfmt: QuantFormat, afmt: QuantFormat | None,
-                 spec: QuantizationSpec, context: TimestepContext, split: int | None):
+                 spec: QuantizationSpec, context: TimestepContext, split: int | None, materialize: bool = True):
         super().__init__()
         self.name, self.layer, self.context, self.split = name, layer, context, split
         self.wfmt, self.afmt = wfmt, afmt
@@ -69,19 +72,23 @@ class QuantLayer(torch.nn.Module):
         # the quantized values (integers, or FP8 values), stored exactly in int8 / float8; a plain
         # attribute, so exporting the model in FP16 (model.to(dtype)) cannot touch them
         self.weight_values = compact(quantize(w, scale, wfmt, axis=axis, block_size=self.block_size), wfmt)
-        wq = dequantize(self.weight_values, scale, axis=axis, block_size=self.block_size)
+        self.weight_shape = layer.weight.shape
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_q", wq.reshape(layer.weight.shape))
+        self.register_buffer("weight_q", self.dequantized_weight() if materialize else None)
         self.register_buffer("act_scale", torch.zeros(0))
         self.mode = "float"  # "observe_t" | "observe_hist" | "quant"
         self.per_t: dict[float, list[float]] = {}  # t -> input |max| per part
         self.hist: dict[int, list[HistogramObserver]] = {}  # group -> observer per part
 
+    def dequantized_weight(self) -> torch.Tensor:
+        axis = 1 if self.block_size else 0
+        return dequantize(self.weight_values, self.weight_scale, axis=axis,
+                          block_size=self.block_size).reshape(self.weight_shape)
+
     def drop_float_weight(self) -> None:
-        """Let the wrapped layer's weight be the fake-quantized one, freeing the original float
-        weight (an SD 1.5 UNet's 3.4 GB second copy). Only for models that stay in "quant" mode:
-        calibration modes and finetuning need the original."""
-        self.layer.weight = torch.nn.Parameter(self.weight_q, requires_grad=False)
+        """Free the original float weight (an SD 1.5 UNet's 3.4 GB, an SDXL UNet's 10 GB). Only for
+        models that stay in "quant" mode: calibration modes and finetuning need the original."""
+        self.layer.weight = torch.nn.Parameter(torch.empty(0, dtype=self.weight_scale.dtype), requires_grad=False)
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[:, : self.split], x[:, self.split :]] if self.split else [x]
@@ -102,7 +109,10 @@ class QuantLayer(torch.nn.Module):
                 raise UsageError(f"layer {self.name}: activation quantizer is uncalibrated (run quantize_model)")
             scales = self.act_scale[self.context.group]
             x = torch.cat([fake_quant(p, s, self.afmt) for p, s in zip(self.parts(x), scales)], dim=1)
-        return self._compute(x, self.weight_q if self.mode == "quant" else self.layer.weight, self.layer.bias)
+        if self.mode != "quant":
+            return self._compute(x, self.layer.weight, self.layer.bias)
+        return self._compute(x, self.weight_q if self.weight_q is not None else self.dequantized_weight(),
+                             self.layer.bias)
 
     def _compute(self, x, weight, bias):
         if isinstance(self.layer, torch.nn.Conv2d):
@@ -138,7 +148,7 @@ class QuantLayer(torch.nn.Module):
             zero_point = getattr(self, self._zero_point_name)
             parts = [QuantizeDequantize.apply(p, getattr(self, f"onnx_act_scale{i}"), zero_point)
                      for i, p in enumerate(parts)]
-        shape = self.layer.weight.shape
+        shape = self.weight_shape
         if self.block_size:
             w = DequantizeWeight.apply(getattr(self, self._weight_names[0]), self.weight_scale, 1, self.block_size)
             w = w.reshape(shape)
@@ -157,11 +167,9 @@ def _release_weight_file(model: torch.nn.Module) -> None:
     norms, excluded layers) point into it, which keeps every page of the file resident, the
     dropped weights' pages included (3.4 GB at SD 1.5 size). Copying those tensors out lets the
     mapping go."""
-    quantized = {m.weight_q.data_ptr() for m in model.modules() if isinstance(m, QuantLayer)}
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.data_ptr() not in quantized:
-                tensor.data = tensor.data.clone()
+            tensor.data = tensor.data.clone()
 
 
 def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -219,7 +227,7 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
     layers: dict[str, QuantLayer] = {}
     for name, (wfmt, afmt) in plan.items():
         layers[name] = QuantLayer(name, model.get_submodule(name), wfmt, afmt, spec, context,
-                                  sites.get(name) if afmt else None)
+                                  sites.get(name) if afmt else None, materialize=keep_float_weights)
         _replace(model, name, layers[name])
     model._exporter_context = context
     blocks = partition(adapter.units(model), ("noise_pred",))

@@ -16,7 +16,7 @@ import numpy as np
 
 from exporter.imageio import read_image_folder
 
-IDENTICAL_DB = 60.0  # where "identical to FP32" (no PSNR: every pixel equal) is drawn
+IDENTICAL_DB = 60.0  # lowest height for "identical to FP32" (no PSNR: every pixel equal); above every other point
 
 
 def _pyplot():
@@ -120,16 +120,24 @@ def speed_quality(variants: list[dict], out: Path, title: str) -> Path:
     plt = _pyplot()
     styles = {"pytorch": ("black", "s"), "deepcache": ("tab:orange", "D")}
     fig, ax = plt.subplots(figsize=(8.0, 5.0), dpi=110)
+    identical = max([IDENTICAL_DB] + [v["psnr_vs_fp32"] + 5 for v in variants if v["psnr_vs_fp32"] is not None])
     for v in variants:
-        psnr = IDENTICAL_DB if v["psnr_vs_fp32"] is None else v["psnr_vs_fp32"]
+        psnr = identical if v["psnr_vs_fp32"] is None else v["psnr_vs_fp32"]
         color, marker = styles.get(v["kind"], ("tab:blue" if v["precision"] == "fp32" else "tab:green", "o"))
         ax.scatter(v["speedup_vs_pytorch"], psnr, color=color, marker=marker,
                    facecolors=color if v["interval"] == 1 else "none", s=40)
         ax.annotate(v["name"], (v["speedup_vs_pytorch"], psnr), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.axvline(1.0, color="grey", linewidth=0.6)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 16)
+                   if min(v["speedup_vs_pytorch"] for v in variants) / 1.2 <= t
+                   <= max(v["speedup_vs_pytorch"] for v in variants) * 1.2])
     ax.set_xlabel("speed-up over the PyTorch FP32 loop (measured, same run)")
-    ax.set_ylabel(f"PSNR vs PyTorch FP32 (dB; identical drawn at {IDENTICAL_DB:.0f})")
+    ax.set_ylabel(f"PSNR vs PyTorch FP32 (dB; identical drawn at {identical:.0f})")
     ax.set_title(f"{title}\nblack: PyTorch, orange: DeepCache package, blue: runtime FP32, green: runtime "
                  "quantized; hollow: cached", fontsize=8)
     fig.tight_layout()
