@@ -28,6 +28,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def variant_grid(folders: dict[str, Path], out: Path, columns: int = 12) -> Path:
     """Image grid: one row per variant (label on the left), the same ``columns`` seeds in each."""
     plt = _pyplot()
@@ -47,9 +55,7 @@ def variant_grid(folders: dict[str, Path], out: Path, columns: int = 12) -> Path
                 ax.set_title(f"{key[0]}_{key[1]}", fontsize=7)
     fig.subplots_adjust(left=2.0 / (0.75 * len(keys) + 2.2), right=0.99, top=0.97, bottom=0.01,
                         wspace=0.05, hspace=0.05)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, tight=False)
 
 
 def activation_ranges(quantization: dict, out: Path, title: str, lines: int = 4) -> Path | None:
@@ -77,15 +83,14 @@ def activation_ranges(quantization: dict, out: Path, title: str, lines: int = 4)
     ax.set_ylabel("max |input| at t")
     ax.set_title(f"{title}: activation range per t; dashed: the {len(ranges)} timestep groups", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def parity_bars(graphs: list[dict], out: Path, title: str) -> Path:
     """Bars of per-graph SQNR (``{"graph", "group", "sqnr_db", "threshold_db"}``), colour per group."""
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(graphs) + 2.0), 4.0), dpi=110)
     colors = plt.get_cmap("tab10")
     x = np.arange(len(graphs))
@@ -103,21 +108,18 @@ def parity_bars(graphs: list[dict], out: Path, title: str) -> Path:
     ax.set_xticks(x, [g["graph"].removesuffix(".onnx") for g in graphs], rotation=90, fontsize=6)
     ax.set_ylabel("SQNR, PyTorch vs ONNX Runtime (dB)")
     ax.set_ylim(0, top * 1.05)
-    from matplotlib.patches import Patch
-
     handles = [ax.get_legend_handles_labels()[0][0]]
     handles += [Patch(color=colors(g % 10), label=f"timestep group {g}") for g in sorted({g["group"] for g in graphs})]
     ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def speed_quality(variants: list[dict], out: Path, title: str) -> Path:
     """Speed-up over PyTorch FP32 (x) against PSNR vs FP32 (y), one labelled point per variant."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     styles = {"pytorch": ("black", "s"), "deepcache": ("tab:orange", "D")}
     fig, ax = plt.subplots(figsize=(8.0, 5.0), dpi=110)
     identical = max([IDENTICAL_DB] + [v["psnr_vs_fp32"] + 5 for v in variants if v["psnr_vs_fp32"] is not None])
@@ -129,8 +131,6 @@ def speed_quality(variants: list[dict], out: Path, title: str) -> Path:
         ax.annotate(v["name"], (v["speedup_vs_pytorch"], psnr), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.axvline(1.0, color="grey", linewidth=0.6)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks([t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 16)
@@ -140,7 +140,4 @@ def speed_quality(variants: list[dict], out: Path, title: str) -> Path:
     ax.set_ylabel(f"PSNR vs PyTorch FP32 (dB; identical drawn at {identical:.0f})")
     ax.set_title(f"{title}\nblack: PyTorch, orange: DeepCache package, blue: runtime FP32, green: runtime "
                  "quantized; hollow: cached", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
