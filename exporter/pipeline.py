@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from exporter.errors import UsageError
-from exporter.eval import evaluate
+from exporter.eval import evaluate, psnr_text
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 
@@ -39,6 +39,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.calibrate import calibrate
     from exporter.export import export_graphs
     from exporter.export.lint import format_lint, lint_folder
+    from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
     from exporter.recipe import resolve_recipe
     from exporter.runtime import Runtime
@@ -54,8 +55,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     name = fmt if recipe_path is None else Path(recipe_path).stem
     quantization = recipe.quantization
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
-    sampling = dict(rows=rows if rows is not None else list(range(10)), per_row=per_row or 8, steps=steps,
-                    scheduler=scheduler, guidance=guidance, seed=seed)
+    sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": per_row or 8, "steps": steps,
+                "scheduler": scheduler, "guidance": guidance, "seed": seed}
     started = time.perf_counter()
 
     calib = None
@@ -85,7 +86,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
         export_graphs(model, graphs[name], calib=calib, quantization=quantization, progress=progress,
                       finetuned=finetuned)
     summary["stages"]["export"] = round(time.perf_counter() - t, 1)
-    summary["graph_bytes"] = {k: sum(f.stat().st_size for f in g.iterdir() if f.is_file()) for k, g in graphs.items()}
+    summary["graph_bytes"] = {k: deployed_bytes(g) for k, g in graphs.items()}
 
     t = _stage("lint")
     reports = lint_folder(graphs[name])
@@ -142,22 +143,20 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['model']}, {summary['format']}: {summary['seconds']} s "
-             f"({', '.join(f'{k} {v} s' for k, v in summary['stages'].items())})",
+    stages = ", ".join(f"{k} {v} s" for k, v in summary["stages"].items())
+    lines = [f"{summary['model']}, {summary['format']}: {summary['seconds']} s ({stages})",
              "| variant | accuracy | FD-digits | PSNR vs PyTorch FP32 | runtime s |", "|---|---|---|---|---|"]
     for variant, m in summary["metrics"].items():
-        psnr = m.get("psnr_mean")
-        psnr_text = "—" if "n_compared" not in m else ("identical" if psnr is None else f"{psnr:.2f} dB")
         secs = summary["runtime_seconds"].get(variant, "—")
         accuracy = f"{100 * m['accuracy']:.1f} %" if "accuracy" in m else "—"
         fd = f"{m['fd_digits']:.2f}" if "fd_digits" in m else "—"
-        lines.append(f"| {variant} | {accuracy} | {fd} | {psnr_text} | {secs} |")
+        lines.append(f"| {variant} | {accuracy} | {fd} | {psnr_text(m)} | {secs} |")
     for key, p in summary["parity"].items():
         e2e = p["end_to_end"]
         lines.append(f"parity {key}: {p['graphs_passed']}/{p['graphs']} graphs above threshold, worst "
                      f"{p['worst_sqnr_db']:.1f} dB" + (f"; end to end PSNR {e2e['psnr_db']:.1f} dB" if e2e else ""))
     sizes = summary["graph_bytes"]
-    lines.append("graph folder sizes: " + ", ".join(f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)"
+    lines.append("deployed sizes (manifest files): " + ", ".join(f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)"
                                                      for k, v in sizes.items()))
     if summary["lint_violations"]:
         lines.append(f"lint: {len(summary['lint_violations'])} rule violation(s), see exporter lint")

@@ -116,7 +116,7 @@ def block_parity(graphs: Path, calib: Path) -> list[dict]:
 
 def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) -> dict:
     from exporter.eval import evaluate
-    from exporter.export.manifest import read_manifest
+    from exporter.export.manifest import deployed_bytes, read_manifest
     from exporter.reference import NAMES, resolve
 
     graphs, calib = prepare(model, root, plan, progress)
@@ -149,7 +149,7 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
     _say(f"{model}: image quality against PyTorch FP32")
     digits = model in NAMES
     reference = root / "images" / "pytorch-fp32"
-    sizes = {p: _artifact_bytes(g) for p, g in graphs.items()}
+    sizes = {p: deployed_bytes(g) for p, g in graphs.items()}
     model_bytes = sum(f.stat().st_size for f in Path(resolve(model)).rglob("*.safetensors"))
     base = {"pytorch": statistics.median(seconds["pytorch-fp32"]), "ort": statistics.median(seconds["ort-fp32"])}
     rows = []
@@ -163,7 +163,7 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
                "peak_rss_mb": peak[v.name],
                "artifact_mb": (sizes[v.precision] if v.kind == "runtime" else model_bytes) / 1e6,
                "accuracy": quality.get("accuracy"), "fd_digits": quality.get("fd_digits"),
-               "psnr_vs_fp32": quality.get("psnr_mean")}
+               "psnr_vs_fp32": quality.get("psnr_mean"), "identical_vs_fp32": quality.get("n_identical")}
         if v.name in throughput:
             row["throughput_ms_per_image"] = 1000 * statistics.median(throughput[v.name]) / n_images
         if v.kind == "runtime" and v.interval > 1:
@@ -236,14 +236,6 @@ def _cache_ideal(runtime, v: Variant, block_seconds: dict, median: float, uncach
             "fraction_of_ideal": measured / ideal}
 
 
-def _artifact_bytes(graphs: Path) -> int:
-    """What a deployment ships: every file the manifest lists, and the manifest."""
-    from exporter.export.manifest import read_manifest
-
-    files = list(read_manifest(graphs)["files"]) + ["manifest.json"]
-    return sum((graphs / f).stat().st_size for f in files)
-
-
 def _deepcache_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -260,6 +252,8 @@ def _say(message: str, show: bool = True) -> None:
 
 
 def format_bench(result: dict) -> str:
+    from exporter.eval import psnr_text
+
     lines = []
     for model, r in result["models"].items():
         lines += [f"### {model}", "",
@@ -272,10 +266,10 @@ def format_bench(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for v in r["variants"]:
             ms = v["ms_per_image"]
+            psnr = "—" if v["name"] == "pytorch-fp32" else psnr_text(
+                {"n_compared": v["images"], "psnr_mean": v["psnr_vs_fp32"], "n_identical": v.get("identical_vs_fp32")})
             cache = (f"{v['speedup_vs_uncached']:.2f}x ({v['ideal_speedup']:.2f}x, "
                      f"{100 * v['fraction_of_ideal']:.0f} %)" if "ideal_speedup" in v else "")
-            psnr = "—" if v["name"] == "pytorch-fp32" else (
-                "identical" if v["psnr_vs_fp32"] is None else f"{v['psnr_vs_fp32']:.2f} dB")
             accuracy = "—" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f} %"
             fd = "—" if v["fd_digits"] is None else f"{v['fd_digits']:.2f}"
             batched = f"{v['throughput_ms_per_image']:.1f}" if "throughput_ms_per_image" in v else ""

@@ -88,12 +88,23 @@ def compare(images: dict, reference: dict, images_dir, reference_dir) -> dict:
     }
 
 
+def psnr_text(result: dict) -> str:
+    """PSNR against the reference in one cell: the mean over the images that differ, and how many are
+    identical (a mean over 1 differing image of 80 must not read like 80 images at that PSNR)."""
+    if "n_compared" not in result:
+        return "—"
+    if result["psnr_mean"] is None:
+        return "identical"
+    text = f"{result['psnr_mean']:.2f} dB"
+    return text + (f" ({result['n_identical']}/{result['n_compared']} identical)" if result["n_identical"] else "")
+
+
 def format_table(result: dict) -> str:
     rows = [("images", str(result["n_images"]))]
     if "accuracy" in result:
         rows.append(("accuracy", f"{100 * result['accuracy']:.1f} %"))
-    rows.append(("FD-digits", f"{result['fd_digits']:.2f}  (real-digit floor at this N: "
-                              f"{result['fd_digits_real_floor']:.2f})"))
+    rows.append(("FD-digits", (f"{result['fd_digits']:.2f}  (real-digit floor at this N: "
+                               f"{result['fd_digits_real_floor']:.2f})")))
     if "n_compared" in result:
         psnr_mean = result["psnr_mean"]
         rows.append(("PSNR vs reference", "identical" if psnr_mean is None else f"{psnr_mean:.2f} dB mean, "

@@ -162,3 +162,9 @@ def read_manifest(folder: str | Path) -> dict:
         if sha256_file(file) != digest:
             raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped since export")
     return manifest
+
+
+def deployed_bytes(folder: str | Path) -> int:
+    """What a deployment ships: every file the manifest lists, and the manifest (not the PTQ record)."""
+    folder = Path(folder)
+    return sum((folder / f).stat().st_size for f in [*read_manifest(folder)["files"], MANIFEST])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from exporter import ImageFolderError
-from exporter.eval import evaluate
+from exporter.eval import evaluate, psnr_text
 from exporter.eval.classifier import get_classifier
 from exporter.imageio import read_image_folder, write_image_folder
 from exporter.reference.digits import load_digits_16
@@ -43,6 +43,22 @@ def test_psnr_ssim_against_reference(tmp_path):
     assert same["n_identical"] == 80 and same["psnr_mean"] is None and same["ssim_mean"] == pytest.approx(1.0)
     shifted = evaluate(real_digit_folder(tmp_path / "shifted", shift=0.1), ref)
     assert 15 < shifted["psnr_mean"] < 40 and shifted["ssim_mean"] < 1.0
+    assert psnr_text(same) == "identical"
+    assert psnr_text(shifted) == f"{shifted['psnr_mean']:.2f} dB"
+
+
+def test_psnr_text_says_how_many_images_are_identical(tmp_path):
+    """One pixel off by one grey level in one image of 80: the mean PSNR is that image's alone, so the
+    cell must say the other 79 are identical."""
+    ref = real_digit_folder(tmp_path / "ref")
+    images = {k: v[None] for k, v in read_image_folder(ref).items()}  # [H, W] -> [1, H, W]
+    key = next(iter(images))
+    images[key][0, 0, 0] += 2.0 / 255 * (1 if images[key][0, 0, 0] < 0 else -1)
+    write_image_folder(tmp_path / "one", images)
+    result = evaluate(tmp_path / "one", ref)
+    assert result["n_identical"] == 79
+    assert psnr_text(result) == f"{result['psnr_mean']:.2f} dB (79/80 identical)"
+    assert psnr_text({"n_images": 80}) == "—"  # no reference given
 
 
 def test_png_round_trip_is_within_half_a_grey_level(tmp_path):
