@@ -55,8 +55,9 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(cond=args.cond, rows=args.rows, per_row=args.per_row, steps=args.steps, scheduler=args.scheduler,
-                guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    return {"cond": args.cond, "rows": args.rows, "per_row": args.per_row, "steps": args.steps,
+            "scheduler": args.scheduler, "guidance": args.guidance, "seed": args.seed, "batch_size": args.batch_size,
+            "progress": not args.quiet}
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:

@@ -125,7 +125,7 @@ def run_cli():
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exporter", *map(str, args)], capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, check=False)
 
     return run
 

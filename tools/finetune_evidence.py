@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 MODELS = ("digits-unet", "digits-dit")
 FORMATS = ("w4a8", "w4a4")
 QAT_FORMATS = ("w4a4",)
-SAMPLING = dict(rows=list(range(10)), per_row=8, steps=20, scheduler="ddim", guidance=1.5, seed=0)
+SAMPLING = {"rows": list(range(10)), "per_row": 8, "steps": 20, "scheduler": "ddim", "guidance": 1.5, "seed": 0}
 
 
 def run_job(job: tuple) -> tuple:

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.recipe import QuantizationSpec  # noqa: E402
+from exporter.recipe import QuantizationSpec
 
 MODELS = ("digits-unet", "digits-dit")
 FORMATS = {  # name -> (weights, activations)
@@ -47,7 +47,7 @@ FORMATS = {  # name -> (weights, activations)
 LABELS = {"int8": "W8A8 INT8", "fp8": "W8A8 FP8", "w4a16": "W4A16", "w4a8": "W4A8", "w4a4": "W4A4",
           "w8a6": "W8A6 (sim.)", "w4a6": "W4A6 (sim.)"}
 GROUPS = 4
-SAMPLING = dict(rows=list(range(10)), per_row=8, steps=20, scheduler="ddim", guidance=1.5, seed=0)
+SAMPLING = {"rows": list(range(10)), "per_row": 8, "steps": 20, "scheduler": "ddim", "guidance": 1.5, "seed": 0}
 
 
 def variants(fmt: str, has_split_sites: bool) -> dict[str, QuantizationSpec]:
@@ -126,8 +126,8 @@ def markdown(results: dict) -> str:
     lines = []
     for model, per_format in results.items():
         fp32 = per_format["fp32"]
-        lines += [f"**{model}** (FP32: accuracy {100 * fp32['accuracy']:.1f} %, FD-digits {fp32['fd_digits']:.2f}); "
-                  "cells: PSNR vs FP32 · accuracy · FD-digits", "",
+        lines += [(f"**{model}** (FP32: accuracy {100 * fp32['accuracy']:.1f} %, FD-digits {fp32['fd_digits']:.2f}); "
+                   "cells: PSNR vs FP32 · accuracy · FD-digits"), "",
                   "| format | naive | + t-groups | + split shortcut | + best observer |",
                   "|---|---|---|---|---|"]
         for fmt, runs in per_format.items():

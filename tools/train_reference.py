@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.reference.digits import NUM_CLASSES, RESOLUTION, load_digits_16  # noqa: E402
+from exporter.reference.digits import NUM_CLASSES, RESOLUTION, load_digits_16
 
 log = logging.getLogger("train_reference")
 
@@ -48,8 +48,8 @@ NULL_DROP_PROB = 0.1
 
 SETTINGS = {
     # steps / batch / lr chosen so each trains in roughly 25 minutes on 2 cores.
-    "digits-unet": dict(steps=1800, batch=64, lr=1e-3),
-    "digits-dit": dict(steps=3000, batch=128, lr=6e-4),
+    "digits-unet": {"steps": 1800, "batch": 64, "lr": 1e-3},
+    "digits-dit": {"steps": 3000, "batch": 128, "lr": 6e-4},
 }
 
 

@@ -8,8 +8,9 @@ every round) so machine drift hits them alike: latency, one image per call (two 
 classifier-free guidance), and throughput, 40 images per call, for the FP32 variants that
 compete head to head (PyTorch, the DeepCache package, our FP32 graphs, with and without caching).
 Then each variant's peak memory is measured in a process of its own, and its images from the
-last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the Amdahl ideal from the uncached run's per-block
-times. Results: ``OUT/bench.json`` and ``OUT/bench.md``. Timings are never test assertions.
+last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the
+Amdahl ideal from the uncached run's per-block times. Results: ``OUT/bench.json`` and
+``OUT/bench.md``. Timings are never test assertions.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def block_parity(graphs: Path, calib: Path) -> list[dict]:
     from exporter.parity import check_parity
 
     results, _ = check_parity(graphs, calib=calib, write_golden=False, end_to_end_check=False)
+
     def worst(r) -> float | None:  # None: identical outputs (infinite SQNR, which JSON cannot hold)
         sqnr = min(s for s, _ in r.outputs.values())
         return None if math.isinf(sqnr) else sqnr

@@ -77,7 +77,6 @@ def _sha256(path: Path) -> str:
 def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Path | None = None,
               progress: bool = True) -> dict:
     from safetensors.torch import save
-
     from tqdm.auto import tqdm
 
     start = time.perf_counter()

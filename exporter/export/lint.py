@@ -65,9 +65,9 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
     for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            if len(node.input) > 2 and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any():
-                report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
+        if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2
+                and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any()):
+            report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users):

@@ -112,7 +112,6 @@ UNET_EXCLUSIONS = (
     ("down_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
     ("mid_block.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
     ("up_blocks.*.resnets.*.time_emb_proj", "time-embedding projection: depends on t only"),
-    ("add_embedding.*", "SDXL's pooled-text and size embedding: once per call, joins the time embedding"),
     ("conv_in", "first layer: few input channels, no speed-up, large relative error"),
     ("conv_out", "last layer: its error goes straight into the predicted noise"),
 )
@@ -162,6 +161,9 @@ class UNet2DConditionAdapter(UNetFamily):
     class_name = "UNet2DConditionModel"
     conditioning = "embeddings"
     cross_attention = True
+    default_exclusions = UNET_EXCLUSIONS + (
+        ("add_embedding.*", "SDXL's pooled-text and size embedding: once per call, joins the time embedding"),
+    )
 
     @property
     def embedding_dim(self) -> int:

@@ -108,7 +108,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         model = getattr(diffusers, class_name).from_pretrained(
             model_dir, use_safetensors=True, local_files_only=True, torch_dtype=dtype
         )
-    except Exception as e:  # diffusers raises many kinds; the user needs the file and the reason
+    except Exception as e:  # noqa: BLE001  diffusers raises many kinds; the user needs the file and the reason
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_dir}: could not load {class_name} ({reason})") from None
     model.eval().requires_grad_(False)

@@ -240,9 +240,9 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
     run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
     (ort_out,) = run[1][1]
     for path in order:
-        if path in entry["modules"] and path in captured and last_node_of.get(path) in ort_out:
-            if sqnr_db(captured[path], ort_out[last_node_of[path]]) < threshold:
-                return entry["modules"][path]
+        if (path in entry["modules"] and path in captured and last_node_of.get(path) in ort_out
+                and sqnr_db(captured[path], ort_out[last_node_of[path]]) < threshold):
+            return entry["modules"][path]
     return None
 
 

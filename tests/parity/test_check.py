@@ -24,7 +24,7 @@ def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_di
     assert e2e["passed"] and e2e["psnr_db"] >= 30
     command = (folder / "parity" / "COMMANDS.txt").read_text().splitlines()[-1]
     assert command.startswith("polygraphy run head.onnx --onnxrt")
-    replay = subprocess.run(command.split(), cwd=folder, capture_output=True, text=True, timeout=300)
+    replay = subprocess.run(command.split(), cwd=folder, capture_output=True, text=True, timeout=300, check=False)
     assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr
 
 

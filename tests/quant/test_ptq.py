@@ -71,8 +71,8 @@ def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_p
 def test_quant_layer_computes_fake_quant_of_input_and_weight(tiny_unet_dir, calib_dir):
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, QuantizationSpec.naive(), calib_dir)
-    name, layer = next((n, m) for n, m in loaded.model.named_modules()
-                       if isinstance(m, QuantLayer) and isinstance(m.layer, torch.nn.Linear))
+    layer = next(m for m in loaded.model.modules()
+                 if isinstance(m, QuantLayer) and isinstance(m.layer, torch.nn.Linear))
     loaded.model._exporter_context.t = 500.0
     x = torch.randn(3, layer.layer.in_features) * 2
     w_amax = layer.layer.weight.abs().amax(dim=1)

@@ -14,9 +14,9 @@ def brute_force(amax, k):
     best = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         edges = (0, *cuts, n)
-        total = sum(cost[a, b - 1] for a, b in zip(edges, edges[1:]))
+        total = sum(cost[a, b - 1] for a, b in itertools.pairwise(edges))
         if best is None or total < best[0]:
-            best = (total, [(a, b - 1) for a, b in zip(edges, edges[1:])])
+            best = (total, [(a, b - 1) for a, b in itertools.pairwise(edges)])
     return best
 
 
@@ -24,7 +24,7 @@ def brute_force(amax, k):
 def test_dynamic_programming_finds_the_brute_force_optimum(seed):
     amax = np.random.default_rng(seed).uniform(0.1, 5, (3, 9))
     for k in (1, 2, 3, 4):
-        total, bins = brute_force(amax, k)
+        total, _bins = brute_force(amax, k)
         got = optimal_bins(amax, k)
         cost = bin_costs(amax)
         assert sum(cost[i, j] for i, j in got) == pytest.approx(total)

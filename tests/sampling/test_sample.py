@@ -27,7 +27,7 @@ def test_cli_sample_on_random_init_unet_writes_named_images_and_grid(tiny_unet_d
 
 
 def run(model_dir, out, **kw):
-    options = dict(rows=[0, 1, 2], per_row=2, steps=3, seed=0, progress=False)
+    options = {"rows": [0, 1, 2], "per_row": 2, "steps": 3, "seed": 0, "progress": False}
     options.update(kw)
     sample_pytorch(str(model_dir), out, **options)
     return read_image_folder(out)
