@@ -3,8 +3,9 @@
 * Simplification: the TorchScript exporter leaves the shape arithmetic of every reshape as
   Shape/Gather/Unsqueeze/Concat chains with ``Constant`` nodes, ``Identity`` nodes for shared
   buffers, and long scope-derived tensor names (``/layers.0/attention/.../MatMul_output_0``).
-  Everything computable from constants is folded (onnx-graphsurgeon, never a Q/DQ node, so weights
-  stay quantized), identities are bypassed, identical small constants are stored once, and
+  Reshape targets known symbolically become constants (:mod:`exporter.export.shapes`), everything
+  computable from constants is folded (onnx-graphsurgeon, never a Q/DQ node, so weights stay
+  quantized), identities are bypassed, identical small constants are stored once, and
   intermediate tensors get short names. Node names keep their scopes (lint and parity bisection map
   nodes to model layers through them). On ``digits-unet`` INT8 this roughly halves each graph
   file; for TensorRT it means fewer shape layers to parse.
@@ -27,6 +28,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from exporter.export.shapes import static_reshapes
 from exporter.quant.onnx_ops import INT4_MARK
 
 EXTERNAL_MIN_BYTES = 128  # per-channel vectors too: the groups' graphs share them
@@ -94,6 +96,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     # identities first: graphsurgeon would fold an Identity of an FP8 zero point into a new constant,
     # and it holds FP8 tensors as uint8 numpy arrays, so that constant would come back as UINT8
     _bypass_identities(model.graph)
+    static_reshapes(model)  # constant reshape targets; its inferred shapes let the folding below reach further
     graph = gs.import_onnx(model)
     graph.fold_constants(should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
                          error_ok=False)

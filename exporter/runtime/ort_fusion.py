@@ -9,7 +9,8 @@ rewrites each float attention it recognises into that kernel when it opens a ses
 attention (Q/DQ between the MatMuls) is left as written, so parity of Q/DQ graphs is unchanged.
 
 Pattern (what ``torch.onnx`` makes of diffusers' ``scaled_dot_product_attention`` with the
-default scale)::
+default scale; the reshape targets and sqrt(scale) are constants in graphs exported with static
+reshapes, computed from Shape in older ones, and both are recognised)::
 
     q_proj -> Reshape[B,-1,H,D] -> Transpose(0,2,1,3) -> Mul(sqrt(scale)) \\
     k_proj -> Reshape[B,-1,H,D] -> Transpose(0,2,3,1) -> Mul(sqrt(scale)) -> MatMul -> Softmax \\
@@ -61,24 +62,37 @@ def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
-def _heads_split(g: _Graph, tensor: str, perm: list[int]) -> tuple[str, int] | None:
-    """``tensor`` = Transpose(perm)(Reshape(x, [B, -1, H, D])): (x, H)."""
+def _heads_split(g: _Graph, tensor: str, perm: list[int]) -> tuple[str, int, int | None] | None:
+    """``tensor`` = Transpose(perm)(Reshape(x, [B, -1, H, D])): (x, H, D). The target is a constant
+    (exports since the static-reshape pass: ``[0, 0, H, D]``) or computed (``Concat(B, -1, H, D)``)."""
     transpose = g.op(tensor, "Transpose")
     if transpose is None or _perm(transpose) != perm:
         return None
     reshape = g.op(transpose.input[0], "Reshape")
-    concat = g.op(reshape.input[1], "Concat") if reshape is not None else None
+    if reshape is None:
+        return None
+    target = g.const(reshape.input[1])
+    if target is not None:
+        if target.size != 4 or min(target[2:]) <= 0:
+            return None
+        return reshape.input[0], int(target[2]), int(target[3])
+    concat = g.op(reshape.input[1], "Concat")
     if concat is None or len(concat.input) != 4:
         return None
-    heads = g.const(concat.input[2])
+    heads, dim = g.const(concat.input[2]), g.const(concat.input[3])
     if heads is None or heads.size != 1:
         return None
-    return reshape.input[0], int(heads.reshape(()))
+    return reshape.input[0], int(heads.reshape(())), int(dim.reshape(())) if dim is not None and dim.size == 1 else None
 
 
-def _default_scale(g: _Graph, q_mul, k_mul, q: str, k: str) -> bool:
-    """Both halves multiplied by sqrt(1 / sqrt(D)), D read from the query's shape: SDPA's default."""
+def _default_scale(g: _Graph, q_mul, k_mul, q: str, k: str, head_dim: int | None) -> bool:
+    """Both halves multiplied by sqrt(1 / sqrt(D)): SDPA's default, as a constant (folded at export)
+    or computed from the query's shape."""
     others = [n.input[1] if n.input[0] == x else n.input[0] for n, x in ((q_mul, q), (k_mul, k))]
+    values = [g.const(o) for o in others]
+    if head_dim is not None and all(v is not None and v.size == 1 for v in values):
+        expected = head_dim ** -0.25
+        return all(abs(float(v.reshape(())) - expected) <= 1e-6 * expected for v in values)
     sqrts = [g.op(o, "Sqrt") for o in others]
     if None in sqrts or sqrts[0].input[0] != sqrts[1].input[0]:
         return False
@@ -101,11 +115,12 @@ def _match(g: _Graph, softmax) -> tuple[list[str], str, int] | None:
         return None
     q_t = next((i for i in q_mul.input if g.op(i, "Transpose")), None)
     k_t = next((i for i in k_mul.input if g.op(i, "Transpose")), None)
-    if q_t is None or k_t is None or not _default_scale(g, q_mul, k_mul, q_t, k_t):
+    if q_t is None or k_t is None:
         return None
     splits = [_heads_split(g, q_t, [0, 2, 1, 3]), _heads_split(g, k_t, [0, 2, 3, 1]),
               _heads_split(g, out_matmul.input[1], [0, 2, 1, 3])]
-    if None in splits or len({h for _, h in splits}) != 1:
+    if None in splits or len({h for _, h, _ in splits}) != 1 or not _default_scale(g, q_mul, k_mul, q_t, k_t,
+                                                                                  splits[0][2]):
         return None
     merge = g.only_consumer(out_matmul.output[0], "Transpose")
     if merge is None or _perm(merge) != [0, 2, 1, 3]:
@@ -113,7 +128,7 @@ def _match(g: _Graph, softmax) -> tuple[list[str], str, int] | None:
     reshape = g.only_consumer(merge.output[0], "Reshape")
     if reshape is None:
         return None
-    return [x for x, _ in splits], reshape.output[0], splits[0][1]
+    return [x for x, _, _ in splits], reshape.output[0], splits[0][1]
 
 
 def fuse_attention(model: onnx.ModelProto) -> int:

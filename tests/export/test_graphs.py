@@ -27,12 +27,15 @@ def block_outputs_in_ort(folder, manifest, env, group=0):
     return results
 
 
-def reference_tensors(loaded, t=700.0, batch=3):
-    """Every block tensor of the (possibly quantized) PyTorch model at ``t``, batch 3 (traced with 2)."""
+def reference_tensors(loaded, t=700.0, batch=3, scale=1):
+    """Every block tensor of the (possibly quantized) PyTorch model at ``t``, batch 3 (traced with 2),
+    latents ``scale`` times the traced height and width."""
     torch.manual_seed(1)
     adapter = loaded.adapter
     cond = torch.randn(batch, 2, 8)
-    env = adapter.named_inputs(torch.randn(batch, *adapter.sample_shape), torch.full((batch,), t), cond)
+    channels, height, width = adapter.sample_shape
+    env = adapter.named_inputs(torch.randn(batch, channels, height * scale, width * scale), torch.full((batch,), t),
+                               cond)
     context = getattr(loaded.model, "_exporter_context", None)
     if context is not None:
         context.t = t
@@ -46,15 +49,19 @@ def sqnr_db(ref, x):
     return float(10 * np.log10((ref**2).mean() / max(((ref - x) ** 2).mean(), 1e-30)))
 
 
-def test_fp32_graphs_reproduce_the_blocks_at_another_batch_size(tiny_unet_dir, tmp_path):
+def test_fp32_graphs_reproduce_the_blocks_at_another_batch_size_and_resolution(tiny_unet_dir, tmp_path):
     manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", progress=False)
     names = [b["name"] for b in manifest["blocks"]]
     assert names[:3] == ["stem", "down0.layer0", "down0.downsample"] and names[-2:] == ["up1.layer1", "head"]
     assert manifest["groups"] is None and manifest["model_inputs"] == ["sample", "timestep", "encoder_hidden_states"]
     assert manifest["cache"]["features"]  # DeepCache branches with the blocks each runs
-    env = reference_tensors(load_model(tiny_unet_dir))
-    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
-        np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+    ops = [n.op_type for b in manifest["blocks"] for g in b["graphs"]
+           for n in onnx.load(str(tmp_path / "g" / g), load_external_data=False).graph.node]
+    assert "Softmax" in ops and "Sqrt" not in ops  # the attention scale was folded into a constant
+    for scale in (1, 2):  # the reshape targets made constant at export must not pin the resolution
+        env = reference_tensors(load_model(tiny_unet_dir), scale=scale)
+        for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
+            np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=(name, scale))
 
 
 def test_int8_graphs_have_qdq_on_every_quantized_layer_and_match_fake_quant(tiny_unet_dir, tiny_unet_calib, tmp_path):

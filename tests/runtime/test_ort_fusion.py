@@ -1,6 +1,7 @@
 """Attention fusion for ONNX Runtime: same outputs, the exported files untouched."""
 
 import hashlib
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -12,11 +13,19 @@ from exporter.runtime.backends import OnnxRuntimeBackend
 from exporter.runtime.ort_fusion import fuse_attention
 
 
-@pytest.fixture(scope="module", params=["unet", "dit"])
+@pytest.fixture(scope="module", params=["unet", "dit", "unet-computed-shapes"])
 def graphs(request, tiny_unet_dir, tiny_dit_dir, tmp_path_factory):
-    model = tiny_unet_dir if request.param == "unet" else tiny_dit_dir
+    """Exported graphs; ``unet-computed-shapes`` as exports before the static-reshape pass wrote
+    them (reshape targets and the attention scale computed from Shape), which must still fuse."""
+    model = tiny_dit_dir if request.param == "dit" else tiny_unet_dir
     out = tmp_path_factory.mktemp("fusion") / request.param
-    export_graphs(str(model), out, progress=False)
+    if request.param.endswith("computed-shapes"):
+        with mock.patch("exporter.export.passes.static_reshapes", return_value=0):
+            export_graphs(str(model), out, progress=False)
+        assert any(n.op_type == "Sqrt" for f in out.glob("*.onnx")
+                   for n in onnx.load(str(f), load_external_data=False).graph.node)
+    else:
+        export_graphs(str(model), out, progress=False)
     return out
 
 

@@ -1,0 +1,120 @@
+"""Static reshape targets: the shape arithmetic of dynamic-shape graphs, resolved at export.
+
+The TorchScript exporter writes every ``x.reshape(batch, -1, heads, head_dim)`` with ``batch``
+read at run time: Shape -> Gather -> Unsqueeze -> Concat -> Reshape, and the attention scale as
+Shape -> Gather -> Cast -> Sqrt -> Div -> Sqrt. On the small reference models those chains are a
+third of all nodes and about a quarter of ONNX Runtime's time per graph (profiled: Reshape, Concat,
+Unsqueeze, Gather, Shape, Slice, Sqrt nodes of ``up1``), and TensorRT parses each into shape
+layers. ONNX's own Reshape semantics need none of it when the dims are known symbolically: a
+target dim equal to the input dim at the same position is ``0`` (copy), a static dim is its
+number, and one remaining dim is ``-1`` (inferred). So:
+
+1. symbolic shape inference (ONNX Runtime's, with the graph inputs' named dynamic axes) on a
+   weight-free copy of the graph;
+2. every Reshape whose target is computed gets that constant target when at most one dim is
+   neither static nor copied (``[batch, H*W, C] -> [batch, H, W, C]`` keeps its computed target);
+3. the inferred shapes go into ``value_info``, so the constant folding that follows also folds
+   ``Shape -> Gather`` of static dims (the attention scale becomes one constant) and drops the
+   chains nobody reads any more.
+
+When inference fails on a graph, the graph is left as the exporter wrote it (correct, only slower).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+Dims = list  # per dim: an int (static), a str (symbolic, e.g. "batch" or "h*w"), or None (unknown)
+Shapes = dict  # tensor name -> (ONNX element type, Dims)
+
+
+def static_reshapes(model: onnx.ModelProto) -> int:
+    """Give computed Reshape targets a constant target where the dims allow; returns how many.
+    Also leaves the inferred shapes in ``model.graph.value_info`` for constant folding."""
+    shapes = symbolic_shapes(model)
+    if shapes is None:
+        return 0
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.input[1] in constants or _attr(node, "allowzero"):
+            continue
+        target = constant_target(shapes.get(node.input[0], (0, None))[1], shapes.get(node.output[0], (0, None))[1])
+        if target is None:
+            continue
+        name = f"{node.output[0]}/static_shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        node.input[1] = name
+        changed += 1
+    graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(helper.make_tensor_value_info(name, elem, dims)
+                                  for name, (elem, dims) in shapes.items() if name not in graph_io)
+    return changed
+
+
+def constant_target(source: Dims | None, result: Dims | None) -> list[int] | None:
+    """The Reshape target giving ``result`` from ``source`` with ONNX's 0 (copy the input dim at the
+    same position) and -1 (infer one dim); None when two or more dims are only known at run time."""
+    if not source or not result:
+        return None
+    target, inferred = [], 0
+    for i, dim in enumerate(result):
+        if isinstance(dim, int) and dim > 0:
+            target.append(dim)
+        elif isinstance(dim, str) and i < len(source) and source[i] == dim:
+            target.append(0)
+        elif isinstance(dim, int):  # an empty dim: -1 could not be inferred
+            return None
+        else:
+            target.append(-1)
+            inferred += 1
+    return target if inferred <= 1 else None
+
+
+def symbolic_shapes(model: onnx.ModelProto) -> Shapes | None:
+    """Every tensor's type and dims by ONNX Runtime's symbolic shape inference, or None."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_weightless(model), auto_merge=True)
+    except Exception as e:  # noqa: BLE001  (its errors are of many kinds; the pass is an optimisation)
+        log.debug("symbolic shape inference failed (%s: %s): reshape targets stay computed", type(e).__name__, e)
+        return None
+    if inferred is None:
+        return None
+    shapes: Shapes = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if not info.type.HasField("tensor_type"):
+            continue
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        shapes[info.name] = (tensor.elem_type, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                                for d in tensor.shape.dim])
+    return shapes
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with large initializers turned into inputs of the same type and shape: inference
+    needs their shapes, not their bytes (a real-size block holds gigabytes)."""
+    small, as_inputs = [], []
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.INT64, TensorProto.INT32) or np.prod(init.dims, dtype=np.int64) <= 64:
+            small.append(init)
+        else:
+            as_inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    graph = helper.make_graph(list(model.graph.node), model.graph.name, [*model.graph.input, *as_inputs],
+                              list(model.graph.output), small)
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _attr(node, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)

@@ -1,0 +1,70 @@
+"""Static reshape targets: ONNX's 0 / -1 where the symbolic dims allow, computed targets elsewhere."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.export.shapes import constant_target, static_reshapes
+
+
+def test_constant_target_copies_equal_dims_and_infers_at_most_one():
+    assert constant_target(["batch", "h*w", 48], ["batch", "h*w", 8, 6]) == [0, 0, 8, 6]  # heads split
+    assert constant_target(["batch", 8, "h*w", 6], ["batch", "h*w", 48]) == [0, -1, 48]  # moved dim: inferred
+    assert constant_target(["batch", "h", "w", 48], ["batch", "h*w", 48]) == [0, -1, 48]
+    assert constant_target(["batch", "h*w", 48], ["batch", "h", "w", 48]) is None  # h and w both unknown
+    assert constant_target(["batch", 4, 48], ["batch", 4, 8, 6]) == [0, 4, 8, 6]
+    assert constant_target(["batch", 0, 3], ["batch", 0]) is None  # an empty dim: -1 is ambiguous
+    assert constant_target(None, ["batch", 3]) is None
+
+
+def attention_like_graph() -> onnx.ModelProto:
+    """x [batch, tokens, 12] -> reshape to [batch, tokens, 3, 4] with the target computed from
+    Shape(x) the way torch.onnx writes it, then y [batch, tokens, 3, 4] * sqrt(1/sqrt(4)) computed
+    from the shape too."""
+    def const(name, values, dtype=np.int64):
+        return numpy_helper.from_array(np.array(values, dtype=dtype), name)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "axes0"], ["b1"]),
+        helper.make_node("Concat", ["b1", "minus1", "three", "four"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"], name="split"),
+        helper.make_node("Shape", ["y"], ["yshape"]),
+        helper.make_node("Gather", ["yshape", "last"], ["d"], axis=0),
+        helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
+        helper.make_node("Sqrt", ["df"], ["sd"]),
+        helper.make_node("Div", ["one", "sd"], ["inv"]),
+        helper.make_node("Sqrt", ["inv"], ["scale"]),
+        helper.make_node("Mul", ["y", "scale"], ["out"]),
+    ]
+    inits = [const("zero", 0), const("axes0", [0]), const("minus1", [-1]), const("three", [3]), const("four", [4]),
+             const("last", -1), const("one", 1.0, np.float32)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", 12])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "tokens", 3, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_a_computed_target_becomes_constant_and_the_graph_computes_the_same():
+    from exporter.export.passes import simplify
+
+    model = attention_like_graph()
+    simplified = simplify(model)
+    ops = [n.op_type for n in simplified.graph.node]
+    assert ops == ["Reshape", "Mul"]  # the shape chains are gone, the scale is one constant
+    target = numpy_helper.to_array(next(i for i in simplified.graph.initializer
+                                        if i.name == simplified.graph.node[0].input[1]))
+    assert target.tolist() == [0, 0, 3, 4]
+    x = np.random.default_rng(0).standard_normal((5, 7, 12)).astype(np.float32)
+    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (got,) = ort.InferenceSession(simplified.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_a_graph_inference_cannot_read_is_left_alone():
+    model = attention_like_graph()
+    model.graph.node[4].op_type = "NoSuchOp"  # symbolic inference fails on an unknown op
+    before = model.SerializeToString()
+    assert static_reshapes(model) == 0
+    assert model.SerializeToString() == before
