@@ -83,12 +83,18 @@ def symbolic_shapes(model: onnx.ModelProto) -> Shapes | None:
     """Every tensor's type and dims by ONNX Runtime's symbolic shape inference, or None."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    # SymbolicShapeInference.infer_shapes, minus what it does when some tensor stays unknown: write
+    # sym_shape_infer_temp.onnx into the working directory and raise. Shapes it did infer are right,
+    # so a partial result is used as it is (tensors without one keep their computed targets).
     try:
-        inferred = SymbolicShapeInference.infer_shapes(_weightless(model), auto_merge=True)
+        inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        inference._preprocess(_weightless(model))
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        inferred = inference.out_mp_
     except Exception as e:  # noqa: BLE001  (its errors are of many kinds; the pass is an optimisation)
         log.debug("symbolic shape inference failed (%s: %s): reshape targets stay computed", type(e).__name__, e)
-        return None
-    if inferred is None:
         return None
     shapes: Shapes = {}
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
