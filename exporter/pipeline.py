@@ -156,8 +156,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"parity {key}: {p['graphs_passed']}/{p['graphs']} graphs above threshold, worst "
                      f"{p['worst_sqnr_db']:.1f} dB" + (f"; end to end PSNR {e2e['psnr_db']:.1f} dB" if e2e else ""))
     sizes = summary["graph_bytes"]
-    lines.append("deployed sizes (manifest files): " + ", ".join(f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)"
-                                                     for k, v in sizes.items()))
+    lines.append("deployed sizes (manifest files): " + ", ".join(
+        f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)" for k, v in sizes.items()))
     if summary["lint_violations"]:
         lines.append(f"lint: {len(summary['lint_violations'])} rule violation(s), see exporter lint")
     return "\n".join(lines)

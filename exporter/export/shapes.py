@@ -3,9 +3,9 @@
 The TorchScript exporter writes every ``x.reshape(batch, -1, heads, head_dim)`` with ``batch``
 read at run time: Shape -> Gather -> Unsqueeze -> Concat -> Reshape, and the attention scale as
 Shape -> Gather -> Cast -> Sqrt -> Div -> Sqrt. On the small reference models those chains are a
-third of all nodes and about a quarter of ONNX Runtime's time per graph (profiled: Reshape, Concat,
-Unsqueeze, Gather, Shape, Slice, Sqrt nodes of ``up1``), and TensorRT parses each into shape
-layers. ONNX's own Reshape semantics need none of it when the dims are known symbolically: a
+third of all nodes (``digits-unet`` INT8: 11,229 nodes before, 8,170 after), every one a layer for
+TensorRT's parser; ONNX Runtime optimises most of them away itself (measured side by side: 2 %
+faster without them). ONNX's own Reshape semantics need none of it when the dims are known symbolically: a
 target dim equal to the input dim at the same position is ``0`` (copy), a static dim is its
 number, and one remaining dim is ``-1`` (inferred). So:
 
@@ -42,11 +42,12 @@ def static_reshapes(model: onnx.ModelProto) -> int:
         return 0
     constants = {init.name for init in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    dims = {name: d for name, (_, d) in shapes.items()}
     changed = 0
     for node in model.graph.node:
         if node.op_type != "Reshape" or node.input[1] in constants or _attr(node, "allowzero"):
             continue
-        target = constant_target(shapes.get(node.input[0], (0, None))[1], shapes.get(node.output[0], (0, None))[1])
+        target = constant_target(dims.get(node.input[0]), dims.get(node.output[0]))
         if target is None:
             continue
         name = f"{node.output[0]}/static_shape"
