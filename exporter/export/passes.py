@@ -98,8 +98,17 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     _bypass_identities(model.graph)
     static_reshapes(model)  # constant reshape targets; its inferred shapes let the folding below reach further
     graph = gs.import_onnx(model)
-    graph.fold_constants(should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
-                         error_ok=False)
+    # graphsurgeon evaluates the foldable subgraph in an ONNX Runtime session, whose optimizer warns
+    # about every Unsqueeze it leaves for the fold to do ("UnsqueezeElimination cannot remove node"):
+    # noise for the user, so errors only while folding (then ONNX Runtime's default, warnings, again)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        graph.fold_constants(should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
+                             error_ok=False)
+    finally:
+        onnxruntime.set_default_logger_severity(2)
     graph.cleanup(remove_unused_graph_inputs=False)
     simplified = gs.export_onnx(graph, do_type_check=True)
     # for the same reason, initializers that existed before folding are restored byte for byte
