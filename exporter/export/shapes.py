@@ -56,8 +56,8 @@ def static_reshapes(model: onnx.ModelProto) -> int:
         changed += 1
     graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
     del model.graph.value_info[:]
-    model.graph.value_info.extend(helper.make_tensor_value_info(name, elem, dims)
-                                  for name, (elem, dims) in shapes.items() if name not in graph_io)
+    model.graph.value_info.extend(helper.make_tensor_value_info(name, elem, shape)
+                                  for name, (elem, shape) in shapes.items() if name not in graph_io)
     return changed
 
 

@@ -155,17 +155,21 @@ def test_dit_cache_skips_the_blocks_before_the_cached_tokens():
 
 
 def test_default_exclusions_name_real_layers(tiny_unet2d_dirs, tiny_pixart_dir, tiny_sdxl_dir):
-    """Every exclusion pattern has a reason and matches a Conv/Linear of some model of its class
-    (SDXL's ``add_embedding`` exists only in text_time UNets)."""
+    """Every exclusion pattern has a reason and matches a Conv/Linear of every model of its class
+    that has the pattern's top-level module (diffusers sets optional ones, like SDXL's
+    ``add_embedding``, to None), and of at least one model."""
     from fnmatch import fnmatch
 
-    compute: dict[type, list[str]] = {}
+    matched: set[tuple[type, str]] = set()
     for directory in (reference.path("digits-unet"), reference.path("digits-dit"), tiny_unet2d_dirs[1],
                       tiny_pixart_dir, tiny_sdxl_dir):
         loaded = load_model(directory)
-        compute.setdefault(type(loaded.adapter), []).extend(
-            n for n, m in loaded.model.named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)))
-    for adapter, names in compute.items():
-        for pattern, reason in adapter.default_exclusions:
-            assert reason and any(fnmatch(n, pattern) for n in names), (adapter.__name__, pattern)
+        compute = [n for n, m in loaded.model.named_modules()
+                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding))]
+        for pattern, reason in loaded.adapter.default_exclusions:
+            if getattr(loaded.model, pattern.split(".")[0], None) is None:
+                continue
+            assert reason and any(fnmatch(n, pattern) for n in compute), (directory, pattern)
+            matched.add((type(loaded.adapter), pattern))
+    for adapter in {a for a, _ in matched}:
+        assert {p for p, _ in adapter.default_exclusions} <= {p for a, p in matched if a is adapter}, adapter
