@@ -59,6 +59,7 @@ class PrecisionOverride:
     pattern: str
     weights: str
     activations: str | None  # None: weight-only
+    reason: str | None = None  # recorded in quantization.json next to the layers it covers
 
 
 @dataclass
@@ -75,7 +76,7 @@ class QuantizationSpec:
     split_shortcut: bool = True  # separate scales for the two halves of an up-block skip concat
     block_size: int = 128  # INT4 weights: blocks of input channels (capped at the channel count)
     exclude: list[Exclusion] | None = None  # None: the architecture adapter's defaults (with reasons)
-    precision: list[PrecisionOverride] = field(default_factory=list)
+    precision: list[PrecisionOverride] | None = None  # None: the adapter's defaults (weight-only INT8 layers)
 
     @classmethod
     def naive(cls, weights: str = "int8", activations: str | None = "int8") -> QuantizationSpec:
@@ -95,7 +96,7 @@ class QuantizationSpec:
 
         check_format(self.weights, "weights")
         check_format(self.activations, "activations", allow_none=True)
-        for i, override in enumerate(self.precision):
+        for i, override in enumerate(self.precision or ()):
             check_format(override.weights, f"precision[{i}].weights")
             check_format(override.activations, f"precision[{i}].activations", allow_none=True)
         if self.weight_observer not in ("max", "mse"):

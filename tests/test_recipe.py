@@ -2,6 +2,7 @@
 
 import pytest
 
+from exporter.quant.formats import get_format
 from exporter.recipe import (
     FORMATS,
     RECIPES_DIR,
@@ -71,23 +72,23 @@ def test_naive_is_the_baseline_and_the_defaults_are_not():
 
 
 @pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
-def test_reference_recipes_decide_every_adapter_exclusion_and_fit_the_model(model):
+def test_reference_recipes_list_the_adapter_defaults_and_fit_the_model(model):
     from exporter import reference
     from exporter.models import load_model
     from exporter.quant.ptq import plan_layers
 
     loaded = load_model(reference.path(model))
+    defaults = plan_layers(loaded.model, loaded.adapter, QuantizationSpec())
+    assert defaults[1] and defaults[2]  # layers kept in float, layers weight-only INT8
     for fmt in FORMATS[1:]:
         spec = load_recipe(bundled_recipe_path(fmt, model)).quantization
-        plan, excluded = plan_layers(loaded.model, loaded.adapter, spec)  # raises on a pattern matching nothing
-        assert plan and excluded
-        # every layer the adapter keeps in float is either excluded with the adapter's reason or
-        # deliberately quantized weight-only by a precision override (measured in the recipe's comment)
-        listed = [(e.pattern, e.reason) for e in spec.exclude]
-        assert all(entry in loaded.adapter.default_exclusions for entry in listed)
-        defaults = {layer["layer"] for layer in plan_layers(loaded.model, loaded.adapter, QuantizationSpec())[1]}
-        for layer in defaults - {e["layer"] for e in excluded}:
-            assert plan[layer][1] is None, (fmt, layer)
+        plan, excluded, overridden = plan_layers(loaded.model, loaded.adapter, spec)  # raises on a pattern matching nothing
+        # the bundled recipes spell out the adapter's defaults that apply to the model (so a reader
+        # sees every decision): the same layers in float and weight-only INT8, for the same reasons
+        assert {(e.pattern, e.reason) for e in spec.exclude} <= set(loaded.adapter.default_exclusions), fmt
+        assert {(o.pattern, o.reason) for o in spec.precision} <= set(loaded.adapter.default_weight_only), fmt
+        assert excluded == defaults[1] and overridden == defaults[2], fmt
+        assert all(plan[o["layer"]] == (get_format("int8"), None) for o in overridden)
 
 
 def test_build_section_is_typed_and_checked():

@@ -38,7 +38,8 @@ class BlockReport:
     graph: str
     quantized: list[str] = field(default_factory=list)
     quantized_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node name -> model layer
-    weight_only: list[str] = field(default_factory=list)
+    weight_only: list[str] = field(default_factory=list)  # quantized weights, float input: float compute
+    weight_only_reasons: dict[str, str] = field(default_factory=dict)  # layer -> reason of its precision override
     float_layers: dict[str, str] = field(default_factory=dict)  # layer -> reason
     attention_matmuls: int = 0
     violations: list[str] = field(default_factory=list)
@@ -56,6 +57,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
     outputs = {o.name for o in graph.output}
     inits = {i.name: i for i in graph.initializer}
     excluded = {e["layer"]: e["reason"] for e in (manifest["quantization"] or {}).get("excluded", [])}
+    overridden = {o["layer"]: o["reason"] for o in (manifest["quantization"] or {}).get("precision_overrides", [])}
     quantized = block["quantized_layers"]
 
     def dq_behind(tensor: str, through=()):
@@ -93,6 +95,8 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             report.quantized_nodes[node.name] = layer
         elif w_dq is not None and quantized.get(layer, [None, None])[1] is None:
             report.weight_only.append(layer)
+            if layer in overridden:  # not every layer of a weight-only format: those a recipe singled out
+                report.weight_only_reasons[layer] = overridden[layer]
         elif act_dq is not None or w_dq is not None:
             side = "activation" if act_dq is not None else "weight"
             report.violations.append(f"one-sided: {layer} ({node.name}) has Q/DQ on its {side} only; "
@@ -150,10 +154,12 @@ def lint_folder(folder: str | Path) -> list[BlockReport]:
 def format_lint(reports: list[BlockReport]) -> str:
     lines = ["| block | graph | quantized | weight-only | float | attention matmuls |", "|---|---|---|---|---|---|"]
     reasons: dict[str, str] = {}
+    weight_only: dict[str, str] = {}
     for r in reports:
         lines.append(f"| {r.block} | {r.graph} | {len(r.quantized)} | {len(r.weight_only)} | {len(r.float_layers)} "
                      f"| {r.attention_matmuls} |")
         reasons.update(r.float_layers)
+        weight_only.update(r.weight_only_reasons)
     total = Counter()
     for r in reports:
         total.update({"quantized": len(r.quantized), "weight-only": len(r.weight_only), "float": len(r.float_layers)})
@@ -162,6 +168,9 @@ def format_lint(reports: list[BlockReport]) -> str:
     if reasons:
         lines.append("layers left in float, and why:")
         lines += [f"  {layer}: {reason}" for layer, reason in sorted(reasons.items())]
+    if weight_only:
+        lines.append("weight-only layers (quantized weights, float input and compute), and why:")
+        lines += [f"  {layer}: {reason}" for layer, reason in sorted(weight_only.items())]
     warnings = sorted({w for r in reports for w in r.warnings})
     lines += [f"warning: {w}" for w in warnings]
     violations = [f"{r.graph}: {v}" for r in reports for v in r.violations]

@@ -27,11 +27,12 @@ from exporter.errors import UsageError
 from exporter.quant.formats import QuantFormat, compact, dequantize, fake_quant, get_format, quantize, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
-from exporter.recipe import QuantizationSpec
+from exporter.recipe import PrecisionOverride, QuantizationSpec
 
 log = logging.getLogger(__name__)
 
 COMPUTE_LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
+WEIGHT_ONLY_FORMAT = "int8"  # the weights of the adapter's default weight-only layers, in every format
 
 
 class TimestepContext:
@@ -185,26 +186,34 @@ def _check_patterns(names: list[str], patterns: list[str], what: str) -> None:
                              f"(layers look like {names[0]!r}, {names[-1]!r})")
 
 
-def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tuple[dict, list]:
-    """Which layers get quantized in which formats, and which stay in float (with the reason)."""
+def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tuple[dict, list, list]:
+    """Which layers get quantized in which formats; which stay in float and which take their
+    formats from a precision override (the adapter's weight-only defaults or the recipe's), each
+    with the reason."""
     names = [n for n, m in model.named_modules() if isinstance(m, COMPUTE_LAYERS)]
     if spec.exclude is None:
         exclusions = list(adapter.default_exclusions)
     else:
         exclusions = [(e.pattern, e.reason) for e in spec.exclude]
         _check_patterns(names, [p for p, _ in exclusions], "exclude")
-    _check_patterns(names, [o.pattern for o in spec.precision], "precision")
-    plan, excluded = {}, []
+    if spec.precision is None:
+        overrides = [PrecisionOverride(p, WEIGHT_ONLY_FORMAT, None, r) for p, r in adapter.default_weight_only]
+    else:
+        overrides = spec.precision
+        _check_patterns(names, [o.pattern for o in overrides], "precision")
+    plan, excluded, overridden = {}, [], []
     for name in names:
         reason = next((r for p, r in exclusions if fnmatch.fnmatch(name, p)), None)
         if reason is not None:
             excluded.append({"layer": name, "reason": reason})
             continue
-        override = next((o for o in spec.precision if fnmatch.fnmatch(name, o.pattern)), None)
+        override = next((o for o in overrides if fnmatch.fnmatch(name, o.pattern)), None)
         chosen = override or spec
-        weights, activations = chosen.weights, chosen.activations
-        plan[name] = (get_format(weights), get_format(activations) if activations else None)
-    return plan, excluded
+        if override is not None:
+            overridden.append({"layer": name, "weights": override.weights, "activations": override.activations,
+                               "reason": override.reason or "recipe precision override"})
+        plan[name] = (get_format(chosen.weights), get_format(chosen.activations) if chosen.activations else None)
+    return plan, excluded, overridden
 
 
 def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_weights: bool = True) -> dict:
@@ -221,7 +230,7 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
 
     start = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
-    plan, excluded = plan_layers(model, adapter, spec)
+    plan, excluded, overridden = plan_layers(model, adapter, spec)
     sites = adapter.split_shortcut_sites(model) if spec.split_shortcut else {}
     context = TimestepContext()
     layers: dict[str, QuantLayer] = {}
@@ -293,6 +302,7 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
         "quantized_layers": len(layers),
         "formats": {n: [layer.wfmt.name, layer.afmt.name if layer.afmt else None] for n, layer in layers.items()},
         "excluded": excluded,
+        "precision_overrides": overridden,
         "split_shortcut_layers": sorted(n for n, layer in layers.items() if layer.split),
         "groups": context.groups.to_dict() if context.groups else None,
         "per_t_amax": per_t_amax,

@@ -26,12 +26,17 @@ def test_every_quantized_layer_is_counted_and_every_float_one_has_its_reason(int
     for block in manifest["blocks"]:
         report = reports[block["name"]]
         assert not report.violations
-        assert report.quantized == sorted(block["quantized_layers"])
+        assert sorted(report.quantized + report.weight_only) == sorted(block["quantized_layers"])
+        assert all(block["quantized_layers"][layer][1] is None for layer in report.weight_only)
     reasons = {layer: reason for r in reports.values() for layer, reason in r.float_layers.items()}
-    assert reasons["conv_in"].startswith("first layer") and "time_embedding.linear_1" in reasons
+    weight_only = {layer for r in reports.values() for layer in r.weight_only}
+    assert reasons["conv_in"].startswith("first layer") and "time_embedding.linear_1" not in reasons
+    assert {"time_embedding.linear_1", "down_blocks.0.resnets.0.time_emb_proj"} <= weight_only  # adapter default
     assert reports["down0.layer0"].attention_matmuls == 4  # QK^T and attention x V, self and cross
     result = run_cli("lint", int8_graphs)
     assert result.returncode == 0 and "no rule violations" in result.stdout
+    assert "weight-only layers (quantized weights, float input and compute), and why:" in result.stdout
+    assert "  time_embedding.linear_1: time embedding: input depends on t only" in result.stdout
 
 
 def edit_graph(folder, name, edit):

@@ -154,10 +154,10 @@ def test_dit_cache_skips_the_blocks_before_the_cached_tokens():
         ["blocks.4", "blocks.5", "head"]
 
 
-def test_default_exclusions_name_real_layers(tiny_unet2d_dirs, tiny_pixart_dir, tiny_sdxl_dir):
-    """Every exclusion pattern has a reason and matches a Conv/Linear of every model of its class
-    that has the pattern's top-level module (diffusers sets optional ones, like SDXL's
-    ``add_embedding``, to None), and of at least one model."""
+def test_default_layer_patterns_name_real_layers(tiny_unet2d_dirs, tiny_pixart_dir, tiny_sdxl_dir):
+    """Every default pattern (kept in float, or weight-only INT8) has a reason and matches a
+    Conv/Linear of every model of its class that has the pattern's top-level module (diffusers
+    sets optional ones, like SDXL's ``add_embedding``, to None), and of at least one model."""
     from fnmatch import fnmatch
 
     matched: set[tuple[type, str]] = set()
@@ -166,10 +166,12 @@ def test_default_exclusions_name_real_layers(tiny_unet2d_dirs, tiny_pixart_dir, 
         loaded = load_model(directory)
         compute = [n for n, m in loaded.model.named_modules()
                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding))]
-        for pattern, reason in loaded.adapter.default_exclusions:
-            if getattr(loaded.model, pattern.split(".")[0], None) is None:
+        for pattern, reason in loaded.adapter.default_exclusions + loaded.adapter.default_weight_only:
+            top = pattern.split(".")[0]
+            if not any(c in top for c in "*?[") and getattr(loaded.model, top, None) is None:
                 continue
             assert reason and any(fnmatch(n, pattern) for n in compute), (directory, pattern)
             matched.add((type(loaded.adapter), pattern))
     for adapter in {a for a, _ in matched}:
-        assert {p for p, _ in adapter.default_exclusions} <= {p for a, p in matched if a is adapter}, adapter
+        defaults = {p for p, _ in adapter.default_exclusions + adapter.default_weight_only}
+        assert defaults <= {p for a, p in matched if a is adapter}, adapter

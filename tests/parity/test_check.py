@@ -5,8 +5,10 @@ import json
 import subprocess
 
 import onnx
+import pytest
 from onnx import numpy_helper
 
+from exporter.errors import UsageError
 from exporter.export import export_graphs
 from exporter.export.manifest import sha256_file
 from exporter.parity import check_parity
@@ -49,3 +51,17 @@ def test_a_wrong_weight_scale_fails_and_is_traced_to_its_layer(tiny_unet_dir, ti
     assert failed[0].self_sqnr > failed[0].threshold + 20
     result = run_cli("-q", "parity", folder, "--blocks-only")
     assert result.returncode == 1 and "first diverging layer: mid_block.resnets.1.conv2" in result.stdout
+
+
+def test_graphs_whose_layer_formats_the_recipe_no_longer_rebuilds_are_refused(tiny_unet_dir, tiny_unet_calib,
+                                                                                tmp_path):
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=1),
+                  progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # what an export from before the weight-only defaults recorded: no overrides, so the rebuilt
+    # fake-quant model would quantize the time-embedding layers' inputs the graphs leave in float
+    manifest["quantization"]["spec"]["precision"] = []
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"quantizes \d+ layer\(s\) differently .*time_emb.*re-export"):
+        check_parity(folder, end_to_end_check=False)

@@ -45,6 +45,9 @@ def test_every_non_excluded_layer_is_quantized_with_split_sites(tiny_unet_dir, c
     assert summary["quantized_layers"] == len(names) - len(excluded) > 0
     assert summary["split_shortcut_layers"] == sorted(sites) and sites
     assert sorted(e["layer"] for e in summary["excluded"]) == sorted(excluded)
+    weight_only = [n for n in names if any(fnmatch.fnmatch(n, p) for p, _ in loaded.adapter.default_weight_only)]
+    assert [o["layer"] for o in summary["precision_overrides"]] == weight_only and weight_only
+    assert all(summary["formats"][n] == ["int8", None] for n in weight_only)
     ranges = summary["groups"]["ranges"]
     assert len(ranges) == 2 and ranges[0][1] < ranges[1][0]
     layer = loaded.model.get_submodule(next(iter(sites)))
@@ -71,8 +74,8 @@ def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_p
 def test_quant_layer_computes_fake_quant_of_input_and_weight(tiny_unet_dir, calib_dir):
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, QuantizationSpec.naive(), calib_dir)
-    layer = next(m for m in loaded.model.modules()
-                 if isinstance(m, QuantLayer) and isinstance(m.layer, torch.nn.Linear))
+    layer = next(m for m in loaded.model.modules()  # the first are the weight-only time-embedding layers
+                 if isinstance(m, QuantLayer) and isinstance(m.layer, torch.nn.Linear) and m.afmt is not None)
     loaded.model._exporter_context.t = 500.0
     x = torch.randn(3, layer.layer.in_features) * 2
     w_amax = layer.layer.weight.abs().amax(dim=1)
