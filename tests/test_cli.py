@@ -65,8 +65,11 @@ def test_fake_quantized_sampling_from_a_bundled_format(run_cli, tiny_unet_dir, t
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "samples.json").read_text())["precision"] == "w4a8"
     summary = json.loads((out / "quantization.json").read_text())
-    assert set(map(tuple, summary["formats"].values())) == {("int4", "int8")}
-    assert all(e["reason"] for e in summary["excluded"])
+    # W4A8, and the time-embedding layers' INT8 weights with float input (adapter default, with its reason)
+    assert set(map(tuple, summary["formats"].values())) == {("int4", "int8"), ("int8", None)}
+    assert all(e["reason"] for e in summary["excluded"] + summary["precision_overrides"])
+    assert {o["layer"] for o in summary["precision_overrides"]} == {
+        n for n, f in summary["formats"].items() if f == ["int8", None]}
 
     one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--format", "int8", "--out", tmp_path / "o"),
                    "quantized activations need --calib")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from exporter.export import ManifestError, export_graphs, read_manifest
+from exporter.export.manifest import node_scope
 from exporter.models import load_model
 from exporter.models.blocks import run_blocks
 from exporter.quant.ptq import quantize_model
@@ -72,7 +73,8 @@ def test_int8_graphs_have_qdq_on_every_quantized_layer_and_match_fake_quant(tiny
     assert len(manifest["groups"]["ranges"]) == 2
     for block in manifest["blocks"]:
         layers = block["quantized_layers"]
-        assert len(block["graphs"]) == (2 if layers else 1)
+        act_layers = [n for n, formats in layers.items() if formats[1]]  # not the weight-only time layers
+        assert len(block["graphs"]) == (2 if act_layers else 1)  # a block without activation scales: one graph
         for graph_file in block["graphs"]:
             graph = onnx.load(str(folder / graph_file), load_external_data=False).graph
             ops = [n.op_type for n in graph.node]
@@ -81,7 +83,7 @@ def test_int8_graphs_have_qdq_on_every_quantized_layer_and_match_fake_quant(tiny
             split = [n for n in layers if n in manifest["quantization"]["split_shortcut_layers"]]
             # one int8 weight per quantized layer (two at a split site), one Q/DQ pair per input half
             assert len(weight_dq) == len(layers) + len(split), (block["name"], graph_file)
-            assert ops.count("QuantizeLinear") == len(layers) + len(split)
+            assert ops.count("QuantizeLinear") == len(act_layers) + len(split)
     # the groups' graphs of a block share one weight file: same bytes referenced, written once
     up = next(b for b in manifest["blocks"] if len(b["graphs"]) == 2 and b["quantized_layers"])
     locations = [{(e.key, e.value) for i in onnx.load(str(folder / g), load_external_data=False).graph.initializer
@@ -119,14 +121,18 @@ def test_fp8_graphs_keep_float8_types_through_the_graph_passes(tiny_unet_dir, ti
     spec = QuantizationSpec(weights="fp8", activations="fp8", weight_observer="max", act_observer="max", groups=1)
     manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=spec,
                              progress=False)
+    fp8, int8 = onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT8
     for block in manifest["blocks"]:
         graph = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False).graph
         types = {i.name: i.data_type for i in graph.initializer}
         for node in graph.node:
             if node.op_type == "QuantizeLinear":
-                assert types[node.input[2]] == onnx.TensorProto.FLOAT8E4M3FN, (block["name"], node.name)
+                assert types[node.input[2]] == fp8, (block["name"], node.name)
             if node.op_type == "DequantizeLinear" and node.input[0] in types:
-                assert types[node.input[0]] == onnx.TensorProto.FLOAT8E4M3FN, (block["name"], node.name)
+                # FP8 weights, or INT8 ones of the weight-only time-embedding layers (adapter default)
+                layer = block["modules"][node_scope(node)]
+                expected = int8 if block["quantized_layers"][layer] == ["int8", None] else fp8
+                assert types[node.input[0]] == expected, (block["name"], node.name)
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, spec, tiny_unet_calib)
     env = reference_tensors(loaded)
