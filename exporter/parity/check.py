@@ -157,9 +157,9 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
         summary = quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"),
                                  calib, keep_float_weights=bool(manifest["source"].get("finetuned")))
+        rebuilt = summary["formats"]
         exported = {layer: formats for b in manifest["blocks"] for layer, formats in b["quantized_layers"].items()}
-        if summary["formats"] != exported:  # e.g. the spec left defaults to the adapter, whose defaults changed
-            rebuilt = summary["formats"]
+        if rebuilt != exported:  # e.g. the spec left defaults to the adapter, whose defaults changed
             changed = sorted(k for k in rebuilt.keys() | exported.keys() if rebuilt.get(k) != exported.get(k))
             raise UsageError(f"{folder}: its recipe now quantizes {len(changed)} layer(s) differently from the "
                              f"exported graphs (first: {changed[0]}: {rebuilt.get(changed[0])} here, "
