@@ -48,9 +48,14 @@ def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
             "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
+def layer_formats(manifest: dict) -> dict[str, list]:
+    """{layer: [weight format, activation format or None]} over every block of the manifest."""
+    return {layer: pair for block in manifest["blocks"] for layer, pair in block["quantized_layers"].items()}
+
+
 def formats_used(manifest: dict) -> set[str]:
     """Every weight and activation format of the manifest's quantized layers (int8, fp8, int4)."""
-    return {f for block in manifest["blocks"] for pair in block["quantized_layers"].values() for f in pair if f}
+    return {f for pair in layer_formats(manifest).values() for f in pair if f}
 
 
 def node_scope(node) -> str:

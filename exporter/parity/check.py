@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from exporter.errors import UsageError
-from exporter.export.manifest import node_scope, read_manifest
+from exporter.export.manifest import layer_formats, node_scope, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         summary = quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"),
                                  calib, keep_float_weights=bool(manifest["source"].get("finetuned")))
         rebuilt = summary["formats"]
-        exported = {layer: formats for b in manifest["blocks"] for layer, formats in b["quantized_layers"].items()}
+        exported = layer_formats(manifest)
         if rebuilt != exported:  # e.g. the spec left defaults to the adapter, whose defaults changed
             changed = sorted(k for k in rebuilt.keys() | exported.keys() if rebuilt.get(k) != exported.get(k))
             raise UsageError(f"{folder}: its recipe now quantizes {len(changed)} layer(s) differently from the "
