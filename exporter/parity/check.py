@@ -10,7 +10,8 @@ rounding upstream flips a rounding decision, so max-error checks would flag isol
 the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
 bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
 hooks the modules) and the first layer below the threshold is named, next to PyTorch's own
-sensitivity: the SQNR of PyTorch against itself on inputs perturbed by a few float32 ulps, which
+sensitivity: the SQNR of PyTorch against itself with its inputs and every quantizer's input
+perturbed by a few float32 ulps, which
 tells a block that is numerically that sensitive (quantizer rounding flips cascading) from a graph
 that computes something else. With ``engines`` (an ``exporter build`` folder, GPU machines), each
 graph's TensorRT engine joins the same polygraphy comparison as a third runner.
@@ -55,8 +56,8 @@ class GraphParity:
     threshold: float
     polygraphy_passed: bool
     first_diverging_layer: str | None = None
-    # PyTorch against itself with its inputs perturbed by SENSITIVITY_NOISE (relative): how far
-    # float-level differences alone move this block's output (computed for failing graphs)
+    # PyTorch against itself with its inputs and quantizer inputs perturbed by SENSITIVITY_NOISE
+    # (relative): how far float-level differences alone move this block's output (failing graphs)
     self_sqnr: float | None = None
     engine: str | None = None  # with --engines: the TensorRT engine built from this graph
     engine_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs TensorRT
@@ -254,22 +255,41 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
 
 
 def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
-    """Worst output SQNR of PyTorch against itself on inputs times (1 + N(0, SENSITIVITY_NOISE))
-    (FP16 inputs: their machine epsilon).
+    """Worst output SQNR of PyTorch against itself with the block's inputs and the input of every
+    activation quantizer inside it multiplied by (1 + N(0, SENSITIVITY_NOISE)) (FP16 graphs: FP16's
+    machine epsilon).
 
     Quantized blocks are discontinuous: a rounding decision that flips moves a value by a whole
-    step, and downstream quantizers can flip in turn. When this number is near or below the
-    threshold, the block is that sensitive by itself, and a failing ONNX Runtime comparison says so
-    rather than that the graph computes something else."""
-    rng = np.random.default_rng(0)
+    step, and downstream quantizers can flip in turn. ONNX Runtime's float differences arise
+    inside the block too (its GroupNorm, Softmax, accumulation order), where input noise alone may
+    never reach a rounding decision that sits near a tie, so the noise goes in front of every
+    quantizer as well. When this number is near or below the threshold, the block is that
+    sensitive by itself, and a failing ONNX Runtime comparison says so rather than that the graph
+    computes something else."""
+    from exporter.quant.ptq import QuantLayer
 
-    def perturb(v):  # FP16 inputs: noise of their own resolution, or it would round away
-        noise = max(SENSITIVITY_NOISE, float(np.finfo(v.dtype).eps))
-        return (v * (1 + noise * rng.standard_normal(v.shape))).astype(v.dtype)
+    rng = np.random.default_rng(0)
+    # an FP16 graph's float differences are FP16-sized: noise of that resolution (in the float32
+    # reference too), or it would round away at FP16 inputs
+    level = max([SENSITIVITY_NOISE] + [float(np.finfo(v.dtype).eps) for v in feed.values()
+                                       if np.issubdtype(v.dtype, np.floating)])
+
+    def perturb(v):
+        return (v * (1 + level * rng.standard_normal(v.shape))).astype(v.dtype)
+
+    def perturb_input(module, args):
+        x = args[0]
+        return (x * (1 + level * torch.from_numpy(rng.standard_normal(tuple(x.shape))).to(x.dtype)), *args[1:])
 
     noisy = {n: perturb(v) if np.issubdtype(v.dtype, np.floating) else v for n, v in feed.items()}
-    with torch_runner:
-        perturbed = torch_runner.infer(noisy)
+    hooks = [m.register_forward_pre_hook(perturb_input) for m in torch_runner.block.modules()
+             if isinstance(m, QuantLayer) and m.afmt is not None]
+    try:
+        with torch_runner:
+            perturbed = torch_runner.infer(noisy)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return min(sqnr_db(torch_out[n], perturbed[n]) for n in torch_out)
 
 
@@ -341,7 +361,7 @@ def format_parity(results: list[GraphParity]) -> str:
     for r in results:
         for name, (sqnr, max_abs) in r.outputs.items():
             verdict = "ok" if r.passed else (f"FAIL (first diverging layer: {r.first_diverging_layer}; "
-                                             f"PyTorch vs itself under float-level input noise: "
+                                             f"PyTorch vs itself under float-level noise: "
                                              f"{r.self_sqnr:.1f} dB)")
             lines.append(f"| {r.block} | {r.graph} | {name} | {sqnr:.1f} dB | {max_abs:.2e} | {r.threshold:.0f} dB "
                          f"| {'pass' if r.polygraphy_passed else 'fail'} | {verdict} |")

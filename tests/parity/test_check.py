@@ -3,15 +3,22 @@ and a broken graph traced to its layer."""
 
 import json
 import subprocess
+from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from exporter.errors import UsageError
 from exporter.export import export_graphs
 from exporter.export.manifest import sha256_file
 from exporter.parity import check_parity
+from exporter.parity.check import self_sensitivity
+from exporter.parity.runners import TorchBlockRunner
+from exporter.quant.formats import FORMATS
+from exporter.quant.ptq import QuantLayer
 from exporter.recipe import QuantizationSpec
 
 
@@ -65,3 +72,36 @@ def test_graphs_whose_layer_formats_the_recipe_no_longer_rebuilds_are_refused(ti
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match=r"quantizes \d+ layer\(s\) differently .*time_emb.*re-export"):
         check_parity(folder, end_to_end_check=False)
+
+
+class _TieBlock(torch.nn.Module):
+    """floor(x) + 0.5 into an INT8 quantizer of step 1: every value sits on a rounding tie that
+    noise on the block's input never reaches (floor absorbs it), as a near-tie behind ONNX
+    Runtime's own GroupNorm or Softmax does."""
+    outputs = ("y",)
+
+    def __init__(self):
+        super().__init__()
+        context = SimpleNamespace(t=0.0, group=0)
+        self.q = QuantLayer("q", torch.nn.Linear(4, 4, bias=False), FORMATS["int8"], FORMATS["int8"],
+                            QuantizationSpec(), context=context, split=None)
+        self.q.layer.weight.data = torch.eye(4)
+        self.q.weight_q = torch.eye(4)
+        self.q.act_scale = torch.ones(1, 1)
+        self.q.mode = "quant"
+
+    def forward(self, x):
+        return (self.q(torch.floor(x) + 0.5),)
+
+
+def test_sensitivity_reaches_rounding_decisions_inside_the_block():
+    block = _TieBlock()
+    feed = {"x": (np.random.default_rng(1).standard_normal((8, 4)) * 10).astype(np.float32)}
+    runner = TorchBlockRunner(block, [{"name": "x", "shape": [8, 4], "dtype": "float32"}], block.q.context, 0.0)
+    with runner:
+        out = runner.infer(feed)
+    # each tie flips with the sign of its noise: a one-step error on about half of the values
+    assert self_sensitivity(runner, feed, out) < 25
+    # and the hooks are gone afterwards: the block is deterministic again
+    with runner:
+        assert np.array_equal(runner.infer(feed)["y"], out["y"])
