@@ -10,6 +10,8 @@ this report makes that visible before any build. Rules (violations make the comm
 * ``weight-axis``: per-channel weight scales lie on the output-channel axis (blocked INT4: blocks
   along the input axis);
 * ``activation-scale``: activation scales are per tensor (scalars);
+* ``int4-activation``: no activation is quantized to INT4 (TensorRT quantizes activations to INT8,
+  FP8 and FP4; INT4 only weights, weight-only: W4A4 graphs run on ONNX Runtime, not TensorRT);
 * ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used.
 
 Warnings (reported, not failures): INT4 blocked weights feeding a Conv (TensorRT documents
@@ -66,6 +68,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             node = producer.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
+    int4_activations = []
     for node in graph.node:
         if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2
                 and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any()):
@@ -77,6 +80,9 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             scale = inits.get(node.input[1])
             if scale is not None and len(scale.dims) > 0:
                 report.violations.append(f"activation-scale: {node.name} quantizes an activation per channel")
+            zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zero_point is not None and zero_point.data_type == onnx.TensorProto.INT4:
+                int4_activations.append(node.name)
         if node.op_type == "DequantizeLinear" and not consumers.get(node.output[0]) and node.output[0] not in outputs:
             report.violations.append(f"dangling: {node.name}'s output is unused")
         if node.op_type not in COMPUTE:
@@ -104,6 +110,10 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
         else:
             report.float_layers[layer] = excluded.get(layer, "not quantized (unquantized export)"
                                                       if manifest["quantization"] is None else "not quantized")
+    if int4_activations:  # one line per graph: a W4A4 graph has one per quantized layer
+        report.violations.append(f"int4-activation: {len(int4_activations)} QuantizeLinear node(s) quantize "
+                                 f"activations to INT4 (first: {int4_activations[0]}); TensorRT supports INT4 "
+                                 "for weight-only quantization only")
     report.quantized = sorted(set(report.quantized))  # a split shortcut is two convolutions of one layer
     report.weight_only = sorted(set(report.weight_only))
     return report

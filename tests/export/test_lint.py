@@ -74,8 +74,9 @@ def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graph
 @pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
 def test_every_bundled_recipe_exports_graphs_tensorrt_accepts(model, tmp_path):
     """What `exporter build` receives for the reference models follows TensorRT's Q/DQ rules: every
-    bundled format, and the FP16 variant TensorRT builds from. (A short calibration: the structure
-    of the graphs does not depend on how long one calibrates.)"""
+    bundled format but W4A4 (whose INT4 activations lint reports), and the FP16 variant TensorRT
+    builds from. (A short calibration: the structure of the graphs does not depend on how long one
+    calibrates.)"""
     from exporter.calibrate import calibrate
     from exporter.recipe import FORMATS, CalibrationSpec, bundled_recipe_path, load_recipe
 
@@ -87,7 +88,12 @@ def test_every_bundled_recipe_exports_graphs_tensorrt_accepts(model, tmp_path):
         folder = tmp_path / f"{fmt}-{dtype}"
         manifest = export_graphs(model, folder, calib=calib, quantization=spec, dtype=dtype, progress=False)
         reports = lint_folder(folder)
-        assert not [v for r in reports for v in r.violations], (fmt, dtype)
+        violations = [v for r in reports for v in r.violations]
+        if fmt == "w4a4":  # 4-bit activations: ONNX Runtime only, and lint says so for every graph
+            assert len(violations) == sum(1 for r in reports if r.quantized), violations
+            assert all(v.startswith("int4-activation: ") for v in violations), violations
+        else:
+            assert not violations, (fmt, dtype)
         quantized = {layer for b in manifest["blocks"] for layer in b["quantized_layers"]}
         counted = {layer for r in reports for layer in (*r.quantized, *r.weight_only)}
         assert counted == quantized, (fmt, dtype)  # every quantized layer recognised as such in its graph
