@@ -11,7 +11,7 @@ this report makes that visible before any build. Rules (violations make the comm
   along the input axis);
 * ``activation-scale``: activation scales are per tensor (scalars);
 * ``int4-activation``: no activation is quantized to INT4 (TensorRT quantizes activations to INT8,
-  FP8 and FP4; INT4 only weights, weight-only: W4A4 graphs run on ONNX Runtime, not TensorRT);
+  FP8 or FP4 and supports INT4 for weight-only quantization: W4A4 graphs are for ONNX Runtime);
 * ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used.
 
 Warnings (reported, not failures): INT4 blocked weights feeding a Conv (TensorRT documents

@@ -11,9 +11,8 @@ the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
 bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
 hooks the modules) and the first layer below the threshold is named, next to PyTorch's own
 sensitivity: the SQNR of PyTorch against itself with its inputs and every quantizer's input
-perturbed by a few float32 ulps, which
-tells a block that is numerically that sensitive (quantizer rounding flips cascading) from a graph
-that computes something else. With ``engines`` (an ``exporter build`` folder, GPU machines), each
+perturbed by a few float32 ulps, which tells a block that is numerically that sensitive
+(quantizer rounding flips cascading) from a graph that computes something else. With ``engines`` (an ``exporter build`` folder, GPU machines), each
 graph's TensorRT engine joins the same polygraphy comparison as a third runner.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
