@@ -12,8 +12,9 @@ bisected: every layer's output is compared (polygraphy marks all graph outputs; 
 hooks the modules) and the first layer below the threshold is named, next to PyTorch's own
 sensitivity: the SQNR of PyTorch against itself with its inputs and every quantizer's input
 perturbed by a few float32 ulps, which tells a block that is numerically that sensitive
-(quantizer rounding flips cascading) from a graph that computes something else. With ``engines`` (an ``exporter build`` folder, GPU machines), each
-graph's TensorRT engine joins the same polygraphy comparison as a third runner.
+(quantizer rounding flips cascading) from a graph that computes something else. With ``engines``
+(an ``exporter build`` folder, GPU machines), each graph's TensorRT engine joins the same
+polygraphy comparison as a third runner.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
 polygraphy RunResults), a data-loader script and the command that repeats the check without
@@ -276,9 +277,8 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
     def perturb(v):
         return (v * (1 + level * rng.standard_normal(v.shape))).astype(v.dtype)
 
-    def perturb_input(module, args):
-        x = args[0]
-        return (x * (1 + level * torch.from_numpy(rng.standard_normal(tuple(x.shape))).to(x.dtype)), *args[1:])
+    def perturb_input(module, args):  # the same noise in front of a quantizer (inference: no grad)
+        return (torch.from_numpy(perturb(args[0].numpy())), *args[1:])
 
     noisy = {n: perturb(v) if np.issubdtype(v.dtype, np.floating) else v for n, v in feed.items()}
     hooks = [m.register_forward_pre_hook(perturb_input) for m in torch_runner.block.modules()
