@@ -21,3 +21,8 @@ class ImageFolderError(ExporterError):
 
 class UsageError(ExporterError):
     """Options that do not fit together (a row the conditioning lacks, an unknown scheduler, ...)."""
+
+
+class NonFiniteError(ExporterError):
+    """A graph or engine produced NaN or Inf (FP16 overflow, a broken scale): the run stops at the
+    first such step and names the block that went non-finite, instead of writing black images."""

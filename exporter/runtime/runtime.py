@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.errors import UsageError
+from exporter.errors import NonFiniteError, UsageError
 from exporter.export.manifest import read_manifest
 from exporter.models import adapter_for, load_conditioning
 from exporter.quant.timestep_groups import TimestepGroups
@@ -116,9 +116,35 @@ class Runtime:
             start = time.perf_counter()
             env.update(zip(names, self.backend.run(graph, self._feeds(block, env), names)))
             self.seconds[block["name"]] = self.seconds.get(block["name"], 0.0) + time.perf_counter() - start
+        if not np.isfinite(env["noise_pred"]).all():  # one cheap check per step; the search only on failure
+            raise NonFiniteError(self._first_non_finite(run, env, step, tt, group))
         if full and plan.feature is not None:
             cache[plan.feature] = env[plan.feature]
         return self.adapter.postprocess(torch.from_numpy(env["noise_pred"]).float())  # fp16 graphs: back to fp32
+
+    def _first_non_finite(self, run: list[str], env: dict, step: int, t: float, group: int) -> str:
+        """Where this step went non-finite: the first block (in run order) with NaN/Inf in an output
+        while its inputs were finite. ``env`` still holds every tensor of the step."""
+        where = f"step {step} (t={t:g}, timestep group {group})"
+        for block in (b for b in self.blocks if b["name"] in run):
+            inputs = [i["name"] for i in block["inputs"]]
+            broken = [n for n in inputs if not np.isfinite(env[n]).all()]
+            if broken:
+                return (f"{where}: the input {broken[0]} of block {block['name']} was already NaN/Inf "
+                        "(the latents from the previous step, or a cached feature)")
+            for name in (o["name"] for o in block["outputs"]):
+                values = env[name]
+                if np.isfinite(values).all():
+                    continue
+                files = block.get("engines") or block["graphs"]
+                peak = max(float(np.abs(env[n].astype(np.float32)).max()) for n in inputs)
+                hint = " (FP16 overflows past 65504)" if self.manifest.get("dtype") == "fp16" else ""
+                parity = (f"exporter parity {self.manifest['source']['graphs']} --engines {self.folder}"
+                          if self.manifest.get("kind") == "tensorrt" else f"exporter parity {self.folder}")
+                return (f"{where}: block {block['name']} ({files[group if len(files) > 1 else 0]}) turned finite "
+                        f"inputs (largest |value| {peak:.4g}) into {int((~np.isfinite(values)).sum())} NaN/Inf "
+                        f"of {values.size} values in {name}{hint}; compare it with PyTorch: {parity}")
+        return f"{where}: the noise prediction is NaN/Inf"
 
     def generate(self, cond: str | Path | None = None, rows: list[int] | None = None, per_row: int = 8,
                  steps: int | None = None, scheduler: str | None = None, guidance: float | None = None,

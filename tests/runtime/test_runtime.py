@@ -2,8 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
+from exporter.errors import NonFiniteError
 from exporter.export import export_graphs
 from exporter.models import load_conditioning, load_model
 from exporter.recipe import QuantizationSpec
@@ -96,3 +99,51 @@ def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
     assert sorted(p.name for p in (tmp_path / "o").glob("*_*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
     record = json.loads((tmp_path / "o" / "samples.json").read_text())
     assert record["cache_interval"] == 2 and record["block_seconds"]
+
+
+def test_fp16_overflow_stops_the_run_and_names_the_block(tiny_unet_dir, tmp_path):
+    export_graphs(str(tiny_unet_dir), tmp_path / "fp16", dtype="fp16", progress=False)
+    runtime = Runtime.load(tmp_path / "fp16")
+    cond, _ = load_conditioning(tmp_path / "fp16" / runtime.manifest["conditioning"], runtime.adapter).batch([0])
+    plan = runtime.cache_plan(4, 1, None, "uniform")
+    t = torch.tensor([500.0])
+    x = torch.full((1, *runtime.adapter.sample_shape), 3e4)
+    assert torch.isfinite(runtime.denoise(x, t, cond, 0, plan, {})).all()
+    # still finite in FP16 (max 65504), but conv_in's sums over it are not
+    with pytest.raises(NonFiniteError, match=r"step 0 \(t=500, timestep group 0\): block stem \(stem.onnx\) turned "
+                                             r"finite inputs \(largest \|value\| 6e\+04\) into \d+ NaN/Inf .* "
+                                             r"\(FP16 overflows past 65504\)"):
+        runtime.denoise(torch.full_like(x, 6e4), t, cond, 0, plan, {})
+
+
+class PoisoningBackend:
+    """Puts a NaN into one block's first output from a given call of that block on."""
+
+    def __init__(self, backend, graph: str, from_call: int):
+        self.backend, self.graph, self.from_call, self.calls = backend, graph, from_call, 0
+
+    def run(self, graph, feeds, outputs):
+        results = self.backend.run(graph, feeds, outputs)
+        if graph == self.graph:
+            self.calls += 1
+            if self.calls > self.from_call:
+                results[0] = results[0].copy()
+                results[0].flat[0] = np.nan
+        return results
+
+
+def test_a_nan_deep_in_the_model_names_its_block_and_step(unet_graphs):
+    runtime = Runtime.load(unet_graphs)
+    runtime.backend = PoisoningBackend(runtime.backend, "mid.onnx", from_call=2)
+    with pytest.raises(NonFiniteError, match=r"step 2 \(t=\d+, timestep group 0\): block mid \(mid.onnx\) turned "
+                                             r"finite inputs .* into 1 NaN/Inf of \d+ values in "):
+        runtime.generate(rows=[0], per_row=2, steps=5, guidance=2.0, progress=False)
+
+
+def test_non_finite_latents_are_reported_as_the_input(unet_graphs):
+    runtime = Runtime.load(unet_graphs)
+    cond, _ = load_conditioning(unet_graphs / runtime.manifest["conditioning"], runtime.adapter).batch([0])
+    x = torch.zeros(1, *runtime.adapter.sample_shape)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="the input sample of block stem was already NaN/Inf"):
+        runtime.denoise(x, torch.tensor([10.0]), cond, 3, runtime.cache_plan(4, 1, None, "uniform"), {})
