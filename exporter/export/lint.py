@@ -70,8 +70,9 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
 
     int4_activations = []
     for node in graph.node:
-        if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2
-                and node.input[2] in inits and numpy_helper.to_array(inits[node.input[2]]).any()):
+        is_qdq = node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        zero_point = inits.get(node.input[2]) if is_qdq and len(node.input) > 2 else None
+        if zero_point is not None and numpy_helper.to_array(zero_point).any():
             report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
@@ -80,7 +81,6 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             scale = inits.get(node.input[1])
             if scale is not None and len(scale.dims) > 0:
                 report.violations.append(f"activation-scale: {node.name} quantizes an activation per channel")
-            zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
             if zero_point is not None and zero_point.data_type == onnx.TensorProto.INT4:
                 int4_activations.append(node.name)
         if node.op_type == "DequantizeLinear" and not consumers.get(node.output[0]) and node.output[0] not in outputs:
