@@ -1,0 +1,53 @@
+"""Every sampler honours the model's ``clip_sample``, as DDIM does; latent models stay unclipped."""
+
+import json
+
+import pytest
+import torch
+
+from exporter import reference
+from exporter.sampling.schedulers import SCHEDULERS, make_scheduler
+
+PIXEL_CONFIG = json.loads((reference.path("digits-unet") / "scheduler" / "scheduler_config.json").read_text())
+LATENT_CONFIG = {**PIXEL_CONFIG, "clip_sample": False}
+
+
+def predicted_clean_image(name: str, config: dict) -> torch.Tensor:
+    """The clean image a scheduler predicts at the first of 10 steps, from a noise prediction that
+    puts it far outside [-1, 1]."""
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+    sample = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    eps = -20 * scheduler.scale_model_input(sample, t)
+    if name == "dpm++":  # multistep: the clean-image prediction is its own public step
+        scheduler._init_step_index(t)
+        return scheduler.convert_model_output(eps, sample=sample)
+    return scheduler.step(eps, t, sample).pred_original_sample
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_clip_sample_bounds_the_predicted_clean_image(name):
+    assert PIXEL_CONFIG["clip_sample"] and PIXEL_CONFIG["clip_sample_range"] == 1.0
+    # Euler works on the unscaled sample (|x| ~ 1e4 at the first step): float32 rounds its
+    # sample - sigma * eps to a few 1e-3
+    assert float(predicted_clean_image(name, PIXEL_CONFIG).abs().max()) <= 1.01
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_without_clip_sample_nothing_is_clipped(name):
+    assert float(predicted_clean_image(name, LATENT_CONFIG).abs().max()) > 10.0
+
+
+def test_clipped_euler_matches_euler_where_nothing_needs_clipping():
+    plain = make_scheduler("euler", LATENT_CONFIG)
+    clipped = make_scheduler("euler", PIXEL_CONFIG)
+    for s in (plain, clipped):
+        s.set_timesteps(10)
+    t = plain.timesteps[-1]  # the last step: small sigma, the predicted image stays inside [-1, 1]
+    sample = 0.5 * torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    eps = 0.01 * torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    for s in (plain, clipped):
+        s._step_index = len(s.timesteps) - 1
+    expected = plain.step(eps, t, sample).prev_sample
+    assert torch.allclose(clipped.step(eps, t, sample).prev_sample, expected, atol=1e-6)
