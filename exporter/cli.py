@@ -109,8 +109,10 @@ def cmd_calibrate(args) -> None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
     state = calibrate(model, args.out, spec, cond=args.cond, progress=not args.quiet)
     samples = sum(s["samples"] for s in state["shards"].values())
-    print(f"recorded {samples} samples of {len(state['tensors'])} tensors over {len(state['coverage'])} "
-          f"timesteps into {args.out}")
+    t, counts = [float(k) for k in state["coverage"]], list(state["coverage"].values())
+    per_t = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    print(f"recorded {samples} samples of {len(state['tensors'])} tensors over {len(t)} timesteps "
+          f"(t {min(t):g} to {max(t):g}, {per_t} samples each) into {args.out}")
 
 
 def cmd_finetune(args) -> None:

@@ -1,6 +1,7 @@
 """Calibration recording: what is recorded, that it is consistent with the model, and resuming."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -80,11 +81,14 @@ def test_normal_timestep_sampling_centres_on_0_4_T(tiny_dit_dir, tmp_path):
     assert 250 < mean_t < 600  # PTQ4DM: N(400, 400^2) clamped to [0, 999]
 
 
-def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_cli):
+def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_cli, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("calibration:\n  trajectories: 2\n  steps: 3\n  batch_trajectories: 2\n")
     assert main(["-q", "calibrate", "--model", str(tiny_unet_dir), "--recipe", str(recipe),
                  "--out", str(tmp_path / "c")]) == 0
+    # 2 trajectories x 3 steps, each with its CFG null-conditioning twin
+    assert re.search(r"recorded 12 samples of \d+ tensors over 3 timesteps \(t \d+ to \d+, 4 samples each\)",
+                     capsys.readouterr().out)
     assert json.loads((tmp_path / "c" / "spec.json").read_text())["spec"]["trajectories"] == 2
     recipe.write_text("calibration:\n  trajectorys: 2\n")
     result = run_cli("calibrate", "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "d")
