@@ -93,6 +93,12 @@ class Runtime:
             raise UsageError(f"unknown cache branch {branch!r}; choose one of {', '.join(features)}")
         return CachePlan(branch, set(refresh_steps(steps, interval, schedule)), features[branch])
 
+    @staticmethod
+    def _file(block: dict, group: int) -> str:
+        """The graph (or, in an engines folder, the .plan) a block runs for timestep group ``group``."""
+        files = block.get("engines") or block["graphs"]
+        return files[group if len(files) > 1 else 0]
+
     def _feeds(self, block: dict, env: dict) -> dict[str, np.ndarray]:
         return {t["name"]: env[t["name"]] for t in block["inputs"]}
 
@@ -110,8 +116,7 @@ class Runtime:
         for block in self.blocks:
             if block["name"] not in run:
                 continue
-            files = block.get("engines") or block["graphs"]  # engines folder: .plan files
-            graph = files[group if len(files) > 1 else 0]
+            graph = self._file(block, group)
             names = [o["name"] for o in block["outputs"]]
             start = time.perf_counter()
             env.update(zip(names, self.backend.run(graph, self._feeds(block, env), names)))
@@ -136,12 +141,11 @@ class Runtime:
                 values = env[name]
                 if np.isfinite(values).all():
                     continue
-                files = block.get("engines") or block["graphs"]
                 peak = max(float(np.abs(env[n].astype(np.float32)).max()) for n in inputs)
                 hint = " (FP16 overflows past 65504)" if self.manifest.get("dtype") == "fp16" else ""
                 parity = (f"exporter parity {self.manifest['source']['graphs']} --engines {self.folder}"
                           if self.manifest.get("kind") == "tensorrt" else f"exporter parity {self.folder}")
-                return (f"{where}: block {block['name']} ({files[group if len(files) > 1 else 0]}) turned finite "
+                return (f"{where}: block {block['name']} ({self._file(block, group)}) turned finite "
                         f"inputs (largest |value| {peak:.4g}) into {int((~np.isfinite(values)).sum())} NaN/Inf "
                         f"of {values.size} values in {name}{hint}; compare it with PyTorch: {parity}")
         return f"{where}: the noise prediction is NaN/Inf"
