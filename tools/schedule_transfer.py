@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Do activation scales calibrated on one sampling schedule hold on another? Measured on INT8 graphs.
 
-    python tools/schedule_transfer.py --out runs/schedules            # both reference models, ~40 min
+    python tools/schedule_transfer.py --out runs/schedules            # both reference models
 
 Timestep groups are ranges of t *values*, not step counters, so one calibration is meant to serve
 any scheduler and step count. This measures it through the runtime (ONNX Runtime), per reference
