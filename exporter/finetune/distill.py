@@ -85,6 +85,9 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                 key = f"{name}.{p}"
                 if key not in tensors or tensors[key].shape != t.shape:
                     raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe")
+                if not torch.isfinite(tensors[key]).all():  # a run that diverged before runs stopped at NaN
+                    raise FinetuneError(f"{where}: {key} holds NaN/Inf (the finetuning diverged); finetune again "
+                                        "with lower learning rates (lr, scale_lr in the recipe's finetune: section)")
                 t.copy_(tensors[key])
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -93,6 +96,27 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                 _, index, field = key.split(".", 2)
                 state["state"].setdefault(int(index), {})[field] = value
         optimizer.load_state_dict(state)
+
+
+def _non_finite(loss: torch.Tensor, layers: dict[str, TrainableQuantLayer]) -> str | None:
+    """What went NaN/Inf in this optimizer step (the loss, or a gradient), or None."""
+    if not torch.isfinite(loss):
+        return f"the loss is {loss.item()}"
+    for name, layer in layers.items():
+        for p, t in layer.named_parameters(recurse=False):
+            if t.grad is not None and not torch.isfinite(t.grad).all():
+                return f"the gradient of {name}.{p} holds NaN/Inf"
+    return None
+
+
+def _diverged_message(broken: str, batch: int, batches: int, step: int, t: float, spec: FinetuneSpec, out: Path,
+                      record: dict) -> str:
+    done = record["done_batches"]
+    kept = (f"{out / CHECKPOINT} still holds the state after batch {done} (loss {record['losses'][-1]:.3g}); "
+            "nothing of the diverged batch was written" if done else "nothing was written")
+    return (f"finetuning diverged in trajectory batch {batch + 1} of {batches}, denoising step {step} (t={t:g}): "
+            f"{broken}; {kept}. Usually the learning rates (lr {spec.lr:g}, scale_lr {spec.scale_lr:g}) are too "
+            "high for the model: lower them in the recipe's finetune: section and finetune again into a new --out")
 
 
 def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec: FinetuneSpec, out: str | Path,
@@ -149,6 +173,9 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
             loss = torch.nn.functional.mse_loss(adapter.denoise(student.model, x, tt, c), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            broken = _non_finite(loss, layers)
+            if broken:  # stop before the step: Adam would carry NaN into every later checkpoint
+                raise FinetuneError(_diverged_message(broken, b, batches, step, float(tt[0]), spec, out, record))
             optimizer.step()
             losses.append(loss.item())
         return target  # the trajectory follows the FP32 model

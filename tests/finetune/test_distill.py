@@ -1,9 +1,11 @@
+import dataclasses
 import json
 from collections import Counter
 
 import onnx
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from exporter.export import export_graphs
 from exporter.finetune import FinetuneError, apply_finetune, finetune
@@ -87,6 +89,30 @@ def test_a_finetune_is_refused_where_it_does_not_fit(finetuned, tiny_unet_dir, t
         apply_finetune(loaded, tmp_path / "partial")
     with pytest.raises(FinetuneError, match="not a finetune folder"):
         apply_finetune(loaded, tmp_path)
+
+
+def test_a_diverging_finetune_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(
+        finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
+    too_fast = dataclasses.replace(SPEC, lr=10.0, scale_lr=30.0)  # measured: NaN gradients in the 2nd batch
+    with pytest.raises(FinetuneError, match=r"diverged in trajectory batch 2 of 2, denoising step \d \(t=\d+\): "
+                       r"the (loss|gradient of \S+) .*still holds the state after batch 1 .*lr 10, scale_lr 30"):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, too_fast, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["done_batches"] == 1
+    kept = load_file(str(tmp_path / "run" / "finetune.safetensors"))
+    assert all(torch.isfinite(v).all() for v in kept.values())
+
+    # a checkpoint holding NaN (a run that diverged before finetune stopped at it) is refused when merged
+    out, _ = finetuned
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "nan" / "finetune.json").write_bytes((out / "finetune.json").read_bytes())
+    tensors = load_file(str(out / "finetune.safetensors"))
+    key = sorted(k for k in tensors if k.endswith("lora_B"))[0]
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan" / "finetune.safetensors"))
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, QUANT, tiny_unet_calib)
+    with pytest.raises(FinetuneError, match=f"{key} holds NaN/Inf"):
+        apply_finetune(loaded, tmp_path / "nan")
 
 
 def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, tmp_path, run_cli):
