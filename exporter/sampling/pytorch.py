@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from exporter import __version__
+from exporter.errors import NonFiniteError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
@@ -17,6 +18,7 @@ from exporter.quant.ptq import quantize_model
 from exporter.recipe import QuantizationSpec
 from exporter.reference import resolve
 from exporter.sampling.loop import SampleSettings, generate
+from exporter.sampling.non_finite import first_non_finite_module
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,14 @@ def sample_pytorch(
     def denoise(x, t, c, step):
         if context is not None:  # quantized layers pick the scales of t's group
             context.t = float(t[0])
-        return loaded.adapter.denoise(loaded.model, x, t, c)
+        eps = loaded.adapter.denoise(loaded.model, x, t, c)
+        if not torch.isfinite(eps).all():  # stop at the first such step instead of writing black images
+            where = f"step {step} (t={float(t[0]):g}" + (f", timestep group {context.group})" if context else ")")
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(f"{where}: the latents from the previous step were already NaN/Inf")
+            found = first_non_finite_module(loaded.model, lambda: loaded.adapter.denoise(loaded.model, x, t, c))
+            raise NonFiniteError(f"{where}: {found}")
+        return eps
 
     images = generate(denoise, loaded.adapter.sample_shape, loaded.scheduler_config, conditioning, settings, progress)
     out = Path(out)

@@ -106,7 +106,7 @@ def test_a_diverging_finetune_stops_at_the_first_nan_and_keeps_the_last_good_che
     (tmp_path / "nan").mkdir()
     (tmp_path / "nan" / "finetune.json").write_bytes((out / "finetune.json").read_bytes())
     tensors = load_file(str(out / "finetune.safetensors"))
-    key = sorted(k for k in tensors if k.endswith("lora_B"))[0]
+    key = min(k for k in tensors if k.endswith("lora_B"))
     tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, str(tmp_path / "nan" / "finetune.safetensors"))
     loaded = load_model(tiny_unet_dir)

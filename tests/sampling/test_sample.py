@@ -1,13 +1,18 @@
 """``exporter sample`` on models that are not the reference: same outputs, same guarantees."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from exporter import UsageError
 from exporter.cli import main
+from exporter.errors import NonFiniteError
 from exporter.imageio import read_image_folder
+from exporter.sampling.non_finite import first_non_finite_module
 from exporter.sampling.pytorch import sample_pytorch
 
 
@@ -75,3 +80,38 @@ def test_unconditional_and_class_conditional_unet2d(tiny_unet2d_dirs, tmp_path):
     assert sorted(read_image_folder(tmp_path / "u")) == [(0, 0), (0, 1)]  # no conditioning: one row
     images = run(with_classes, tmp_path / "c", guidance=2.0)
     assert len(images) == 6 and all(np.isfinite(v).all() for v in images.values())
+
+
+def test_a_nan_weight_stops_sampling_at_the_first_step_naming_the_module(tiny_unet_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_unet_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["down_blocks.0.resnets.0.conv2.weight"].view(-1)[5] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(NonFiniteError, match=r"step 0 \(t=\d+\): module down_blocks\.0\.resnets\.0\.conv2 \(Conv2d\) "
+                       r"turned finite inputs .* into \d+ NaN/Inf of \d+ values; its weight holds NaN/Inf"):
+        run(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no black images written
+
+
+class _Log(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+class _Parent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.log = torch.nn.Linear(2, 2), _Log()
+
+    def forward(self, x):
+        return self.log(self.inner(x) * 0 - 1)  # the child gets finite input and makes NaN
+
+
+def test_the_innermost_module_that_made_the_nan_is_named_and_not_its_parents():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), _Parent())
+    found = first_non_finite_module(model, lambda: model(torch.ones(3, 2)))
+    assert found.startswith("module 1.log (_Log) turned finite inputs (largest |value| 1) into 6 NaN/Inf of 6 values")
+    assert "holds" not in found
+    assert first_non_finite_module(model, lambda: model(torch.full((3, 2), float("nan")))).startswith("no module turned")
