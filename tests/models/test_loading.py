@@ -82,6 +82,19 @@ def test_weights_that_do_not_fit_the_config(tiny_unet_dir, tmp_path):
         load_model(d)
 
 
+def test_nan_or_inf_weights_are_refused_naming_the_weight(tiny_unet_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for value in (float("nan"), float("inf")):
+        d = copy_model(tiny_unet_dir, tmp_path / str(value))
+        weights = d / "unet" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(str(weights))
+        tensors["mid_block.resnets.0.conv1.weight"].view(-1)[3] = value
+        save_file(tensors, str(weights))
+        with pytest.raises(ModelError, match=r"unet: the weight mid_block\.resnets\.0\.conv1\.weight holds NaN/Inf"):
+            load_model(d)
+
+
 def test_dit_drops_learned_sigma(tiny_dit_dir):
     loaded = load_model(tiny_dit_dir)
     cond = load_conditioning(loaded.default_conditioning, loaded.adapter)
