@@ -131,6 +131,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
 
 def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar) -> dict[str, torch.Tensor]:
     from exporter.models.blocks import run_blocks
+    from exporter.models.non_finite import first_non_finite_module
 
     adapter = loaded.adapter
     scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
@@ -153,7 +154,10 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
             for n in names:
                 value = env[n]
                 if value.is_floating_point() and not torch.isfinite(value).all():
-                    raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t_batch[0])}: the FP model diverged")
+                    found = first_non_finite_module(
+                        loaded.model, lambda: adapter.denoise(loaded.model, model_in, t_batch, cond_in))
+                    raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t_batch[0])}: the FP model diverged "
+                                           f"({found})")
                 records[n].append(value[index].contiguous())
             records["t"].append(t_batch[index].to(torch.int64))
             records["trajectory"].append(torch.tensor([ids[j] for j in take] * (2 if use_cfg else 1)))

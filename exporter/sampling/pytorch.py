@@ -14,11 +14,11 @@ from exporter.errors import NonFiniteError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
+from exporter.models.non_finite import first_non_finite_module
 from exporter.quant.ptq import quantize_model
 from exporter.recipe import QuantizationSpec
 from exporter.reference import resolve
 from exporter.sampling.loop import SampleSettings, generate
-from exporter.sampling.non_finite import first_non_finite_module
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from exporter import UsageError
 from exporter.cli import main
 from exporter.errors import NonFiniteError
 from exporter.imageio import read_image_folder
-from exporter.sampling.non_finite import first_non_finite_module
+from exporter.models.non_finite import first_non_finite_module
 from exporter.sampling.pytorch import sample_pytorch
 
 

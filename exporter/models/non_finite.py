@@ -1,8 +1,9 @@
 """Where a PyTorch model call went NaN/Inf: the module that turned finite inputs into NaN/Inf.
 
-The runtime names the first graph that did it; this is the same report for ``exporter sample``
-(FP32 or fake-quantized), one level finer: a module, not a block. The model call is repeated with
-forward hooks only after a step came out non-finite, so sampling pays one ``isfinite`` per step.
+The runtime names the first graph that did it; this is the same report for the PyTorch model
+(``exporter sample``, FP32 or fake-quantized, and ``exporter calibrate``), one level finer: a
+module, not a block. The model call is repeated with forward hooks only after it came out
+non-finite, so the normal path pays one ``isfinite`` per step.
 """
 
 from __future__ import annotations
