@@ -7,6 +7,7 @@ channels give RGB; other channel counts show the first channel.
 from __future__ import annotations
 
 import io
+import logging
 import re
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from exporter.fileio import atomic_write_bytes
 
 IMAGE_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 GRID_NAME = "grid.png"
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(image) -> np.ndarray:
@@ -52,6 +55,11 @@ def write_image_folder(out: str | Path, images: dict[tuple[int, int], object]) -
     """Write every image (atomically, one file at a time) and the grid; returns the image paths."""
     out = Path(out)
     pixels = {key: to_uint8(img) for key, img in images.items()}
+    flat = [f"{r}_{k}.png" for (r, k), p in sorted(pixels.items()) if p.min() == p.max()]
+    if flat:  # a uniform image (all black, all white) is what a broken scale or graph usually gives
+        log.warning("%s: %d of %d images are one uniform colour (%s%s), which broken scales or graphs give: compare "
+                    "with the FP32 images and run exporter parity on the graphs", out, len(flat), len(pixels),
+                    ", ".join(flat[:5]), ", ..." if len(flat) > 5 else "")
     paths = [atomic_write_bytes(out / f"{r}_{k}.png", png_bytes(p)) for (r, k), p in sorted(pixels.items())]
     atomic_write_bytes(out / GRID_NAME, png_bytes(make_grid(pixels)))
     return paths
