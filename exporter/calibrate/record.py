@@ -147,18 +147,20 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
     def denoise_and_record(model_in, t_batch, cond_in, step):
         env = adapter.named_inputs(model_in, t_batch, cond_in)
         eps = run_blocks(blocks, env, ("noise_pred",), keep=env)[0]
+        # every step, recorded or not: the first step to go NaN/Inf had finite inputs, so the module is found
+        broken = next((n for n in [*names, "noise_pred"]
+                       if env[n].is_floating_point() and not torch.isfinite(env[n]).all()), None)
+        if broken is not None:
+            found = first_non_finite_module(
+                loaded.model, lambda: adapter.denoise(loaded.model, model_in, t_batch, cond_in))
+            raise CalibrationError(f"NaN/Inf in tensor {broken!r} at t={int(t_batch[0])}: the FP model diverged "
+                                   f"({found})")
         take = [j for j, i in enumerate(ids) if step in chosen[i]]
         if take:
             # with CFG the batch is [null; conditional]: record both halves of each chosen trajectory
             index = torch.tensor(take + [j + len(ids) for j in take] if use_cfg else take)
             for n in names:
-                value = env[n]
-                if value.is_floating_point() and not torch.isfinite(value).all():
-                    found = first_non_finite_module(
-                        loaded.model, lambda: adapter.denoise(loaded.model, model_in, t_batch, cond_in))
-                    raise CalibrationError(f"NaN/Inf in tensor {n!r} at t={int(t_batch[0])}: the FP model diverged "
-                                           f"({found})")
-                records[n].append(value[index].contiguous())
+                records[n].append(env[n][index].contiguous())
             records["t"].append(t_batch[index].to(torch.int64))
             records["trajectory"].append(torch.tensor([ids[j] for j in take] * (2 if use_cfg else 1)))
             records["null_condition"].append(
