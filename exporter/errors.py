@@ -24,5 +24,6 @@ class UsageError(ExporterError):
 
 
 class NonFiniteError(ExporterError):
-    """A graph or engine produced NaN or Inf (FP16 overflow, a broken scale): the run stops at the
-    first such step and names the block that went non-finite, instead of writing black images."""
+    """A model call produced NaN or Inf (FP16 overflow, a broken scale): the run stops at the first
+    such step and names where it began (the block of a graph or engine, the module of a PyTorch
+    model), instead of writing black images."""

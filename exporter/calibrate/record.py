@@ -131,7 +131,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
 
 def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar) -> dict[str, torch.Tensor]:
     from exporter.models.blocks import run_blocks
-    from exporter.models.non_finite import first_non_finite_module
+    from exporter.models.non_finite import all_finite, first_non_finite_module
 
     adapter = loaded.adapter
     scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
@@ -149,7 +149,7 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
         eps = run_blocks(blocks, env, ("noise_pred",), keep=env)[0]
         # every step, recorded or not: the first step to go NaN/Inf had finite inputs, so the module is found
         broken = next((n for n in [*names, "noise_pred"]
-                       if env[n].is_floating_point() and not torch.isfinite(env[n]).all()), None)
+                       if env[n].is_floating_point() and not all_finite(env[n])), None)
         if broken is not None:
             found = first_non_finite_module(
                 loaded.model, lambda: adapter.denoise(loaded.model, model_in, t_batch, cond_in))

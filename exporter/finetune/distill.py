@@ -29,6 +29,7 @@ import torch
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_write_json
 from exporter.finetune.trainable import TrainableQuantLayer
+from exporter.models.non_finite import all_finite
 from exporter.quant.ptq import QuantLayer, _replace
 from exporter.recipe import FinetuneSpec, QuantizationSpec, quantization_from_dict
 
@@ -85,7 +86,7 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                 key = f"{name}.{p}"
                 if key not in tensors or tensors[key].shape != t.shape:
                     raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe")
-                if not torch.isfinite(tensors[key]).all():  # a run that diverged before runs stopped at NaN
+                if not all_finite(tensors[key]):  # a run that diverged before runs stopped at NaN
                     raise FinetuneError(f"{where}: {key} holds NaN/Inf (the finetuning diverged); finetune again "
                                         "with lower learning rates (lr, scale_lr in the recipe's finetune: section)")
                 t.copy_(tensors[key])
@@ -100,11 +101,11 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
 
 def _non_finite(loss: torch.Tensor, layers: dict[str, TrainableQuantLayer]) -> str | None:
     """What went NaN/Inf in this optimizer step (the loss, or a gradient), or None."""
-    if not torch.isfinite(loss):
+    if not all_finite(loss):
         return f"the loss is {loss.item()}"
     for name, layer in layers.items():
         for p, t in layer.named_parameters(recurse=False):
-            if t.grad is not None and not torch.isfinite(t.grad).all():
+            if t.grad is not None and not all_finite(t.grad):
                 return f"the gradient of {name}.{p} holds NaN/Inf"
     return None
 

@@ -20,6 +20,7 @@ import torch
 
 from exporter.errors import ModelError
 from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
+from exporter.models.non_finite import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,6 @@ def check_weights(model_dir: Path) -> None:
             raise ModelError(f"{f}: corrupted safetensors weights ({e})") from None
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``: its min and max are finite (NaN propagates through both; one fast pass,
-    20x faster than isfinite().all() on CPU)."""
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t.detach())
-    return bool(torch.isfinite(low) and torch.isfinite(high))
-
-
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     import diffusers
 
@@ -123,7 +115,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     model.eval().requires_grad_(False)
     # NaN/Inf weights (a diverged training run, a bad conversion) would only show as black images or
     # garbage INT8 scales much later; one pass over the weights (0.23 s for SD 1.5 here) names them now
-    broken = next((n for n, p in model.named_parameters() if not _finite(p)), None)
+    broken = next((n for n, p in model.named_parameters() if not all_finite(p)), None)
     if broken is not None:
         raise ModelError(f"{model_dir}: the weight {broken} holds NaN/Inf (a diverged training run or a broken "
                          "conversion); nothing can be calibrated, exported or sampled from it")

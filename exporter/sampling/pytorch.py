@@ -14,7 +14,7 @@ from exporter.errors import NonFiniteError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
-from exporter.models.non_finite import first_non_finite_module
+from exporter.models.non_finite import all_finite, first_non_finite_module
 from exporter.quant.ptq import quantize_model
 from exporter.recipe import QuantizationSpec
 from exporter.reference import resolve
@@ -75,9 +75,9 @@ def sample_pytorch(
         if context is not None:  # quantized layers pick the scales of t's group
             context.t = float(t[0])
         eps = loaded.adapter.denoise(loaded.model, x, t, c)
-        if not torch.isfinite(eps).all():  # stop at the first such step instead of writing black images
+        if not all_finite(eps):  # stop at the first such step instead of writing black images
             where = f"step {step} (t={float(t[0]):g}" + (f", timestep group {context.group})" if context else ")")
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise NonFiniteError(f"{where}: the latents from the previous step were already NaN/Inf")
             found = first_non_finite_module(loaded.model, lambda: loaded.adapter.denoise(loaded.model, x, t, c))
             raise NonFiniteError(f"{where}: {found}")
