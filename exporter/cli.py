@@ -286,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     p.add_argument("--calib", type=Path, help="calibration folder (needed unless fp32 or weight-only)")
     add_recipe_options(p)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
-                   help="type of the unquantized parts: fp16 for TensorRT, fp32 for ONNX Runtime on CPU "
-                   "(no bf16: ONNX Conv has no bfloat16 type)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="type of the unquantized parts: fp16 or bf16 (opset 22, TensorRT 10.6+, Ampere+) for "
+                   "TensorRT, fp32 for ONNX Runtime on CPU")
     p.add_argument("--finetuned", type=Path, help="an exporter finetune folder (brings its model, calibration, recipe)")
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)

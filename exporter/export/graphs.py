@@ -1,7 +1,8 @@
 """``exporter export``: one ONNX graph per block and timestep group, plus ``manifest.json``.
 
 The model is cut into blocks at the granularity caching needs (``adapter.cache_split``), each block
-traced with ``torch.onnx.export`` (TorchScript exporter, opset 20; 21 where INT4 appears) on real
+traced with ``torch.onnx.export`` (TorchScript exporter, opset 20; 21 where INT4 appears, 22 for
+bf16, whose Conv type ONNX added at 22) on real
 intermediate tensors. Quantized layers trace as QuantizeLinear/DequantizeLinear with the scales of
 the timestep group being exported (``QuantLayer.prepare_export``); a block without quantized
 activations has the same graph for every group and is written once. Weights go to one external
@@ -25,7 +26,7 @@ import torch
 
 from exporter.errors import UsageError
 from exporter.export.manifest import write_manifest
-from exporter.export.passes import WeightFile, finalize
+from exporter.export.passes import BF16_OPSET, WeightFile, finalize
 from exporter.fileio import atomic_write_json
 from exporter.models import load_conditioning, load_model
 from exporter.models.blocks import run_blocks
@@ -74,9 +75,7 @@ def _trace(block, env) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-# No bf16: ONNX's Conv has no bfloat16 type (onnx.checker rejects such a graph), so UNet graphs
-# cannot carry it in standard ONNX.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
@@ -86,7 +85,10 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
 
     ``dtype`` is the type of everything not quantized (activations between Q/DQ pairs, float
     layers, scales): a strongly typed TensorRT network runs each layer in the type its graph
-    declares, so graphs for TensorRT carry fp16; ONNX Runtime on CPU runs the fp32 variant.
+    declares, so graphs for TensorRT carry fp16 or bf16 (bf16: FP32's range, for models whose
+    activations overflow fp16; TensorRT 10.6+ parses its opset 22, Ampere or newer runs it); ONNX
+    Runtime on CPU runs the fp32 variant (its CPU provider has no bf16 kernels for Conv or
+    InstanceNormalization).
     Calibration and quantized values are computed in fp32 either way. ``finetuned`` (an
     ``exporter finetune`` folder) is merged into the PTQ model before tracing."""
     from tqdm.auto import tqdm
@@ -111,8 +113,11 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     conditioning = load_conditioning(loaded.default_conditioning, adapter)
     env = example_tensors(loaded, blocks, conditioning)
     if dtype != "fp32":
-        loaded.model.to(DTYPES[dtype])
-        env = {n: v.to(DTYPES[dtype]) if v.is_floating_point() else v for n, v in env.items()}
+        # torch's own .to: diffusers' warns about modules to keep in float32 even when it lists none
+        torch.nn.Module.to(loaded.model, DTYPES[dtype])
+        # the timestep stays float32, as diffusers keeps it in half-precision pipelines (its sinusoidal
+        # embedding is computed in float32): bf16 would round t = 999 to 1000 and 501 to 500
+        env = {n: v.to(DTYPES[dtype]) if v.is_floating_point() and n != "timestep" else v for n, v in env.items()}
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -127,7 +132,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
             for g in range(_group_count(block, groups)):
                 for layer in layers:
                     layer.prepare_export(g)
-                graph = finalize(_trace(block, env), weights)
+                graph = finalize(_trace(block, env), weights, BF16_OPSET if dtype == "bf16" else None)
                 name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
                 onnx.save_model(graph, partial / name)
                 onnx.checker.check_model(str(partial / name), full_check=True)

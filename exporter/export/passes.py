@@ -5,10 +5,16 @@
   buffers, and long scope-derived tensor names (``/layers.0/attention/.../MatMul_output_0``).
   Reshape targets known symbolically become constants (:mod:`exporter.export.shapes`), everything
   computable from constants is folded (onnx-graphsurgeon, never a Q/DQ node, so weights stay
-  quantized), identities are bypassed, identical small constants are stored once, and
-  intermediate tensors get short names. Node names keep their scopes (lint and parity bisection map
-  nodes to model layers through them). On ``digits-unet`` INT8 this roughly halves each graph
-  file; for TensorRT it means fewer shape layers to parse.
+  quantized), identities are bypassed, an Einsum that only permutes becomes a Transpose,
+  identical small constants are stored once, and intermediate tensors get short names. Node
+  names keep their scopes (lint and parity bisection map nodes to model layers through them). On
+  ``digits-unet`` INT8 this roughly halves each graph file; for TensorRT it means fewer shape
+  layers to parse.
+* BF16: ONNX gives Conv, InstanceNormalization, Sqrt and friends a bfloat16 type from opset 22
+  on, so bf16 graphs are declared at 22 (the TorchScript exporter traces them at 20; every op it
+  emits means the same at 22, which only added types). ONNX Runtime's CPU provider, which folds
+  constants for graphsurgeon, has no bfloat16 kernels for some of the constant arithmetic (the
+  attention scale's Sqrt): what it cannot fold, ONNX's reference implementation folds.
 * INT4: PyTorch has no int4 dtype, so INT4 weights and zero points are exported as int8 buffers
   whose names carry ``int4`` (``exporter.quant.onnx_ops.INT4_MARK``) and retyped here; INT4
   blocked DequantizeLinear needs opset 21 (the TorchScript exporter stops at 20; the ops it emits
@@ -31,6 +37,7 @@ from onnx import TensorProto, numpy_helper
 from exporter.export.shapes import static_reshapes
 from exporter.quant.onnx_ops import INT4_MARK
 
+BF16_OPSET = 22
 EXTERNAL_MIN_BYTES = 128  # per-channel vectors too: the groups' graphs share them
 ALIGN = 64  # byte alignment of each tensor in the weight file (lets runtimes map it directly)
 INT4_OPSET = 21
@@ -96,22 +103,21 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     # identities first: graphsurgeon would fold an Identity of an FP8 zero point into a new constant,
     # and it holds FP8 tensors as uint8 numpy arrays, so that constant would come back as UINT8
     _bypass_identities(model.graph)
+    _permutations_as_transpose(model.graph)
     static_reshapes(model)  # constant reshape targets; its inferred shapes let the folding below reach further
-    graph = gs.import_onnx(model)
-    # graphsurgeon evaluates the foldable subgraph in an ONNX Runtime session, whose optimizer warns
-    # about every Unsqueeze it leaves for the fold to do ("UnsqueezeElimination cannot remove node"):
-    # noise for the user, so errors only while folding (then ONNX Runtime's default, warnings, again)
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
+    # graphsurgeon's warnings (bf16 has no NumPy type, subgraphs ONNX Runtime cannot fold) are about
+    # what this pass handles itself
+    severity, gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.severity, gs.logger.G_LOGGER.ERROR
     try:
-        graph.fold_constants(should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
-                             error_ok=False)
+        graph = gs.import_onnx(model)
+        _fold(graph)
     finally:
-        onnxruntime.set_default_logger_severity(2)
+        gs.logger.G_LOGGER.severity = severity
     graph.cleanup(remove_unused_graph_inputs=False)
     simplified = gs.export_onnx(graph, do_type_check=True)
-    # for the same reason, initializers that existed before folding are restored byte for byte
+    _fold_with_reference(simplified.graph)
+    # graphsurgeon holds FP8 tensors as uint8 (above): initializers that existed before folding
+    # are restored byte for byte
     originals = {init.name: init for init in model.graph.initializer}
     for init in simplified.graph.initializer:
         if init.name in originals:
@@ -123,11 +129,69 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
+def _fold(graph) -> None:
+    """graphsurgeon's constant folding, never through a Q/DQ node (weights stay quantized)."""
+    # graphsurgeon evaluates the foldable subgraph in an ONNX Runtime session, whose optimizer warns
+    # about every Unsqueeze it leaves for the fold to do ("UnsqueezeElimination cannot remove node"):
+    # noise for the user, so errors only while folding (then ONNX Runtime's default, warnings, again)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        # recursive: a subgraph ONNX Runtime cannot run (bf16 Sqrt) is folded up to that node
+        graph.fold_constants(should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
+                             error_ok=False, partitioning="recursive")
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+
+
+def _fold_with_reference(graph: onnx.GraphProto) -> None:
+    """Nodes left with only constant inputs (what ONNX Runtime could not fold) become constants,
+    evaluated by ONNX's reference implementation; never a Q/DQ node."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = {init.name: init for init in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if (node.op_type in ("QuantizeLinear", "DequantizeLinear") or not node.input
+                or not all(name in values for name in node.input)):
+            keep.append(node)
+            continue
+        outputs = ReferenceEvaluator(node).run(None, {n: numpy_helper.to_array(values[n]) for n in node.input})
+        for name, value in zip(node.output, outputs):
+            values[name] = numpy_helper.from_array(value, name)
+            graph.initializer.append(values[name])
+    if len(keep) == len(graph.node):
+        return
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+
+
 def _rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
+
+
+def _permutations_as_transpose(graph: onnx.GraphProto) -> None:
+    """An Einsum that only permutes its one input (diffusers' DiT unpatchify,
+    ``nhwpqc->nchpwq``) becomes the Transpose it is: ONNX gives Einsum a bfloat16 type only from
+    opset 28, past what TensorRT parses, and Transpose is the simpler layer anyway."""
+    for node in graph.node:
+        if node.op_type != "Einsum" or len(node.input) != 1:
+            continue
+        equation = onnx.helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
+        source, _, target = equation.partition("->")
+        if sorted(source) != sorted(target) or len(set(source)) != len(source) or not source.isalpha():
+            continue
+        node.op_type = "Transpose"
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("perm", [source.index(c) for c in target]))
 
 
 def _bypass_identities(graph: onnx.GraphProto) -> None:
@@ -182,11 +246,13 @@ def _short_tensor_names(graph: onnx.GraphProto) -> None:
     _rename_inputs(graph, renamed)
 
 
-def finalize(model: onnx.ModelProto, weights: WeightFile) -> onnx.ModelProto:
-    """Simplification, INT4 retyping and opset, stale value_info dropped, weights moved to the
-    shared file."""
+def finalize(model: onnx.ModelProto, weights: WeightFile, opset: int | None = None) -> onnx.ModelProto:
+    """Opset (``opset``, at least INT4's where INT4 appears), simplification, INT4 retyping, stale
+    value_info dropped, weights moved to the shared file."""
+    if opset is not None:
+        set_opset(model, opset)  # before simplification: ONNX Runtime folds a graph valid at its opset
     model = simplify(model)
-    if retype_int4(model):
+    if retype_int4(model) and (opset or 0) < INT4_OPSET:
         set_opset(model, INT4_OPSET)
     # the exporter's value_info still says int8 where INT4 now flows; shapes are re-inferred on load
     del model.graph.value_info[:]

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import layer_formats, node_scope, read_manifest
 
@@ -40,7 +41,12 @@ log = logging.getLogger(__name__)
 # Per-graph SQNR thresholds against the float32 PyTorch reference, by (graph float type, quantized).
 # FP16 graphs are compared with the same float32 reference: FP16 rounding (11-bit mantissa, about
 # 66 dB per operation) bounds the unquantized ones and flips more rounding decisions in Q/DQ ones.
-THRESHOLD_DB = {("fp32", False): 80.0, ("fp32", True): 40.0, ("fp16", False): 60.0, ("fp16", True): 30.0}
+# BF16 has 3 bits fewer (about 48 dB per operation): unquantized blocks of the reference models
+# measured 43.3 to 53.8 dB (PyTorch's own bf16: 44.0 to 53.8). In quantized bf16 blocks, float
+# differences of bf16 size alone move the fake-quant PyTorch model down to 26.5 dB (the
+# self-sensitivity probe below, digits-unet FP8), so their threshold sits under that.
+THRESHOLD_DB = {("fp32", False): 80.0, ("fp32", True): 40.0, ("fp16", False): 60.0, ("fp16", True): 30.0,
+                ("bf16", False): 40.0, ("bf16", True): 25.0}
 SAMPLES = 8  # inputs per graph (a batch of 8)
 # Relative input noise of the sensitivity probe: a few float32 ulps, the size of the differences
 # between two correct implementations of the layers upstream.
@@ -135,12 +141,11 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
     their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
     (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     from exporter.models import load_model
-    from exporter.parity.runners import TorchBlockRunner
+    from exporter.parity.runners import TorchBlockRunner, graph_typed
     from exporter.quant.ptq import quantize_model
     from exporter.quant.timestep_groups import TimestepGroups
     from exporter.recipe import quantization_from_dict
@@ -191,14 +196,13 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 log.warning("no calibration sample falls in timestep group %d: %s not checked", group, graph)
                 continue
             t, env = per_group[group]["t"], per_group[group]["env"]
-            feed = {i["name"]: env[i["name"]].astype(i["dtype"]) for i in entry["inputs"]}  # the graph's types
+            feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
-            onnx_runner = OnnxrtRunner(SessionFromOnnx(str(folder / graph), providers=["CPUExecutionProvider"],
-                                                       graph_optimization_level=level))
+            onnx_runner = graph_runner(folder / graph, manifest, level)
             plan, trt_runner = trt_runners.get(graph, (None, None))
             run = Comparator.run([torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []),
                                  data_loader=[feed])
-            (torch_out,), (ort_out,) = run[0][1], run[1][1]
+            (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
             atol = mean_error_tolerance(torch_out, threshold)
             accuracy = Comparator.compare_accuracy(run, compare_func=SimpleCompareFunc(
                 atol=atol, rtol=0.0, check_error_stat="mean"))
@@ -206,45 +210,64 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                        for n in torch_out}
             result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy), engine=plan)
             if trt_runner is not None:
-                (trt_out,) = run[2][1]
+                trt_out = {n: comparable(v) for n, v in run[2][1][0].items()}  # bf16: torch tensors
                 result.engine_outputs = {n: (sqnr_db(torch_out[n], trt_out[n]),
                                              float(np.abs(torch_out[n] - trt_out[n]).max())) for n in torch_out}
             if not result.passed:
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold, level)
+                                                      threshold, level, manifest)
                 result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
                 _write_golden(folder, graph, feed, run[0], atol)
             results.append(result)
+    if end_to_end_check and manifest.get("dtype") == "bf16":
+        log.warning("end to end not checked: the runtime runs bf16 graphs on TensorRT only (ONNX Runtime's CPU "
+                    "provider has no bfloat16 kernels); build engines and pass --engines on a GPU machine")
+        end_to_end_check = False
     return results, (end_to_end(folder, manifest, loaded) if end_to_end_check else None)
 
 
+def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = None):
+    """The polygraphy runner for a graph: ONNX Runtime (CPU), or for bf16 graphs, which its CPU
+    provider cannot run, ONNX's reference implementation. ``outputs``: intermediate tensors to
+    return instead of the graph's outputs (bisection)."""
+    from polygraphy.backend.onnx import modify_outputs
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from exporter.parity.runners import ReferenceRunner
+
+    if manifest.get("dtype") == "bf16":
+        return ReferenceRunner(path, outputs)
+    graph = str(path)
+    if outputs is not None:
+        import onnx
+
+        graph = modify_outputs(onnx.load(graph), outputs=outputs).SerializeToString()
+    return OnnxrtRunner(SessionFromOnnx(graph, providers=["CPUExecutionProvider"], graph_optimization_level=level))
+
+
 def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float,
-           level=None) -> str | None:
+           level=None, manifest: dict | None = None) -> str | None:
     """The first layer (in graph order) whose output falls below ``threshold`` dB against PyTorch.
 
     A wrong scale or weight shows as a sharp drop at its layer. Where error only accumulates (FP8
     rounding decisions flipped by float-level differences upstream, layer after layer), the layer
     named is merely where the accumulated error crosses the threshold."""
     import onnx
-    from polygraphy.backend.onnx import modify_outputs
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
     from exporter.parity.runners import TorchBlockRunner
 
-    model = onnx.load(str(graph_path))
+    model = onnx.load(str(graph_path), load_external_data=False)
     last_node_of = {}  # module path -> output of the last node in its scope
     for node in model.graph.node:
         if node.output:
             last_node_of[node_scope(node)] = node.output[0]
     order = list(dict.fromkeys(node_scope(n) for n in model.graph.node))
-    marked = modify_outputs(model, outputs=list(dict.fromkeys(last_node_of[p] for p in entry["modules"]
-                                                              if p in last_node_of)))
+    marked = list(dict.fromkeys(last_node_of[p] for p in entry["modules"] if p in last_node_of))
     captured: dict = {}
     torch_runner = TorchBlockRunner(block, entry["inputs"], context, t, capture=captured)
-    onnx_runner = OnnxrtRunner(SessionFromOnnx(marked.SerializeToString(), providers=["CPUExecutionProvider"],
-                                               graph_optimization_level=level))
+    onnx_runner = graph_runner(graph_path, manifest or {}, level, outputs=marked)
     run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
     (ort_out,) = run[1][1]
     for path in order:
@@ -269,18 +292,21 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
     from exporter.quant.ptq import QuantLayer
 
     rng = np.random.default_rng(0)
-    # an FP16 graph's float differences are FP16-sized: noise of that resolution (in the float32
-    # reference too), or it would round away at FP16 inputs
-    level = max([SENSITIVITY_NOISE] + [float(np.finfo(v.dtype).eps) for v in feed.values()
-                                       if np.issubdtype(v.dtype, np.floating)])
+    # an FP16 or BF16 graph's float differences are that type's size: noise of that resolution (in
+    # the float32 reference too), or it would round away at FP16/BF16 inputs
+    floats = [v for v in feed.values() if _is_float(v)]
+    level = max([SENSITIVITY_NOISE] + [float(torch.finfo(v.dtype).eps) if isinstance(v, torch.Tensor)
+                                       else float(np.finfo(v.dtype).eps) for v in floats])
 
     def perturb(v):
+        if isinstance(v, torch.Tensor):  # bfloat16 inputs
+            return torch.from_numpy(perturb(v.float().numpy())).to(v.dtype)
         return (v * (1 + level * rng.standard_normal(v.shape))).astype(v.dtype)
 
     def perturb_input(module, args):  # the same noise in front of a quantizer (inference: no grad)
         return (torch.from_numpy(perturb(args[0].numpy())), *args[1:])
 
-    noisy = {n: perturb(v) if np.issubdtype(v.dtype, np.floating) else v for n, v in feed.items()}
+    noisy = {n: perturb(v) if _is_float(v) else v for n, v in feed.items()}
     hooks = [m.register_forward_pre_hook(perturb_input) for m in torch_runner.block.modules()
              if isinstance(m, QuantLayer) and m.afmt is not None]
     try:
@@ -290,6 +316,10 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
         for hook in hooks:
             hook.remove()
     return min(sqnr_db(torch_out[n], perturbed[n]) for n in torch_out)
+
+
+def _is_float(v) -> bool:
+    return v.is_floating_point() if isinstance(v, torch.Tensor) else np.issubdtype(v.dtype, np.floating)
 
 
 def mean_error_tolerance(golden: dict, threshold_db: float) -> float:
@@ -347,10 +377,14 @@ def _write_golden(folder: Path, graph: str, feed: dict, torch_results, atol: flo
         "def load_data():\n"
         f"    yield from load_json(str(Path(__file__).with_name('{stem}.inputs.json')))\n")
     commands = out / "COMMANDS.txt"
-    line = (f"polygraphy run {graph} --onnxrt --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
+    # bf16 graphs: ONNX Runtime's CPU provider has no kernels for them, TensorRT runs them
+    bf16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in feed.values())
+    backend = "--trt --strongly-typed" if bf16 else "--onnxrt"
+    line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
             f"--load-outputs parity/{stem}.golden.json --check-error-stat mean --atol {atol:.3g} --rtol 0\n")
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
-        if commands.is_file() else ["# run from the graphs folder; add --trt on a GPU machine\n"]
+        if commands.is_file() else [("# run from the graphs folder; add --trt --strongly-typed on a GPU machine (bf16 "
+                                     "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
     commands.write_text("".join(existing) + line)
 
 

@@ -12,6 +12,7 @@ from exporter.export import ManifestError, export_graphs, read_manifest
 from exporter.export.manifest import node_scope
 from exporter.models import load_model
 from exporter.models.blocks import run_blocks
+from exporter.parity.runners import ReferenceRunner
 from exporter.quant.ptq import quantize_model
 from exporter.recipe import QuantizationSpec
 
@@ -177,6 +178,65 @@ def test_fp16_variant_differs_only_in_the_float_type(tiny_unet_dir, tiny_unet_ca
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, spec, tiny_unet_calib)
     env = reference_tensors(loaded)
-    half = {n: v.half() if v.is_floating_point() else v for n, v in env.items()}
+    half = {n: v.half() if v.is_floating_point() and n != "timestep" else v for n, v in env.items()}
     for name, out in block_outputs_in_ort(tmp_path / "g", manifest, half).items():
         assert sqnr_db(env[name].numpy(), out.astype(np.float32)) > 30, name  # vs the float32 fake-quant model
+
+
+def block_outputs_in_reference(folder, manifest, env):
+    """Every block output of a bf16 graphs folder, run by ONNX's reference implementation."""
+    results = {}
+    for block in manifest["blocks"]:
+        runner = ReferenceRunner(folder / block["graphs"][0])
+        with runner:
+            outputs = runner.infer({i["name"]: env[i["name"]] for i in block["inputs"]})
+        results.update(outputs)
+    return results
+
+
+@pytest.mark.parametrize("model", ["unet", "dit"])
+def test_bf16_variant_is_opset_22_and_matches_the_float32_model(model, tiny_unet_dir, tiny_dit_dir, tiny_unet_calib,
+                                                               tmp_path, run_cli):
+    directory = tiny_unet_dir if model == "unet" else tiny_dit_dir
+    spec = QuantizationSpec(groups=1, split_shortcut=True) if model == "unet" else None
+    manifest = export_graphs(str(directory), tmp_path / "g", calib=tiny_unet_calib if spec else None, quantization=spec,
+                             dtype="bf16", progress=False)
+    assert manifest["dtype"] == "bf16"
+    for block in manifest["blocks"]:
+        model_proto = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False)
+        graph = model_proto.graph
+        assert [o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")] == [22]
+        timestep = {onnx.TensorProto.FLOAT} if any(i["name"] == "timestep" for i in block["inputs"]) else set()
+        floats = {i.type.tensor_type.elem_type for i in graph.input} - {onnx.TensorProto.INT64}  # class labels
+        assert floats == {onnx.TensorProto.BFLOAT16} | timestep
+        # every constant computation folded, the bf16 ones ONNX Runtime cannot run included (attention scale)
+        constants = {i.name for i in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                    and n.input and all(name in constants for name in n.input)]
+        assert "Einsum" not in {n.op_type for n in graph.node}  # the DiT's unpatchify is a Transpose
+        # float32 tensors only where the spec or the float32 timestep asks for them
+        float32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 1}
+        assert all(n.op_type == "Resize" or "time_proj" in n.name for n in graph.node if float32 & set(n.input))
+    if spec:
+        types = {i.data_type for i in onnx.load(str(tmp_path / "g" / "mid.onnx"), load_external_data=False).graph.initializer}
+        assert onnx.TensorProto.INT8 in types and onnx.TensorProto.BFLOAT16 in types  # int8 weights, bf16 scales
+    loaded = load_model(directory)
+    if spec:
+        quantize_model(loaded, spec, tiny_unet_calib)
+    env = reference_tensors(loaded) if model == "unet" else dit_reference_tensors(loaded)
+    bf16 = {n: v.bfloat16() if v.is_floating_point() and n != "timestep" else v for n, v in env.items()}
+    for name, out in block_outputs_in_reference(tmp_path / "g", manifest, bf16).items():
+        assert sqnr_db(env[name].numpy(), out) > (25 if spec else 40), name  # vs the float32 (fake-quant) model
+    result = run_cli("run", tmp_path / "g", "--out", tmp_path / "images")
+    assert result.returncode == 2 and "bf16 graphs, which ONNX Runtime's CPU provider cannot run" in result.stderr
+
+
+def dit_reference_tensors(loaded, t=700.0, batch=3):
+    torch.manual_seed(1)
+    adapter = loaded.adapter
+    env = adapter.named_inputs(torch.randn(batch, *adapter.sample_shape), torch.full((batch,), t),
+                               torch.tensor([0, 1, 2]))
+    blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))
+    with torch.no_grad():
+        run_blocks(blocks, env, ("noise_pred",), keep=env)
+    return env
