@@ -14,6 +14,8 @@ from exporter.recipe import BuildSpec
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards have FP8 tensor cores; TensorRT refuses FP8 below
 INT4_MIN_TENSORRT = (10, 0)  # INT4 block-quantized weight-only GEMMs arrived with TensorRT 10.0
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere onwards compute in BF16
+BF16_MIN_TENSORRT = (10, 6)  # bf16 graphs are opset 22 (bfloat16 Conv); TensorRT's parser reads it from 10.6
 
 
 class BuildError(ExporterError):
@@ -38,6 +40,15 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
     """None when the graphs build as they are; a fallback record when FP8 must become INT8 (and the
     recipe allows it). Raises BuildError when this GPU / TensorRT cannot build them."""
     formats = formats_used(manifest)
+    if manifest.get("dtype") == "bf16":
+        if tuple(device.compute_capability) < BF16_MIN_CAPABILITY:
+            raise BuildError(f"the graphs are bf16, which needs compute capability >= "
+                             f"{'.'.join(map(str, BF16_MIN_CAPABILITY))}; {device.gpu} has "
+                             f"{'.'.join(map(str, device.compute_capability))}. Re-export with --dtype fp16")
+        if version_tuple(device.tensorrt) < BF16_MIN_TENSORRT:
+            raise BuildError(f"the graphs are bf16 (ONNX opset 22), which TensorRT's parser reads from "
+                             f"{'.'.join(map(str, BF16_MIN_TENSORRT))} on; this machine has TensorRT {device.tensorrt}. "
+                             "Upgrade TensorRT or re-export with --dtype fp16")
     if "int4" in formats and version_tuple(device.tensorrt) < INT4_MIN_TENSORRT:
         raise BuildError(f"the graphs hold INT4 blocked weights, which need TensorRT >= "
                          f"{'.'.join(map(str, INT4_MIN_TENSORRT))}; this machine has TensorRT {device.tensorrt}. "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.bfloat16 import to_numpy, to_torch
 from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible
 from exporter.recipe import BuildSpec
 
@@ -154,12 +155,11 @@ class TensorRTBackend:
             if key in self.captured:
                 graph, static_in, static_out = self.captured[key]
                 for name, array in feeds.items():
-                    static_in[name].copy_(torch.from_numpy(np.ascontiguousarray(array)), non_blocking=True)
+                    static_in[name].copy_(to_torch(array), non_blocking=True)
                 graph.replay()
                 results = static_out
             else:
-                inputs = {n: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", non_blocking=True)
-                          for n, a in feeds.items()}
+                inputs = {n: to_torch(a).to("cuda", non_blocking=True) for n, a in feeds.items()}
                 results = self._bind(plan, engine, context, inputs)
                 if not context.execute_async_v3(self.stream.cuda_stream):
                     raise BuildError(f"{plan}: TensorRT execution failed (see the TensorRT log above)")
@@ -170,4 +170,4 @@ class TensorRTBackend:
                         context.execute_async_v3(self.stream.cuda_stream)
                     self.captured[key] = (graph, inputs, results)
         self.stream.synchronize()
-        return [results[name].cpu().numpy() for name in outputs]
+        return [to_numpy(results[name]) for name in outputs]  # bf16 engines: ml_dtypes' bfloat16

@@ -26,6 +26,12 @@ class OnnxRuntimeBackend:
         # where a CUDA device exists.
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        if manifest.get("dtype") == "bf16" and not cuda:
+            from exporter.errors import UsageError
+
+            raise UsageError(f"{folder} holds bf16 graphs, which ONNX Runtime's CPU provider cannot run (it has no "
+                             "bfloat16 Conv or InstanceNormalization kernels): build TensorRT engines from them "
+                             "(exporter build) on a GPU machine, or export --dtype fp32 for ONNX Runtime on CPU")
         self._sessions: dict[str, object] = {}
         self.fused_attention: dict[str, int] = {}  # graph -> attentions run as ORT's fused kernel
 

@@ -125,7 +125,8 @@ class Runtime:
             raise NonFiniteError(self._first_non_finite(run, env, step, tt, group))
         if full and plan.feature is not None:
             cache[plan.feature] = env[plan.feature]
-        return self.adapter.postprocess(torch.from_numpy(env["noise_pred"]).float())  # fp16 graphs: back to fp32
+        # fp16 / bf16 graphs: back to fp32
+        return self.adapter.postprocess(torch.from_numpy(env["noise_pred"].astype(np.float32, copy=False)))
 
     def _first_non_finite(self, run: list[str], env: dict, step: int, t: float, group: int) -> str:
         """Where this step went non-finite: the first block (in run order) with NaN/Inf in an output

@@ -33,3 +33,13 @@ def test_engines_from_another_tensorrt_or_gpu_are_refused_with_the_rebuild_comma
         check_engines_compatible(manifest, DeviceInfo("10.9.0.34", "NVIDIA L4", (8, 9)))
     with pytest.raises(BuildError, match=r"compute capability 8.9 \(NVIDIA L4\), this GPU \(NVIDIA H100\) is 9.0"):
         check_engines_compatible(manifest, DeviceInfo("10.8.0.43", "NVIDIA H100", (9, 0)))
+
+
+def test_bf16_graphs_need_ampere_and_tensorrt_10_6():
+    bf16 = {**manifest_with("int8"), "dtype": "bf16"}
+    with pytest.raises(BuildError, match=r"bf16, which needs compute capability >= 8.0; Tesla T4 has 7.5.*--dtype fp16"):
+        plan_build(bf16, BuildSpec(), DeviceInfo("10.8.0", "Tesla T4", (7, 5)))
+    with pytest.raises(BuildError, match=r"opset 22.*from 10.6 on; this machine has TensorRT 10.5.0.*--dtype fp16"):
+        plan_build(bf16, BuildSpec(), DeviceInfo("10.5.0", "NVIDIA A100", (8, 0)))
+    assert plan_build(bf16, BuildSpec(), DeviceInfo("10.6.0.26", "NVIDIA A100", (8, 0))) is None
+    assert plan_build(manifest_with("int8"), BuildSpec(), DeviceInfo("10.5.0", "Tesla T4", (7, 5))) is None

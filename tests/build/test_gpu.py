@@ -79,3 +79,27 @@ def test_parity_runs_tensorrt_next_to_onnx_runtime(tiny_int8_graphs, tiny_unet_c
                               engines=tmp_path / "e")
     assert all(r.engine_outputs for r in results)
     assert min(s for r in results for s, _ in r.engine_outputs.values()) > 30
+
+
+def test_bf16_engines_match_pytorch_and_run_through_the_runtime(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    import tensorrt
+
+    from exporter.build.gating import BF16_MIN_CAPABILITY, BF16_MIN_TENSORRT, version_tuple
+    from exporter.export import export_graphs
+    from exporter.parity import check_parity
+    from exporter.recipe import QuantizationSpec
+
+    graphs = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), graphs, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  dtype="bf16", progress=False)
+    if (torch.cuda.get_device_capability() < BF16_MIN_CAPABILITY
+            or version_tuple(tensorrt.__version__) < BF16_MIN_TENSORRT):
+        with pytest.raises(BuildError, match="bf16"):
+            build_engines(graphs, tmp_path / "e", progress=False)
+        return
+    build_engines(graphs, tmp_path / "e", BuildSpec(images=[1, 4, 8]), progress=False)
+    results, _ = check_parity(graphs, calib=tiny_unet_calib, write_golden=False, end_to_end_check=False,
+                              engines=tmp_path / "e")
+    assert all(r.passed for r in results), [(r.graph, r.engine_outputs) for r in results]
+    images = Runtime.load(tmp_path / "e").generate(rows=[0], per_row=2, steps=4, progress=False)
+    assert all(torch.isfinite(image).all() for image in images.values())
