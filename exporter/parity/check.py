@@ -3,8 +3,9 @@
 For every graph, real inputs are taken from calibration data (the recorded model inputs at
 timesteps of the graph's group, run through the PyTorch blocks so every block sees what it sees
 in a denoising trajectory). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
-fake-quantized exactly as exported) and the graph in ONNX Runtime on them and compares every
-output (``SimpleCompareFunc`` on the mean absolute error, with the tolerance an SQNR threshold
+fake-quantized exactly as exported) and the graph in ONNX Runtime (bf16 graphs, which its CPU
+provider cannot run: in ONNX's reference implementation, ``ReferenceRunner``) on them and
+compares every output (``SimpleCompareFunc`` on the mean absolute error, with the tolerance an SQNR threshold
 implies; a Q/DQ graph legitimately differs from PyTorch by one quantization step wherever float
 rounding upstream flips a rounding decision, so max-error checks would flag isolated elements);
 the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
@@ -279,8 +280,8 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
 
 def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
     """Worst output SQNR of PyTorch against itself with the block's inputs and the input of every
-    activation quantizer inside it multiplied by (1 + N(0, SENSITIVITY_NOISE)) (FP16 graphs: FP16's
-    machine epsilon).
+    activation quantizer inside it multiplied by (1 + N(0, SENSITIVITY_NOISE)) (FP16 / BF16 graphs:
+    that type's machine epsilon).
 
     Quantized blocks are discontinuous: a rounding decision that flips moves a value by a whole
     step, and downstream quantizers can flip in turn. ONNX Runtime's float differences arise
