@@ -7,7 +7,8 @@
 Stages, each a separate ``exporter`` (or tool) process so its wall time and peak resident memory
 are its own: make the random-weight layout (tools/make_sd_layout.py), calibrate on a handful of
 random-conditioning trajectories, export per block to INT8 Q/DQ graphs, lint, and per-block
-parity on one block. Writes WORK/real_size.json and prints a Markdown table. A stage that fails
+parity on one block; with ``--fp32``, also the unquantized FP32 export (the baseline path, whose
+largest SDXL block is past protobuf's 2 GB). Writes WORK/real_size.json and prints a Markdown table. A stage that fails
 stops the run; the table says which one and shows the end of its log.
 """
 
@@ -70,13 +71,14 @@ def main() -> int:
     parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--parity-block", help="the block checked for parity (default: the last up layer)")
+    parser.add_argument("--fp32", action="store_true", help="also export the unquantized FP32 graphs and lint them")
     args = parser.parse_args()
     block = args.parity_block or {"sd15": "up3.layer2", "sdxl": "up2.layer2"}[args.layout]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.yaml").write_text(RECIPE.format(trajectories=args.trajectories, steps=args.steps))
     exporter = [sys.executable, "-m", "exporter", "-q"]
-    model, calib, graphs = work / "model", work / "calib", work / "graphs"
+    model, calib, graphs, fp32 = work / "model", work / "calib", work / "graphs", work / "graphs-fp32"
     stages = []
     if not (model / "unet" / "config.json").is_file():
         stages.append(("layout", [sys.executable, str(ROOT / "tools" / "make_sd_layout.py"), str(model),
@@ -90,6 +92,9 @@ def main() -> int:
         ("parity", exporter + ["parity", str(graphs), "--blocks", block, "--blocks-only",
                               "--samples", "2"]),
     ]
+    if args.fp32:
+        stages += [("export fp32", exporter + ["export", "--model", str(model), "--format", "fp32", "--out", str(fp32)]),
+                   ("lint fp32", exporter + ["lint", str(fp32)])]
     results = []
     for name, argv in stages:
         results.append(run_stage(name, argv, work / f"{name}.log"))
@@ -102,6 +107,11 @@ def main() -> int:
         report["graphs"] = sum(len(b["graphs"]) for b in manifest["blocks"])
         report["graph_folder_mb"] = round(folder_bytes(graphs) / 1e6, 1)
         report["weights_fp32_mb"] = round(sum(f.stat().st_size for f in (model / "unet").glob("*.safetensors")) / 1e6, 1)
+    if (fp32 / "manifest.json").is_file():
+        largest = max(fp32.glob("*.weights"), key=lambda f: f.stat().st_size)
+        report["fp32_graph_folder_mb"] = round(folder_bytes(fp32) / 1e6, 1)
+        report["fp32_largest_block"] = {"weights": largest.name, "mb": round(largest.stat().st_size / 1e6, 1),
+                                        "graph_bytes": sum(g.stat().st_size for g in fp32.glob(f"{largest.stem}*.onnx"))}
     (work / "real_size.json").write_text(json.dumps(report, indent=2))
     print(f"\n{args.layout}-layout UNet, INT8 W8A8 ({args.trajectories} trajectories x {args.steps} steps):")
     print("| stage | wall | peak RSS | exit |\n|---|---|---|---|")
@@ -109,6 +119,10 @@ def main() -> int:
         print(f"| {r['stage']} | {r['seconds']:.0f} s | {r['peak_rss_gib']:.1f} GiB | {r['exit_code']} |")
     if "graphs" in report:
         print(f"{report['graphs']} graphs, {report['graph_folder_mb']} MB (FP32 weights {report['weights_fp32_mb']} MB)")
+    if "fp32_largest_block" in report:
+        big = report["fp32_largest_block"]
+        print(f"FP32 graphs {report['fp32_graph_folder_mb']} MB; largest block {big['weights']} {big['mb']} MB of "
+              f"weights, its graph {big['graph_bytes']} bytes")
     return max(r["exit_code"] for r in results) and 1
 
 

@@ -14,9 +14,9 @@ export never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,14 +65,28 @@ def dynamic_axes(names, env) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _trace(block, env) -> onnx.ModelProto:
-    buffer = io.BytesIO()
+def _trace(block, env, scratch: Path) -> onnx.ModelProto:
+    """The block as traced by torch.onnx.export, its weights external data in ``scratch``.
+
+    Traced into a file, not memory: a block over protobuf's 2 GB limit (SDXL's up0 in FP16 or
+    FP32) can only be exported to a path, next to which torch writes its weights. Smaller blocks'
+    weights, which torch keeps inline, are moved out too, so the passes never carry them."""
+    path = scratch / "traced.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer chatter
-        torch.onnx.export(block, tuple(env[n] for n in block.inputs), buffer, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(block, tuple(env[n] for n in block.inputs), str(path), dynamo=False, opset_version=OPSET,
                           input_names=list(block.inputs), output_names=list(block.outputs),
                           dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env), do_constant_folding=True)
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load(str(path), load_external_data=False)
+    WeightFile(scratch / "traced.weights").externalize(model, scratch)
+    return model
+
+
+def export_graph(block, env, weights: WeightFile, path: Path, opset: int | None = None) -> None:
+    """One graph: traced, simplified, weights appended to ``weights``, saved to ``path``, checked."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
+        onnx.save_model(finalize(_trace(block, env, Path(scratch)), weights, opset, Path(scratch)), path)
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -132,10 +146,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
             for g in range(_group_count(block, groups)):
                 for layer in layers:
                     layer.prepare_export(g)
-                graph = finalize(_trace(block, env), weights, BF16_OPSET if dtype == "bf16" else None)
                 name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
-                onnx.save_model(graph, partial / name)
-                onnx.checker.check_model(str(partial / name), full_check=True)
+                export_graph(block, env, weights, partial / name, BF16_OPSET if dtype == "bf16" else None)
                 files.append(name)
                 bar.update(1)
             exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})

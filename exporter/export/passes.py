@@ -20,10 +20,14 @@
   blocked DequantizeLinear needs opset 21 (the TorchScript exporter stops at 20; the ops it emits
   mean the same at 21).
 * External weights: every initializer of at least ``EXTERNAL_MIN_BYTES`` (weights, biases,
-  per-channel scales) goes to one weight file per block. Graphs of different timestep groups of a
+  per-channel scales) goes to one weight file per block. They are out of the graph from the trace
+  on (in a scratch folder while the passes run): the passes serialize the graph (ONNX Runtime
+  evaluating what they fold, shape inference), which protobuf refuses past 2 GB, and one block can
+  hold more (SDXL's up0 is 2.4 GB in FP16). The passes work on shapes and on constants the size of
+  shapes and scalars; the few nodes computed from weights alone are folded by the reference
+  implementation, which reads the scratch files. Graphs of different timestep groups of a
   block differ only in activation scales (scalars, kept inline), so their weights are written once
-  and every group's graph points at the same bytes (same name and sha256 -> same offset). This also keeps graphs of any size under
-  protobuf's 2 GB limit.
+  and every group's graph points at the same bytes (same name and sha256 -> same offset).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import ExternalDataInfo
 
 from exporter.export.shapes import static_reshapes
 from exporter.quant.onnx_ops import INT4_MARK
@@ -43,14 +48,15 @@ ALIGN = 64  # byte alignment of each tensor in the weight file (lets runtimes ma
 INT4_OPSET = 21
 
 
-def retype_int4(model: onnx.ModelProto) -> bool:
-    """Turn the int8 stand-ins of INT4 tensors into INT4 initializers; True if any were found."""
+def retype_int4(model: onnx.ModelProto, base_dir: Path | None = None) -> bool:
+    """Turn the int8 stand-ins of INT4 tensors into INT4 initializers; True if any were found.
+    ``base_dir``: where external ones are."""
     import ml_dtypes
 
     found = False
     for init in model.graph.initializer:
         if INT4_MARK in init.name and init.data_type == TensorProto.INT8:
-            values = numpy_helper.to_array(init)
+            values = _array(init, base_dir)
             if values.min(initial=0) < -8 or values.max(initial=0) > 7:
                 raise ValueError(f"initializer {init.name} holds values outside INT4's [-8, 7]")
             init.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4), init.name))
@@ -72,13 +78,24 @@ class WeightFile:
         self.index: dict[tuple[str, str], tuple[int, int]] = {}  # (name, sha256) -> (offset, length)
         path.write_bytes(b"")
 
-    def externalize(self, model: onnx.ModelProto) -> None:
+    def externalize(self, model: onnx.ModelProto, base_dir: Path | None = None) -> None:
+        """Every initializer of ``EXTERNAL_MIN_BYTES`` or more, inline or in external files in
+        ``base_dir``, appended here (once per name and content) and referenced from ``model``;
+        smaller ones inline."""
         for init in model.graph.initializer:
-            if not init.HasField("raw_data"):  # e.g. float_data: normalise to raw bytes first
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
-            data = init.raw_data
-            if len(data) < EXTERNAL_MIN_BYTES:
-                continue
+            if init.data_location == TensorProto.EXTERNAL:
+                data = _external_bytes(init, base_dir)
+                if len(data) < EXTERNAL_MIN_BYTES:  # back inline
+                    del init.external_data[:]
+                    init.data_location = TensorProto.DEFAULT
+                    init.raw_data = data
+                    continue
+            else:
+                if not init.HasField("raw_data"):  # e.g. float_data: normalise to raw bytes first
+                    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+                data = init.raw_data
+                if len(data) < EXTERNAL_MIN_BYTES:
+                    continue
             key = (init.name, hashlib.sha256(data).hexdigest())
             if key not in self.index:
                 with self.path.open("ab") as f:
@@ -95,9 +112,30 @@ class WeightFile:
                 entry.key, entry.value = k, v
 
 
-def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+def _external_bytes(init: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    if base_dir is None:
+        raise ValueError(f"initializer {init.name} is external data, and no folder was given to read it from")
+    info = ExternalDataInfo(init)
+    with open(Path(base_dir) / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def _array(init: onnx.TensorProto, base_dir: Path | None):
+    if init.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    loaded = TensorProto()
+    loaded.CopyFrom(init)
+    loaded.raw_data = _external_bytes(init, base_dir)
+    del loaded.external_data[:]
+    loaded.data_location = TensorProto.DEFAULT
+    return numpy_helper.to_array(loaded)
+
+
+def simplify(model: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
     """Fold constant subgraphs (not Q/DQ), bypass Identity nodes, share identical small constants,
-    shorten intermediate tensor names. Node order and node names are kept."""
+    shorten intermediate tensor names. Node order and node names are kept. ``base_dir``: where
+    the external initializers are (the weights, which stay there)."""
     import onnx_graphsurgeon as gs
 
     # identities first: graphsurgeon would fold an Identity of an FP8 zero point into a new constant,
@@ -115,7 +153,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         gs.logger.G_LOGGER.severity = severity
     graph.cleanup(remove_unused_graph_inputs=False)
     simplified = gs.export_onnx(graph, do_type_check=True)
-    _fold_with_reference(simplified.graph)
+    _fold_with_reference(simplified.graph, base_dir)
     # graphsurgeon holds FP8 tensors as uint8 (above): initializers that existed before folding
     # are restored byte for byte
     originals = {init.name: init for init in model.graph.initializer}
@@ -145,8 +183,9 @@ def _fold(graph) -> None:
         onnxruntime.set_default_logger_severity(2)
 
 
-def _fold_with_reference(graph: onnx.GraphProto) -> None:
-    """Nodes left with only constant inputs (what ONNX Runtime could not fold) become constants,
+def _fold_with_reference(graph: onnx.GraphProto, base_dir: Path | None) -> None:
+    """Nodes left with only constant inputs (what ONNX Runtime could not fold: bf16 arithmetic, and
+    anything computed from external weights, which graphsurgeon cannot read) become constants,
     evaluated by ONNX's reference implementation; never a Q/DQ node."""
     from onnx.reference import ReferenceEvaluator
 
@@ -157,7 +196,7 @@ def _fold_with_reference(graph: onnx.GraphProto) -> None:
                 or not all(name in values for name in node.input)):
             keep.append(node)
             continue
-        outputs = ReferenceEvaluator(node).run(None, {n: numpy_helper.to_array(values[n]) for n in node.input})
+        outputs = ReferenceEvaluator(node).run(None, {n: _array(values[n], base_dir) for n in node.input})
         for name, value in zip(node.output, outputs):
             values[name] = numpy_helper.from_array(value, name)
             graph.initializer.append(values[name])
@@ -213,6 +252,9 @@ def _share_small_constants(graph: onnx.GraphProto) -> None:
     renamed: dict[str, str] = {}
     keep = []
     for init in graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:  # weights
+            keep.append(init)
+            continue
         if not init.HasField("raw_data"):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
         if len(init.raw_data) <= 16:
@@ -246,17 +288,19 @@ def _short_tensor_names(graph: onnx.GraphProto) -> None:
     _rename_inputs(graph, renamed)
 
 
-def finalize(model: onnx.ModelProto, weights: WeightFile, opset: int | None = None) -> onnx.ModelProto:
+def finalize(model: onnx.ModelProto, weights: WeightFile, opset: int | None = None,
+             base_dir: Path | None = None) -> onnx.ModelProto:
     """Opset (``opset``, at least INT4's where INT4 appears), simplification, INT4 retyping, stale
-    value_info dropped, weights moved to the shared file."""
+    value_info dropped, weights moved to the shared file. ``base_dir``: where ``model``'s external
+    initializers are (the trace's scratch folder)."""
     if opset is not None:
         set_opset(model, opset)  # before simplification: ONNX Runtime folds a graph valid at its opset
-    model = simplify(model)
-    if retype_int4(model) and (opset or 0) < INT4_OPSET:
+    model = simplify(model, base_dir)
+    if retype_int4(model, base_dir) and (opset or 0) < INT4_OPSET:
         set_opset(model, INT4_OPSET)
     # the exporter's value_info still says int8 where INT4 now flows; shapes are re-inferred on load
     del model.graph.value_info[:]
-    weights.externalize(model)
+    weights.externalize(model, base_dir)
     return model
 
 

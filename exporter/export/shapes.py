@@ -110,11 +110,12 @@ def symbolic_shapes(model: onnx.ModelProto) -> Shapes | None:
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with large initializers turned into inputs of the same type and shape: inference
-    needs their shapes, not their bytes (a real-size block holds gigabytes)."""
+    """The graph with its weights (external data, and any other large initializer) turned into
+    inputs of the same type and shape: inference needs their shapes, not their bytes."""
     small, as_inputs = [], []
     for init in model.graph.initializer:
-        if init.data_type in (TensorProto.INT64, TensorProto.INT32) or np.prod(init.dims, dtype=np.int64) <= 64:
+        if init.data_location != TensorProto.EXTERNAL and (
+                init.data_type in (TensorProto.INT64, TensorProto.INT32) or np.prod(init.dims, dtype=np.int64) <= 64):
             small.append(init)
         else:
             as_inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))

@@ -239,12 +239,19 @@ def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = 
 
     if manifest.get("dtype") == "bf16":
         return ReferenceRunner(path, outputs)
-    graph = str(path)
-    if outputs is not None:
-        import onnx
+    if outputs is None:
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"],
+                                            graph_optimization_level=level))
+    import onnx
+    import onnxruntime as ort
 
-        graph = modify_outputs(onnx.load(graph), outputs=outputs).SerializeToString()
-    return OnnxrtRunner(SessionFromOnnx(graph, providers=["CPUExecutionProvider"], graph_optimization_level=level))
+    from exporter.runtime.backends import session_from_proto
+
+    options = ort.SessionOptions()
+    if level is not None:
+        options.graph_optimization_level = level
+    marked = modify_outputs(onnx.load(str(path), load_external_data=False), outputs=outputs)
+    return OnnxrtRunner(session_from_proto(marked, path.parent, options, ["CPUExecutionProvider"]))
 
 
 def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float,

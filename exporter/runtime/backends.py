@@ -48,11 +48,8 @@ class OnnxRuntimeBackend:
             options = ort.SessionOptions()
             options.graph_optimization_level = self.level
             _quiet_thread_pool(options, self.threads)
-            if self.fused_attention[graph]:  # a rewritten copy: ORT reads its weights from the folder
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(self.folder))
-                self._sessions[graph] = ort.InferenceSession(model.SerializeToString(), options,
-                                                             providers=self.providers)
+            if self.fused_attention[graph]:  # a rewritten copy
+                self._sessions[graph] = session_from_proto(model, self.folder, options, self.providers)
             else:
                 self._sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
             log.debug("opened %s (%s, %d fused attention)", graph, self._sessions[graph].get_providers()[0],
@@ -61,6 +58,16 @@ class OnnxRuntimeBackend:
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         return self.session(graph).run(outputs, feeds)
+
+
+def session_from_proto(model, folder: Path, options, providers: list[str]):
+    """An ONNX Runtime session for an edited in-memory copy of a graph (loaded without its weights),
+    reading the weights from the graph's external files in ``folder``: the copy serializes small,
+    whatever the size of the weights (protobuf refuses more than 2 GB)."""
+    import onnxruntime as ort
+
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 def _quiet_thread_pool(options, threads: int | None) -> None:

@@ -240,3 +240,41 @@ def dit_reference_tensors(loaded, t=700.0, batch=3):
     with torch.no_grad():
         run_blocks(blocks, env, ("noise_pred",), keep=env)
     return env
+
+
+class _LargeBlock(torch.nn.Module):
+    """One linear layer of 2.16 GB: past protobuf's 2 GB limit on its own (as SDXL's up0 is in FP16)."""
+
+    inputs, outputs = ("x",), ("y",)
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32768, 16512, bias=False)
+        self.norm = torch.nn.LayerNorm(16512)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+@pytest.mark.slow  # about a minute and 8.3 GiB: torch's exporter briefly holds the 2.16 GB thrice
+def test_a_block_over_2gb_exports_into_a_small_graph_and_its_weight_file(tmp_path):
+    from exporter.export.graphs import export_graph
+    from exporter.export.passes import WeightFile
+
+    torch.manual_seed(0)
+    block = _LargeBlock().eval()
+    assert block.proj.weight.numel() * 4 > 2**31
+    env = {"x": torch.randn(2, 32768)}
+    with torch.no_grad():
+        env["y"] = block(env["x"])
+    expected = env["y"].numpy()
+    weights = WeightFile(tmp_path / "large.weights")
+    export_graph(block, env, weights, tmp_path / "large.onnx")  # includes onnx.checker's full check
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.onnx", "large.weights"]  # no trace leftovers
+    assert (tmp_path / "large.onnx").stat().st_size < 10_000
+    assert (tmp_path / "large.weights").stat().st_size >= block.proj.weight.numel() * 4
+    del block
+    session = ort.InferenceSession(str(tmp_path / "large.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": env["x"].numpy()})
+    assert np.abs(got - expected).max() <= 1e-4
