@@ -7,9 +7,10 @@
 Stages, each a separate ``exporter`` (or tool) process so its wall time and peak resident memory
 are its own: make the random-weight layout (tools/make_sd_layout.py), calibrate on a handful of
 random-conditioning trajectories, export per block to INT8 Q/DQ graphs, lint, and per-block
-parity on one block; with ``--fp32``, also the unquantized FP32 export (the baseline path, whose
-largest SDXL block is past protobuf's 2 GB). Writes WORK/real_size.json and prints a Markdown table. A stage that fails
-stops the run; the table says which one and shows the end of its log.
+parity on one block; with ``--fp32``, also the unquantized FP32 export and its lint (the
+baseline path; SDXL's largest blocks are past protobuf's 2 GB). Writes WORK/real_size.json and
+prints a Markdown table. A stage that fails stops the run; the table says which one and shows the
+end of its log.
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ def main() -> int:
         report["graph_folder_mb"] = round(folder_bytes(graphs) / 1e6, 1)
         report["weights_fp32_mb"] = round(sum(f.stat().st_size for f in (model / "unet").glob("*.safetensors")) / 1e6, 1)
     if (fp32 / "manifest.json").is_file():
-        largest = max(fp32.glob("*.weights"), key=lambda f: f.stat().st_size)
+        blocks = json.loads((fp32 / "manifest.json").read_text())["blocks"]
+        largest = max(blocks, key=lambda b: (fp32 / b["weights"]).stat().st_size)
         report["fp32_graph_folder_mb"] = round(folder_bytes(fp32) / 1e6, 1)
-        report["fp32_largest_block"] = {"weights": largest.name, "mb": round(largest.stat().st_size / 1e6, 1),
-                                        "graph_bytes": sum(g.stat().st_size for g in fp32.glob(f"{largest.stem}*.onnx"))}
+        report["fp32_largest_block"] = {"block": largest["name"],
+                                        "mb": round((fp32 / largest["weights"]).stat().st_size / 1e6, 1),
+                                        "graph_bytes": sum((fp32 / g).stat().st_size for g in largest["graphs"])}
     (work / "real_size.json").write_text(json.dumps(report, indent=2))
     print(f"\n{args.layout}-layout UNet, INT8 W8A8 ({args.trajectories} trajectories x {args.steps} steps):")
     print("| stage | wall | peak RSS | exit |\n|---|---|---|---|")
@@ -121,7 +124,7 @@ def main() -> int:
         print(f"{report['graphs']} graphs, {report['graph_folder_mb']} MB (FP32 weights {report['weights_fp32_mb']} MB)")
     if "fp32_largest_block" in report:
         big = report["fp32_largest_block"]
-        print(f"FP32 graphs {report['fp32_graph_folder_mb']} MB; largest block {big['weights']} {big['mb']} MB of "
+        print(f"FP32 graphs {report['fp32_graph_folder_mb']} MB; largest block {big['block']}: {big['mb']} MB of "
               f"weights, its graph {big['graph_bytes']} bytes")
     return max(r["exit_code"] for r in results) and 1
 

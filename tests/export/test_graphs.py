@@ -256,7 +256,7 @@ class _LargeBlock(torch.nn.Module):
         return self.norm(self.proj(x))
 
 
-@pytest.mark.slow  # about a minute and 8.3 GiB: torch's exporter briefly holds the 2.16 GB thrice
+@pytest.mark.slow  # about a minute; 8.3 GiB peak while torch's exporter traces the block
 def test_a_block_over_2gb_exports_into_a_small_graph_and_its_weight_file(tmp_path):
     from exporter.export.graphs import export_graph
     from exporter.export.passes import WeightFile
