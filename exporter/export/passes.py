@@ -37,7 +37,7 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto, numpy_helper
-from onnx.external_data_helper import ExternalDataInfo
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from exporter.export.shapes import static_reshapes
 from exporter.quant.onnx_ops import INT4_MARK
@@ -84,7 +84,7 @@ class WeightFile:
         smaller ones inline."""
         for init in model.graph.initializer:
             if init.data_location == TensorProto.EXTERNAL:
-                data = _external_bytes(init, base_dir)
+                data = _loaded(init, base_dir).raw_data
                 if len(data) < EXTERNAL_MIN_BYTES:  # back inline
                     del init.external_data[:]
                     init.data_location = TensorProto.DEFAULT
@@ -112,24 +112,21 @@ class WeightFile:
                 entry.key, entry.value = k, v
 
 
-def _external_bytes(init: onnx.TensorProto, base_dir: Path | None) -> bytes:
+def _loaded(init: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
+    """``init`` if inline, else a copy holding the bytes of its external data (in ``base_dir``);
+    ``init`` itself stays external, so the graph never carries the weights."""
+    if init.data_location != TensorProto.EXTERNAL:
+        return init
     if base_dir is None:
         raise ValueError(f"initializer {init.name} is external data, and no folder was given to read it from")
-    info = ExternalDataInfo(init)
-    with open(Path(base_dir) / info.location, "rb") as f:
-        f.seek(info.offset or 0)
-        return f.read(info.length) if info.length else f.read()
+    loaded = TensorProto()
+    loaded.CopyFrom(init)
+    load_external_data_for_tensor(loaded, str(base_dir))
+    return loaded
 
 
 def _array(init: onnx.TensorProto, base_dir: Path | None):
-    if init.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(init)
-    loaded = TensorProto()
-    loaded.CopyFrom(init)
-    loaded.raw_data = _external_bytes(init, base_dir)
-    del loaded.external_data[:]
-    loaded.data_location = TensorProto.DEFAULT
-    return numpy_helper.to_array(loaded)
+    return numpy_helper.to_array(_loaded(init, base_dir))
 
 
 def simplify(model: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
