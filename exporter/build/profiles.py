@@ -1,8 +1,8 @@
 """TensorRT optimization profiles from the recipe's ``build:`` section and the graphs' manifest.
 
 Every block input has a manifest shape whose dynamic dimensions are named (``batch``,
-``<tensor>_height``, ``<tensor>_width``) and the size it had when traced (a batch of 2 at the
-model's own latent size). A dimension named ``batch`` scales with the number of images per call
+``<tensor>_height``, ``<tensor>_width``) and its ``trace_shape``, the size for a batch of 2 at the
+model's own latent size. A dimension named ``batch`` scales with the number of images per call
 (twice that when classifier-free guidance runs batched); a height or width scales with the latent's.
 So each input's (min, opt, max) shape follows from three numbers per axis, for any block.
 """

@@ -42,8 +42,9 @@ def sha256_file(path: Path) -> str:
 
 def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
     shape = [axes.get(i, int(d)) for i, d in enumerate(tensor.shape)]
-    # the traced sizes: how each dynamic dimension scales with the batch and the latent size
-    # (TensorRT optimization profiles are computed from them)
+    # the sizes for a batch of 2 at the model's own latent size (what a UNet block is traced at is
+    # smaller, and gives the same graph): how each dynamic dimension scales with the batch and the
+    # latent size (TensorRT optimization profiles are computed from them)
     return {"name": name, "shape": shape, "trace_shape": [int(d) for d in tensor.shape],
             "dtype": str(tensor.dtype).removeprefix("torch.")}
 

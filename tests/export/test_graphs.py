@@ -31,7 +31,7 @@ def block_outputs_in_ort(folder, manifest, env, group=0):
 
 def reference_tensors(loaded, t=700.0, batch=3, scale=1):
     """Every block tensor of the (possibly quantized) PyTorch model at ``t``, batch 3 (traced with 2),
-    latents ``scale`` times the traced height and width."""
+    latents ``scale`` times the model's own height and width (UNet graphs are traced at a smaller one)."""
     torch.manual_seed(1)
     adapter = loaded.adapter
     cond = torch.randn(batch, 2, 8)
@@ -181,6 +181,27 @@ def test_fp16_variant_differs_only_in_the_float_type(tiny_unet_dir, tiny_unet_ca
     half = {n: v.half() if v.is_floating_point() and n != "timestep" else v for n, v in env.items()}
     for name, out in block_outputs_in_ort(tmp_path / "g", manifest, half).items():
         assert sqnr_db(env[name].numpy(), out.astype(np.float32)) > 30, name  # vs the float32 fake-quant model
+
+
+def test_unet_blocks_traced_at_the_smallest_latent_give_the_graphs_of_the_full_size(tiny_unet_dir, tiny_unet_calib,
+                                                                                     tmp_path, monkeypatch):
+    # Tracing at the smallest latent is what makes a large model's FP16 export feasible on a CPU (its
+    # half-precision convolutions are slow); the graphs must not depend on it, only the time does.
+    from exporter.models.adapters import UNetFamily
+
+    loaded = load_model(tiny_unet_dir)
+    assert loaded.adapter.sample_shape == (1, 8, 8)
+    assert loaded.adapter.trace_sample_shape(loaded.model) == (1, 4, 4)  # one downsampling: deepest level 2 x 2
+    spec = QuantizationSpec(groups=2, split_shortcut=True)
+    export_graphs(str(tiny_unet_dir), tmp_path / "small", calib=tiny_unet_calib, quantization=spec, dtype="fp16",
+                  progress=False)
+    monkeypatch.setattr(UNetFamily, "trace_sample_shape", lambda self, model: self.sample_shape)
+    export_graphs(str(tiny_unet_dir), tmp_path / "full", calib=tiny_unet_calib, quantization=spec, dtype="fp16",
+                  progress=False)
+    files = sorted(p.name for p in (tmp_path / "full").iterdir() if p.name != "quantization.json")  # it has times
+    assert sorted(p.name for p in (tmp_path / "small").iterdir() if p.name != "quantization.json") == files
+    for name in files:  # graphs, weight files and the manifest (whose shapes are the model's own size)
+        assert (tmp_path / "small" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
 
 def block_outputs_in_reference(folder, manifest, env):
