@@ -122,6 +122,10 @@ def _loaded(init: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
     loaded = TensorProto()
     loaded.CopyFrom(init)
     load_external_data_for_tensor(loaded, str(base_dir))
+    # an inline tensor now, as onnx's load_external_data_for_model leaves it: onnx 1.19.1's to_array
+    # reads a tensor still marked external from its file again, relative to the working directory
+    loaded.data_location = TensorProto.DEFAULT
+    del loaded.external_data[:]
     return loaded
 
 
@@ -298,6 +302,10 @@ def finalize(model: onnx.ModelProto, weights: WeightFile, opset: int | None = No
     # the exporter's value_info still says int8 where INT4 now flows; shapes are re-inferred on load
     del model.graph.value_info[:]
     weights.externalize(model, base_dir)
+    # The IR version the tools wrote depends on their releases (9 with torch 2.13 and graphsurgeon
+    # 0.6.1; 11 with torch 2.8, onnx 1.18 and graphsurgeon 0.5.2, which ONNX Runtime 1.22 refuses);
+    # the opset's own is all the graph needs (opsets 21 and 22: 10).
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
     return model
 
 

@@ -57,8 +57,9 @@ def test_fp32_graphs_reproduce_the_blocks_at_another_batch_size_and_resolution(t
     assert names[:3] == ["stem", "down0.layer0", "down0.downsample"] and names[-2:] == ["up1.layer1", "head"]
     assert manifest["groups"] is None and manifest["model_inputs"] == ["sample", "timestep", "encoder_hidden_states"]
     assert manifest["cache"]["features"]  # DeepCache branches with the blocks each runs
-    ops = [n.op_type for b in manifest["blocks"] for g in b["graphs"]
-           for n in onnx.load(str(tmp_path / "g" / g), load_external_data=False).graph.node]
+    protos = [onnx.load(str(tmp_path / "g" / g), load_external_data=False) for b in manifest["blocks"] for g in b["graphs"]]
+    assert {(p.ir_version, p.opset_import[0].version) for p in protos} == {(9, 20)}  # opset 20 needs IR 9, and no more is declared
+    ops = [n.op_type for p in protos for n in p.graph.node]
     assert "Softmax" in ops and "Sqrt" not in ops  # the attention scale was folded into a constant
     for scale in (1, 2):  # the reshape targets made constant at export must not pin the resolution
         env = reference_tensors(load_model(tiny_unet_dir), scale=scale)
@@ -105,6 +106,7 @@ def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
     manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", quantization=spec, progress=False)
     graph = onnx.load(str(tmp_path / "g" / "down0.layer0.onnx"), load_external_data=False)
     assert graph.opset_import[0].version == 21
+    assert graph.ir_version == 10  # opset 21's, whatever IR version the torch release writes
     int4 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     blocks = [a.i for n in graph.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
               if a.name == "block_size"]
@@ -227,6 +229,7 @@ def test_bf16_variant_is_opset_22_and_matches_the_float32_model(model, tiny_unet
         model_proto = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False)
         graph = model_proto.graph
         assert [o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")] == [22]
+        assert model_proto.ir_version == 10
         timestep = {onnx.TensorProto.FLOAT} if any(i["name"] == "timestep" for i in block["inputs"]) else set()
         floats = {i.type.tensor_type.elem_type for i in graph.input} - {onnx.TensorProto.INT64}  # class labels
         assert floats == {onnx.TensorProto.BFLOAT16} | timestep
