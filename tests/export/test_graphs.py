@@ -106,7 +106,7 @@ def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
     manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", quantization=spec, progress=False)
     graph = onnx.load(str(tmp_path / "g" / "down0.layer0.onnx"), load_external_data=False)
     assert graph.opset_import[0].version == 21
-    assert graph.ir_version == 10  # opset 21's, whatever IR version the torch release writes
+    assert graph.ir_version == 10  # opset 21's, whatever IR version the tools write
     int4 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     blocks = [a.i for n in graph.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
               if a.name == "block_size"]
