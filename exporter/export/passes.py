@@ -84,11 +84,10 @@ class WeightFile:
         smaller ones inline."""
         for init in model.graph.initializer:
             if init.data_location == TensorProto.EXTERNAL:
-                data = _loaded(init, base_dir).raw_data
+                loaded = _loaded(init, base_dir)
+                data = loaded.raw_data
                 if len(data) < EXTERNAL_MIN_BYTES:  # back inline
-                    del init.external_data[:]
-                    init.data_location = TensorProto.DEFAULT
-                    init.raw_data = data
+                    init.CopyFrom(loaded)
                     continue
             else:
                 if not init.HasField("raw_data"):  # e.g. float_data: normalise to raw bytes first

@@ -23,7 +23,8 @@ def int4_graph(values: np.ndarray) -> onnx.ModelProto:
 def test_external_int4_weights_are_read_from_the_scratch_folder_not_the_working_directory(tmp_path, monkeypatch):
     values = np.arange(256).reshape(16, 16) % 16 - 8  # 128 bytes as INT4: big enough to stay external
     scratch, elsewhere = tmp_path / "scratch", tmp_path / "elsewhere"
-    scratch.mkdir(), elsewhere.mkdir()
+    scratch.mkdir()
+    elsewhere.mkdir()
     model = int4_graph(values)
     WeightFile(scratch / "traced.weights").externalize(model, scratch)  # as the trace does
     monkeypatch.chdir(elsewhere)  # no traced.weights here: a second, relative read would fail
