@@ -8,13 +8,15 @@ Engines are written into ``OUT.partial`` and renamed at the end. All TensorRT ca
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from exporter.build.gating import plan_build
+from exporter.build.gating import foreign_timing_cache, plan_build
 from exporter.build.precision import check_precision, format_precision
 from exporter.build.profiles import batch_sizes, block_profiles, latent_sizes
 from exporter.errors import UsageError
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PRECISION_REPORT = "precision.json"
 TIMING_CACHE = "timing.cache"
+CACHE_RECORD = ".json"  # suffix of the file beside a timing cache naming the TensorRT and GPU that wrote it
 
 
 def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = None,
@@ -52,6 +55,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
     partial.mkdir(parents=True)
     # one timing cache for every engine: the recipe's file, else one inside the engines folder
     cache = Path(spec.timing_cache) if spec.timing_cache else partial / TIMING_CACHE
+    _set_aside_foreign_timing_cache(cache, device)
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="fp8-as-int8-") as converted:
@@ -82,6 +86,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                         bar.update(1)
         engine_manifest = _engine_manifest(graphs, manifest, partial, engines, profiles, spec, device, fallback,
                                            seconds, Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE)
+        atomic_write_json(cache.with_name(cache.name + CACHE_RECORD), device.to_dict())
         atomic_write_json(partial / PRECISION_REPORT, [r.__dict__ for r in precision])
         atomic_write_json(partial / MANIFEST, engine_manifest)
     except BaseException:
@@ -123,5 +128,30 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                                "refittable": spec.refittable, "weight_streaming": spec.weight_streaming},
                      "timing_cache": str(timing_cache), "build_seconds": seconds},
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                  if p.name not in (MANIFEST, TIMING_CACHE, PRECISION_REPORT)},
+                  if p.name not in (MANIFEST, TIMING_CACHE, TIMING_CACHE + CACHE_RECORD, PRECISION_REPORT)},
     }
+
+
+def _set_aside_foreign_timing_cache(cache: Path, device) -> None:
+    """A shared timing cache (``--timing-cache F``) this tool wrote with another TensorRT or on
+    another GPU is renamed, not loaded. TensorRT documents its timings as specific to the device and
+    the TensorRT version, and polygraphy attaches a loaded cache with mismatch checking on; rather
+    than leave a foreign cache to that check, the build starts a new cache at the same path and the
+    old one stays beside it for the machine it belongs to. A cache without our record (written by
+    trtexec, say) is passed on as it is; TensorRT checks its header."""
+    record_file = cache.with_name(cache.name + CACHE_RECORD)
+    if not (cache.is_file() and record_file.is_file()):
+        return
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        record = None
+    record = record if isinstance(record, dict) else {}
+    reason = foreign_timing_cache(record, device)
+    if reason is None:
+        return
+    origin = re.sub(r"[^\w.-]+", "_", f"tensorrt-{record.get('tensorrt', 'unknown')}-{record.get('gpu', 'unknown')}")
+    aside = cache.with_name(f"{cache.name}.{origin}")
+    cache.replace(aside)
+    record_file.replace(aside.with_name(aside.name + CACHE_RECORD))
+    log.warning("timing cache %s was %s: moved to %s; this build starts a new cache", cache, reason, aside.name)

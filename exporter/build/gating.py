@@ -32,8 +32,10 @@ class DeviceInfo:
         return {**asdict(self), "compute_capability": list(self.compute_capability)}
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+def version_tuple(version: str, parts: int = 3) -> tuple[int, ...]:
+    """The numeric parts of a TensorRT version: major.minor.patch for feature gates; ``parts=4``
+    adds the build number, which engine and timing-cache compatibility also depend on."""
+    return tuple(int(part) for part in version.split(".")[:parts] if part.isdigit())
 
 
 def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | None:
@@ -67,10 +69,11 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
 
 def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
     """Engines are tied to the TensorRT version and GPU architecture that built them; refuse others
-    with the way out, rather than fail inside deserialization."""
+    with the way out, rather than fail inside deserialization. TensorRT requires the same major,
+    minor, patch and build number for engines not built version-compatible (ours are not)."""
     built = manifest["tensorrt"]
     problems = []
-    if version_tuple(built["version"]) != version_tuple(device.tensorrt):
+    if version_tuple(built["version"], 4) != version_tuple(device.tensorrt, 4):
         problems.append(f"built with TensorRT {built['version']}, this machine has {device.tensorrt}")
     if tuple(built["compute_capability"]) != tuple(device.compute_capability):
         problems.append(f"built for compute capability {'.'.join(map(str, built['compute_capability']))} "
@@ -79,3 +82,18 @@ def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
     if problems:
         raise BuildError("these engines cannot run here: " + "; ".join(problems) + ". TensorRT engines are not "
                          f"portable: rebuild them here with 'exporter build {manifest['source']['graphs']} --out DIR'")
+
+
+def foreign_timing_cache(record: dict, device: DeviceInfo) -> str | None:
+    """Why a timing cache written on the machine ``record`` describes (a DeviceInfo dict) does not
+    fit this one, or None. TensorRT's tactic timings hold for one TensorRT build on one GPU model."""
+    try:
+        version, gpu = str(record["tensorrt"]), str(record["gpu"])
+        capability = tuple(record["compute_capability"])
+    except (KeyError, TypeError):
+        return "its record does not say which TensorRT and GPU wrote it"
+    if version_tuple(version, 4) != version_tuple(device.tensorrt, 4):
+        return f"written by TensorRT {version}, this machine has {device.tensorrt}"
+    if (gpu, capability) != (device.gpu, tuple(device.compute_capability)):
+        return f"written on {gpu}, this GPU is {device.gpu}"
+    return None

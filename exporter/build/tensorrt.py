@@ -2,8 +2,9 @@
 loaders), the engine inspector, and the runtime backend that runs engines.
 
 ``tensorrt`` is imported inside functions only, so ``import exporter`` and every CPU path work
-without it. Written against TensorRT 10+ (strongly typed networks, ``execute_async_v3``,
-user-managed device memory); the GPU tests in ``tests/build`` exercise it where CUDA exists.
+without it. Written against TensorRT 10 and 11 (strongly typed networks, ``execute_async_v3``,
+user-managed device memory; nothing TensorRT 11 removed is called on it); the GPU tests in
+``tests/build`` exercise it where CUDA exists.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def layer_information(engine) -> list[dict]:
             for i in range(engine.num_layers)]
 
 
+def scratch_size(engine) -> int:
+    """Bytes of device memory an engine's context needs. ``device_memory_size_v2`` (TensorRT 10.1+)
+    replaced ``device_memory_size``, which TensorRT 11 removed; v2 may be 0 (small engines), so the
+    choice is by presence, never by value."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return engine.device_memory_size_v2
+    return engine.device_memory_size
+
+
 def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
@@ -114,7 +124,7 @@ class TensorRTBackend:
                 raise BuildError(f"{self.folder / plan}: TensorRT could not deserialize this engine; rebuild it")
             context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             self.engines[plan], self.contexts[plan] = engine, context
-            size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size  # 10.1+ / 10.0
+            size = scratch_size(engine)
             if self.scratch is None or self.scratch.numel() < size:
                 self.scratch = self.torch.empty(max(size, 1), dtype=self.torch.uint8, device="cuda")
                 self.captured.clear()  # captured graphs point at the old buffer

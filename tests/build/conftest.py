@@ -48,11 +48,12 @@ def fake_tensorrt(monkeypatch):
     node ran in INT8 except the ones listed in ``fallen_back``."""
     from exporter.build import tensorrt
 
-    calls = {"device": L4, "built": [], "fallen_back": set()}
+    calls = {"device": L4, "built": [], "fallen_back": set(), "cache_found": []}
 
     def build_engine(graph, plan, profile, spec, timing_cache):
         import onnx
 
+        calls["cache_found"].append(timing_cache.is_file())  # whether TensorRT would have loaded one
         model = onnx.load(str(graph), load_external_data=False)
         calls["built"].append({"graph": graph, "profile": profile, "model": model})
         plan.write_bytes(b"fake plan of " + graph.name.encode())

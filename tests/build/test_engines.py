@@ -34,6 +34,7 @@ def test_build_writes_one_engine_per_graph_and_a_manifest_the_runtime_can_check(
         assert block["profile"]["skip0" if "skip0" in block["profile"] else next(iter(block["profile"]))]
     assert len(fake_tensorrt["built"]) == sum(len(b["graphs"]) for b in graphs["blocks"])
     assert (tmp_path / "e" / "timing.cache").is_file()  # one cache, shared by every build
+    assert json.loads((tmp_path / "e" / "timing.cache.json").read_text()) == L4.to_dict()  # and who wrote it
     report = json.loads((tmp_path / "e" / "precision.json").read_text())
     fell_back = [r for r in report if r["status"] == "fell back"]
     assert {r["node"] for r in fell_back} == {quantized_node} and "mid.g1.onnx" in {r["graph"] for r in fell_back}
@@ -85,6 +86,28 @@ def test_a_failing_build_leaves_no_partial_folder(tiny_int8_graphs, fake_tensorr
     with pytest.raises(BuildError, match="could not build"):
         build_engines(tiny_int8_graphs, tmp_path / "e", progress=False)
     assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+def test_a_shared_timing_cache_from_another_tensorrt_is_set_aside_and_one_from_here_reused(tiny_int8_graphs,
+                                                                                          fake_tensorrt, tmp_path):
+    cache = tmp_path / "shared" / "timing.cache"
+    cache.parent.mkdir()
+    cache.write_bytes(b"timings of TensorRT 10")
+    older = {**L4.to_dict(), "tensorrt": "10.13.0.34"}
+    (tmp_path / "shared" / "timing.cache.json").write_text(json.dumps(older))
+    loaded = fake_tensorrt["cache_found"]
+
+    build_engines(tiny_int8_graphs, tmp_path / "e1", BuildSpec(timing_cache=str(cache)), progress=False)
+    assert loaded[0] is False  # the build started a new cache (its later engines share it)
+    aside = tmp_path / "shared" / "timing.cache.tensorrt-10.13.0.34-NVIDIA_L4"
+    assert aside.read_bytes() == b"timings of TensorRT 10"
+    assert json.loads((tmp_path / "shared" / "timing.cache.tensorrt-10.13.0.34-NVIDIA_L4.json").read_text()) == older
+    assert json.loads((tmp_path / "shared" / "timing.cache.json").read_text()) == L4.to_dict()
+
+    loaded.clear()
+    build_engines(tiny_int8_graphs, tmp_path / "e2", BuildSpec(timing_cache=str(cache)), progress=False)
+    assert loaded and all(loaded)  # this machine's cache is reused from the first engine on
+    assert (tmp_path / "e2" / "manifest.json").is_file() and not (tmp_path / "e2" / "timing.cache.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")

@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible, plan_build
+from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible, foreign_timing_cache, plan_build
 from exporter.recipe import BuildSpec
 
 
@@ -33,6 +33,19 @@ def test_engines_from_another_tensorrt_or_gpu_are_refused_with_the_rebuild_comma
         check_engines_compatible(manifest, DeviceInfo("10.9.0.34", "NVIDIA L4", (8, 9)))
     with pytest.raises(BuildError, match=r"compute capability 8.9 \(NVIDIA L4\), this GPU \(NVIDIA H100\) is 9.0"):
         check_engines_compatible(manifest, DeviceInfo("10.8.0.43", "NVIDIA H100", (9, 0)))
+    # TensorRT refuses an engine from another build of the same release too (no version-compatible flag)
+    with pytest.raises(BuildError, match=r"TensorRT 10.8.0.43, this machine has 10.8.0.44"):
+        check_engines_compatible(manifest, DeviceInfo("10.8.0.44", "NVIDIA L4", (8, 9)))
+
+
+def test_a_timing_cache_fits_only_the_tensorrt_build_and_gpu_that_wrote_it():
+    here = DeviceInfo("11.4.0.106", "NVIDIA L4", (8, 9))
+    assert foreign_timing_cache(here.to_dict(), here) is None
+    older = DeviceInfo("10.13.0.35", "NVIDIA L4", (8, 9)).to_dict()
+    assert foreign_timing_cache(older, here) == "written by TensorRT 10.13.0.35, this machine has 11.4.0.106"
+    other_gpu = DeviceInfo("11.4.0.106", "NVIDIA L40S", (8, 9)).to_dict()
+    assert foreign_timing_cache(other_gpu, here) == "written on NVIDIA L40S, this GPU is NVIDIA L4"
+    assert "does not say" in foreign_timing_cache({"tensorrt": "11.4.0.106"}, here)
 
 
 def test_bf16_graphs_need_ampere_and_tensorrt_10_6():
