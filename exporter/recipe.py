@@ -135,6 +135,9 @@ class FinetuneSpec:
             raise RecipeError(f"{where}: lr must be > 0 and scale_lr >= 0")
 
 
+HARDWARE_COMPATIBILITY = ("none", "same_compute_capability", "ampere_plus")
+
+
 @dataclass
 class BuildSpec:
     """How ``exporter build`` turns graphs into TensorRT engines."""
@@ -147,6 +150,10 @@ class BuildSpec:
     weight_streaming: bool = False
     fp8_fallback: str | None = None  # "int8": FP8 graphs become INT8 on GPUs without FP8; None: stop
     timing_cache: str | None = None  # a timing cache file to reuse across builds; None: <engines>/timing.cache
+    # which GPUs the engines may run on (TensorRT's hardware compatibility level): "none" (the GPU
+    # model they were built on), "same_compute_capability" (TensorRT 10.9+) or "ampere_plus";
+    # the wider, the fewer tactics TensorRT may use
+    hardware_compatibility: str = "none"
 
     def validate(self, where: str) -> None:
         if len(self.images) != 3 or not 1 <= self.images[0] <= self.images[1] <= self.images[2]:
@@ -161,6 +168,9 @@ class BuildSpec:
             raise RecipeError(f"{where}.optimization_level must lie in [0, 5]")
         if self.fp8_fallback not in (None, "int8"):
             raise RecipeError(f"{where}.fp8_fallback: {self.fp8_fallback!r} is not int8 or null")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise RecipeError(f"{where}.hardware_compatibility: {self.hardware_compatibility!r} is not one of "
+                              f"{', '.join(HARDWARE_COMPATIBILITY)}")
 
 
 @dataclass

@@ -95,11 +95,13 @@ def test_build_section_is_typed_and_checked():
     from exporter.recipe import recipe_from_dict
 
     spec = recipe_from_dict({"build": {"images": [1, 2, 8], "latent": [[8, 8], [16, 16], [32, 32]],
-                                       "fp8_fallback": "int8"}}).build
+                                       "fp8_fallback": "int8", "hardware_compatibility": "ampere_plus"}}).build
     assert spec.images == [1, 2, 8] and spec.cfg and spec.fp8_fallback == "int8"
+    assert spec.hardware_compatibility == "ampere_plus" and recipe_from_dict({}).build.hardware_compatibility == "none"
     for bad, message in (({"images": [4, 2, 1]}, "build.images must be"),
                          ({"latent": [[8, 8], [4, 4], [16, 16]]}, "min <= opt <= max"),
                          ({"fp8_fallback": "fp16"}, "is not int8 or null"),
+                         ({"hardware_compatibility": "ampere"}, "is not one of none, same_compute_capability"),
                          ({"profile": 1}, r"unknown key\(s\) \['profile'\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"build": bad})

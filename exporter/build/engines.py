@@ -125,6 +125,7 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                      "images": spec.images, "cfg": spec.cfg, "batch": batch_sizes(spec),
                      "latent": [list(hw) for hw in latent_sizes(manifest, spec)],
                      "flags": {"strongly_typed": True, "optimization_level": spec.optimization_level,
+                               "hardware_compatibility": spec.hardware_compatibility,
                                "refittable": spec.refittable, "weight_streaming": spec.weight_streaming},
                      "timing_cache": str(timing_cache), "build_seconds": seconds},
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())

@@ -6,6 +6,7 @@ manifests, so every decision is tested on machines without a GPU.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 from exporter.errors import ExporterError
@@ -16,6 +17,11 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards have FP8 tensor cores; Ten
 INT4_MIN_TENSORRT = (10, 0)  # INT4 block-quantized weight-only GEMMs arrived with TensorRT 10.0
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere onwards compute in BF16
 BF16_MIN_TENSORRT = (10, 6)  # bf16 graphs are opset 22 (bfloat16 Conv); TensorRT's parser reads it from 10.6
+AMPERE = (8, 0)  # hardware compatibility "ampere_plus": built on and run on compute capability >= 8.0
+TURING = (7, 5)  # "same_compute_capability" engines are built on Turing or newer ...
+SAME_CC_MIN_TENSORRT = (10, 9)  # ... with TensorRT 10.9+, which added that level
+
+log = logging.getLogger(__name__)
 
 
 class BuildError(ExporterError):
@@ -42,6 +48,7 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
     """None when the graphs build as they are; a fallback record when FP8 must become INT8 (and the
     recipe allows it). Raises BuildError when this GPU / TensorRT cannot build them."""
     formats = formats_used(manifest)
+    _check_hardware_compatibility(spec.hardware_compatibility, device)
     if manifest.get("dtype") == "bf16":
         if tuple(device.compute_capability) < BF16_MIN_CAPABILITY:
             raise BuildError(f"the graphs are bf16, which needs compute capability >= "
@@ -67,18 +74,48 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
     return None
 
 
+def _check_hardware_compatibility(level: str, device: DeviceInfo) -> None:
+    """What TensorRT requires of the GPU that builds engines of a hardware compatibility level."""
+    cc = ".".join(map(str, device.compute_capability))
+    if level == "ampere_plus" and tuple(device.compute_capability) < AMPERE:
+        raise BuildError(f"hardware_compatibility ampere_plus engines are built on an Ampere or newer GPU "
+                         f"(compute capability >= 8.0); {device.gpu} has {cc}")
+    if level == "same_compute_capability":
+        if version_tuple(device.tensorrt) < SAME_CC_MIN_TENSORRT:
+            raise BuildError(f"hardware_compatibility same_compute_capability needs TensorRT >= 10.9; this "
+                             f"machine has TensorRT {device.tensorrt}")
+        if tuple(device.compute_capability) < TURING:
+            raise BuildError(f"hardware_compatibility same_compute_capability engines are built on a Turing or "
+                             f"newer GPU (compute capability >= 7.5); {device.gpu} has {cc}")
+
+
 def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
-    """Engines are tied to the TensorRT version and GPU architecture that built them; refuse others
-    with the way out, rather than fail inside deserialization. TensorRT requires the same major,
-    minor, patch and build number for engines not built version-compatible (ours are not)."""
+    """Engines are tied to the TensorRT version and GPU that built them; refuse others with the way
+    out, rather than fail inside deserialization. TensorRT requires the same major, minor, patch and
+    build number for engines not built version-compatible (ours are not). The GPU part follows the
+    build's hardware compatibility level: "none" (TensorRT: compatible with the type of device they
+    were built on) needs the same compute capability, and another GPU model of it gets a warning,
+    as TensorRT itself gives; "same_compute_capability" needs the same compute capability;
+    "ampere_plus" any GPU from 8.0 on that has the engines' formats (FP8 from 8.9)."""
     built = manifest["tensorrt"]
+    level = built.get("flags", {}).get("hardware_compatibility", "none")
+    here, there = tuple(device.compute_capability), tuple(built["compute_capability"])
     problems = []
     if version_tuple(built["version"], 4) != version_tuple(device.tensorrt, 4):
         problems.append(f"built with TensorRT {built['version']}, this machine has {device.tensorrt}")
-    if tuple(built["compute_capability"]) != tuple(device.compute_capability):
-        problems.append(f"built for compute capability {'.'.join(map(str, built['compute_capability']))} "
-                        f"({built['gpu']}), this GPU ({device.gpu}) is "
-                        f"{'.'.join(map(str, device.compute_capability))}")
+    if level == "ampere_plus":
+        needed = FP8_MIN_CAPABILITY if "fp8" in built.get("precision", []) else AMPERE
+        if here < needed:
+            problems.append(f"built for Ampere and newer GPUs{' with FP8' if needed != AMPERE else ''} (compute "
+                            f"capability >= {'.'.join(map(str, needed))}), this GPU ({device.gpu}) is "
+                            f"{'.'.join(map(str, here))}")
+    elif here != there:
+        problems.append(f"built for compute capability {'.'.join(map(str, there))} "
+                        f"({built['gpu']}), this GPU ({device.gpu}) is {'.'.join(map(str, here))}")
+    elif level == "none" and built["gpu"] != device.gpu:
+        log.warning("these engines were built on %s and run on %s: TensorRT ties engines built without hardware "
+                    "compatibility to the GPU model (expect lower speed, or errors); rebuild here, or build with "
+                    "'build: {hardware_compatibility: same_compute_capability}'", built["gpu"], device.gpu)
     if problems:
         raise BuildError("these engines cannot run here: " + "; ".join(problems) + ". TensorRT engines are not "
                          f"portable: rebuild them here with 'exporter build {manifest['source']['graphs']} --out DIR'")

@@ -55,7 +55,12 @@ def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...
     shapes = Profile()
     for name, (smallest, optimal, largest) in profile.items():
         shapes.add(name, min=smallest, opt=optimal, max=largest)
+    # hardware-compatible engines need the parser's native InstanceNormalization (no plugin), which is
+    # its default from TensorRT 10.0 on and which polygraphy leaves set unless told otherwise
+    level = None if spec.hardware_compatibility == "none" else \
+        getattr(trt.HardwareCompatibilityLevel, spec.hardware_compatibility.upper())  # AMPERE_PLUS, ...
     config = CreateConfig(profiles=[shapes], builder_optimization_level=spec.optimization_level,
+                          hardware_compatibility_level=level,
                           load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
                           refittable=spec.refittable or None, weight_streaming=spec.weight_streaming or None,
                           profiling_verbosity=trt.ProfilingVerbosity.DETAILED)  # the inspector needs it

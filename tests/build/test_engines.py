@@ -27,6 +27,7 @@ def test_build_writes_one_engine_per_graph_and_a_manifest_the_runtime_can_check(
     assert read_manifest(tmp_path / "e") == manifest  # every plan present and matching its sha256
     assert manifest["kind"] == "tensorrt" and manifest["tensorrt"]["gpu"] == "NVIDIA L4"
     assert manifest["tensorrt"]["flags"]["strongly_typed"] and manifest["tensorrt"]["batch"] == [2, 4, 8]
+    assert manifest["tensorrt"]["flags"]["hardware_compatibility"] == "none"
     for block, source in zip(manifest["blocks"], graphs["blocks"]):
         assert block["engines"] == [g.replace(".onnx", ".plan") for g in source["graphs"]]
         for origin in block["source_graphs"].values():

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible, foreign_timing_cache, plan_build
@@ -56,3 +58,50 @@ def test_bf16_graphs_need_ampere_and_tensorrt_10_6():
         plan_build(bf16, BuildSpec(), DeviceInfo("10.5.0", "NVIDIA A100", (8, 0)))
     assert plan_build(bf16, BuildSpec(), DeviceInfo("10.6.0.26", "NVIDIA A100", (8, 0))) is None
     assert plan_build(manifest_with("int8"), BuildSpec(), DeviceInfo("10.5.0", "Tesla T4", (7, 5))) is None
+
+
+T4, A10 = DeviceInfo("10.13.0.35", "Tesla T4", (7, 5)), DeviceInfo("10.13.0.35", "NVIDIA A10", (8, 6))
+A100, L4 = DeviceInfo("10.13.0.35", "NVIDIA A100", (8, 0)), DeviceInfo("10.13.0.35", "NVIDIA L4", (8, 9))
+L40S, H100 = DeviceInfo("10.13.0.35", "NVIDIA L40S", (8, 9)), DeviceInfo("10.13.0.35", "NVIDIA H100", (9, 0))
+
+
+def engines_from(device: DeviceInfo, level: str, precision=("int8",)) -> dict:
+    return {"tensorrt": {"version": device.tensorrt, "gpu": device.gpu,
+                         "compute_capability": list(device.compute_capability), "precision": list(precision),
+                         "flags": {"hardware_compatibility": level}}, "source": {"graphs": "/g"}}
+
+
+def test_hardware_compatibility_levels_need_the_gpu_and_tensorrt_that_can_build_them():
+    int8 = manifest_with("int8")
+    assert plan_build(int8, BuildSpec(hardware_compatibility="ampere_plus"), A100) is None
+    with pytest.raises(BuildError, match=r"ampere_plus engines are built on an Ampere or newer GPU.*Tesla T4 has 7.5"):
+        plan_build(int8, BuildSpec(hardware_compatibility="ampere_plus"), T4)
+    assert plan_build(int8, BuildSpec(hardware_compatibility="same_compute_capability"), T4) is None
+    with pytest.raises(BuildError, match=r"needs TensorRT >= 10.9; this machine has TensorRT 10.8.0"):
+        plan_build(int8, BuildSpec(hardware_compatibility="same_compute_capability"),
+                   DeviceInfo("10.8.0", "NVIDIA L4", (8, 9)))
+    with pytest.raises(BuildError, match=r"Turing or newer GPU.*Tesla V100 has 7.0"):
+        plan_build(int8, BuildSpec(hardware_compatibility="same_compute_capability"),
+                   DeviceInfo("10.13.0.35", "Tesla V100", (7, 0)))
+
+
+def test_where_engines_may_run_follows_their_hardware_compatibility_level(caplog):
+    with caplog.at_level(logging.WARNING, logger="exporter.build.gating"):
+        check_engines_compatible(engines_from(L4, "none"), L40S)  # same compute capability, another model
+    assert "built on NVIDIA L4 and run on NVIDIA L40S" in caplog.text and "same_compute_capability" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exporter.build.gating"):
+        check_engines_compatible(engines_from(L4, "same_compute_capability"), L40S)
+        check_engines_compatible(engines_from(L4, "none"), L4)
+    assert caplog.text == ""
+    with pytest.raises(BuildError, match=r"compute capability 8.9 \(NVIDIA L4\), this GPU \(NVIDIA A10\) is 8.6"):
+        check_engines_compatible(engines_from(L4, "same_compute_capability"), A10)
+
+    for gpu in (A10, L4, H100):  # Ampere-plus INT8 engines built on an A100 run from 8.0 on
+        check_engines_compatible(engines_from(A100, "ampere_plus"), gpu)
+    with pytest.raises(BuildError, match=r"Ampere and newer GPUs \(compute capability >= 8.0\), this GPU "
+                                         r"\(Tesla T4\) is 7.5"):
+        check_engines_compatible(engines_from(A100, "ampere_plus"), T4)
+    check_engines_compatible(engines_from(H100, "ampere_plus", ["fp8", "int8"]), L4)
+    with pytest.raises(BuildError, match=r"with FP8 \(compute capability >= 8.9\), this GPU \(NVIDIA A10\) is 8.6"):
+        check_engines_compatible(engines_from(H100, "ampere_plus", ["fp8", "int8"]), A10)

@@ -60,6 +60,23 @@ def test_cuda_graph_replay_gives_the_same_outputs(tiny_int8_graphs, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
+def test_ampere_plus_engines_carry_their_hardware_compatibility_level(tiny_int8_graphs, tmp_path):
+    import tensorrt as trt
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        with pytest.raises(BuildError, match="Ampere or newer GPU"):
+            build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(hardware_compatibility="ampere_plus"),
+                          progress=False)
+        return
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4],
+                             hardware_compatibility="ampere_plus"), progress=False)
+    assert manifest["tensorrt"]["flags"]["hardware_compatibility"] == "ampere_plus"
+    runtime = Runtime.load(tmp_path / "e")
+    plan = manifest["blocks"][0]["engines"][0]
+    engine, _ = runtime.backend._open(plan)
+    assert engine.hardware_compatibility_level == trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+
 def test_fp8_builds_only_where_the_gpu_has_fp8(tiny_fp8_graphs, tmp_path):
     if torch.cuda.get_device_capability() >= (8, 9):
         manifest = build_engines(tiny_fp8_graphs, tmp_path / "e", progress=False)
