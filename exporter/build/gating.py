@@ -38,6 +38,11 @@ class DeviceInfo:
         return {**asdict(self), "compute_capability": list(self.compute_capability)}
 
 
+def dotted(parts) -> str:
+    """(8, 9) -> "8.9": compute capabilities and versions in messages."""
+    return ".".join(map(str, parts))
+
+
 def version_tuple(version: str, parts: int = 3) -> tuple[int, ...]:
     """The numeric parts of a TensorRT version: major.minor.patch for feature gates; ``parts=4``
     adds the build number, which engine and timing-cache compatibility also depend on."""
@@ -52,19 +57,19 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
     if manifest.get("dtype") == "bf16":
         if tuple(device.compute_capability) < BF16_MIN_CAPABILITY:
             raise BuildError(f"the graphs are bf16, which needs compute capability >= "
-                             f"{'.'.join(map(str, BF16_MIN_CAPABILITY))}; {device.gpu} has "
-                             f"{'.'.join(map(str, device.compute_capability))}. Re-export with --dtype fp16")
+                             f"{dotted(BF16_MIN_CAPABILITY)}; {device.gpu} has "
+                             f"{dotted(device.compute_capability)}. Re-export with --dtype fp16")
         if version_tuple(device.tensorrt) < BF16_MIN_TENSORRT:
             raise BuildError(f"the graphs are bf16 (ONNX opset 22), which TensorRT's parser reads from "
-                             f"{'.'.join(map(str, BF16_MIN_TENSORRT))} on; this machine has TensorRT {device.tensorrt}. "
+                             f"{dotted(BF16_MIN_TENSORRT)} on; this machine has TensorRT {device.tensorrt}. "
                              "Upgrade TensorRT or re-export with --dtype fp16")
     if "int4" in formats and version_tuple(device.tensorrt) < INT4_MIN_TENSORRT:
         raise BuildError(f"the graphs hold INT4 blocked weights, which need TensorRT >= "
-                         f"{'.'.join(map(str, INT4_MIN_TENSORRT))}; this machine has TensorRT {device.tensorrt}. "
+                         f"{dotted(INT4_MIN_TENSORRT)}; this machine has TensorRT {device.tensorrt}. "
                          "Upgrade TensorRT or re-export with --format int8")
     if "fp8" in formats and tuple(device.compute_capability) < FP8_MIN_CAPABILITY:
-        cc = ".".join(map(str, device.compute_capability))
-        reason = (f"FP8 needs compute capability >= {'.'.join(map(str, FP8_MIN_CAPABILITY))}; "
+        cc = dotted(device.compute_capability)
+        reason = (f"FP8 needs compute capability >= {dotted(FP8_MIN_CAPABILITY)}; "
                   f"{device.gpu} has {cc}")
         if spec.fp8_fallback != "int8":
             raise BuildError(f"{reason}. Re-export with --format int8, or allow the fallback with "
@@ -76,17 +81,17 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
 
 def _check_hardware_compatibility(level: str, device: DeviceInfo) -> None:
     """What TensorRT requires of the GPU that builds engines of a hardware compatibility level."""
-    cc = ".".join(map(str, device.compute_capability))
+    cc = dotted(device.compute_capability)
     if level == "ampere_plus" and tuple(device.compute_capability) < AMPERE:
         raise BuildError(f"hardware_compatibility ampere_plus engines are built on an Ampere or newer GPU "
-                         f"(compute capability >= 8.0); {device.gpu} has {cc}")
+                         f"(compute capability >= {dotted(AMPERE)}); {device.gpu} has {cc}")
     if level == "same_compute_capability":
         if version_tuple(device.tensorrt) < SAME_CC_MIN_TENSORRT:
-            raise BuildError(f"hardware_compatibility same_compute_capability needs TensorRT >= 10.9; this "
-                             f"machine has TensorRT {device.tensorrt}")
+            raise BuildError(f"hardware_compatibility same_compute_capability needs TensorRT >= "
+                             f"{dotted(SAME_CC_MIN_TENSORRT)}; this machine has TensorRT {device.tensorrt}")
         if tuple(device.compute_capability) < TURING:
             raise BuildError(f"hardware_compatibility same_compute_capability engines are built on a Turing or "
-                             f"newer GPU (compute capability >= 7.5); {device.gpu} has {cc}")
+                             f"newer GPU (compute capability >= {dotted(TURING)}); {device.gpu} has {cc}")
 
 
 def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
@@ -107,11 +112,10 @@ def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
         needed = FP8_MIN_CAPABILITY if "fp8" in built.get("precision", []) else AMPERE
         if here < needed:
             problems.append(f"built for Ampere and newer GPUs{' with FP8' if needed != AMPERE else ''} (compute "
-                            f"capability >= {'.'.join(map(str, needed))}), this GPU ({device.gpu}) is "
-                            f"{'.'.join(map(str, here))}")
+                            f"capability >= {dotted(needed)}), this GPU ({device.gpu}) is {dotted(here)}")
     elif here != there:
-        problems.append(f"built for compute capability {'.'.join(map(str, there))} "
-                        f"({built['gpu']}), this GPU ({device.gpu}) is {'.'.join(map(str, here))}")
+        problems.append(f"built for compute capability {dotted(there)} ({built['gpu']}), this GPU ({device.gpu}) "
+                        f"is {dotted(here)}")
     elif level == "none" and built["gpu"] != device.gpu:
         log.warning("these engines were built on %s and run on %s: TensorRT ties engines built without hardware "
                     "compatibility to the GPU model (expect lower speed, or errors); rebuild here, or build with "
