@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", parents=[common], help="TensorRT engines from exported graphs (needs a GPU)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.add_argument("--recipe", type=Path, help="recipe whose build: section sets profiles and flags")
-    p.add_argument("--timing-cache", type=Path, help="timing cache file shared across builds")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file shared across builds (one written by "
+                   "another TensorRT build or GPU is renamed aside and a new one started)")
     p.add_argument("--out", type=Path, required=True, help="engines folder (must not exist or be empty)")
     p.set_defaults(func=cmd_build)
 
