@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 PRECISION_REPORT = "precision.json"
 TIMING_CACHE = "timing.cache"
-CACHE_RECORD = ".json"  # suffix of the file beside a timing cache naming the TensorRT and GPU that wrote it
 
 
 def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = None,
@@ -86,7 +85,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                         bar.update(1)
         engine_manifest = _engine_manifest(graphs, manifest, partial, engines, profiles, spec, device, fallback,
                                            seconds, Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE)
-        atomic_write_json(cache.with_name(cache.name + CACHE_RECORD), device.to_dict())
+        atomic_write_json(_cache_record(cache), device.to_dict())
         atomic_write_json(partial / PRECISION_REPORT, [r.__dict__ for r in precision])
         atomic_write_json(partial / MANIFEST, engine_manifest)
     except BaseException:
@@ -129,8 +128,13 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                                "refittable": spec.refittable, "weight_streaming": spec.weight_streaming},
                      "timing_cache": str(timing_cache), "build_seconds": seconds},
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                  if p.name not in (MANIFEST, TIMING_CACHE, TIMING_CACHE + CACHE_RECORD, PRECISION_REPORT)},
+                  if p.name not in (MANIFEST, TIMING_CACHE, _cache_record(Path(TIMING_CACHE)).name, PRECISION_REPORT)},
     }
+
+
+def _cache_record(cache: Path) -> Path:
+    """The file beside a timing cache naming the TensorRT build and GPU that wrote it."""
+    return cache.with_name(cache.name + ".json")
 
 
 def _set_aside_foreign_timing_cache(cache: Path, device) -> None:
@@ -140,7 +144,7 @@ def _set_aside_foreign_timing_cache(cache: Path, device) -> None:
     than leave a foreign cache to that check, the build starts a new cache at the same path and the
     old one stays beside it for the machine it belongs to. A cache without our record (written by
     trtexec, say) is passed on as it is; TensorRT checks its header."""
-    record_file = cache.with_name(cache.name + CACHE_RECORD)
+    record_file = _cache_record(cache)
     if not (cache.is_file() and record_file.is_file()):
         return
     try:
@@ -154,5 +158,5 @@ def _set_aside_foreign_timing_cache(cache: Path, device) -> None:
     origin = re.sub(r"[^\w.-]+", "_", f"tensorrt-{record.get('tensorrt', 'unknown')}-{record.get('gpu', 'unknown')}")
     aside = cache.with_name(f"{cache.name}.{origin}")
     cache.replace(aside)
-    record_file.replace(aside.with_name(aside.name + CACHE_RECORD))
+    record_file.replace(_cache_record(aside))
     log.warning("timing cache %s was %s: moved to %s; this build starts a new cache", cache, reason, aside.name)

@@ -49,6 +49,12 @@ def version_tuple(version: str, parts: int = 3) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:parts] if part.isdigit())
 
 
+def same_tensorrt_build(a: str, b: str) -> bool:
+    """Whether two TensorRT versions are one build: engines (not built version-compatible) and
+    timing caches hold only for the major.minor.patch.build that wrote them."""
+    return version_tuple(a, 4) == version_tuple(b, 4)
+
+
 def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | None:
     """None when the graphs build as they are; a fallback record when FP8 must become INT8 (and the
     recipe allows it). Raises BuildError when this GPU / TensorRT cannot build them."""
@@ -106,7 +112,7 @@ def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
     level = built.get("flags", {}).get("hardware_compatibility", "none")
     here, there = tuple(device.compute_capability), tuple(built["compute_capability"])
     problems = []
-    if version_tuple(built["version"], 4) != version_tuple(device.tensorrt, 4):
+    if not same_tensorrt_build(built["version"], device.tensorrt):
         problems.append(f"built with TensorRT {built['version']}, this machine has {device.tensorrt}")
     if level == "ampere_plus":
         needed = FP8_MIN_CAPABILITY if "fp8" in built.get("precision", []) else AMPERE
@@ -133,7 +139,7 @@ def foreign_timing_cache(record: dict, device: DeviceInfo) -> str | None:
         capability = tuple(record["compute_capability"])
     except (KeyError, TypeError):
         return "its record does not say which TensorRT and GPU wrote it"
-    if version_tuple(version, 4) != version_tuple(device.tensorrt, 4):
+    if not same_tensorrt_build(version, device.tensorrt):
         return f"written by TensorRT {version}, this machine has {device.tensorrt}"
     if (gpu, capability) != (device.gpu, tuple(device.compute_capability)):
         return f"written on {gpu}, this GPU is {device.gpu}"
