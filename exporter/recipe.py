@@ -154,6 +154,9 @@ class BuildSpec:
     # model they were built on), "same_compute_capability" (TensorRT 10.9+) or "ampere_plus";
     # the wider, the fewer tactics TensorRT may use
     hardware_compatibility: str = "none"
+    # engines that later TensorRT releases run too (TensorRT's version compatibility); the engines
+    # folder then carries TensorRT's lean runtime library, once, instead of one copy per engine
+    version_compatible: bool = False
 
     def validate(self, where: str) -> None:
         if len(self.images) != 3 or not 1 <= self.images[0] <= self.images[1] <= self.images[2]:

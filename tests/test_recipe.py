@@ -98,10 +98,13 @@ def test_build_section_is_typed_and_checked():
                                        "fp8_fallback": "int8", "hardware_compatibility": "ampere_plus"}}).build
     assert spec.images == [1, 2, 8] and spec.cfg and spec.fp8_fallback == "int8"
     assert spec.hardware_compatibility == "ampere_plus" and recipe_from_dict({}).build.hardware_compatibility == "none"
+    assert recipe_from_dict({"build": {"version_compatible": True}}).build.version_compatible
+    assert not recipe_from_dict({}).build.version_compatible
     for bad, message in (({"images": [4, 2, 1]}, "build.images must be"),
                          ({"latent": [[8, 8], [4, 4], [16, 16]]}, "min <= opt <= max"),
                          ({"fp8_fallback": "fp16"}, "is not int8 or null"),
                          ({"hardware_compatibility": "ampere"}, "is not one of none, same_compute_capability"),
+                         ({"version_compatible": "yes"}, "version_compatible"),
                          ({"profile": 1}, r"unknown key\(s\) \['profile'\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"build": bad})

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from exporter.build.gating import foreign_timing_cache, plan_build
+from exporter.build.lean import find_lean_runtime
 from exporter.build.precision import check_precision, format_precision
 from exporter.build.profiles import batch_sizes, block_profiles, latent_sizes
 from exporter.errors import UsageError
@@ -47,6 +48,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
         raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
     device = tensorrt.device_info()  # fails fast, before anything is written
     fallback = plan_build(manifest, spec, device)
+    lean = find_lean_runtime(device.tensorrt) if spec.version_compatible else None
     profiles = block_profiles(manifest, spec)
 
     partial = out.with_name(out.name + ".partial")
@@ -57,6 +59,10 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
     _set_aside_foreign_timing_cache(cache, device)
     start = time.perf_counter()
     try:
+        if lean is not None:  # one copy for every engine, and the one each build is checked with
+            log.info("version-compatible engines: copying TensorRT's lean runtime %s into %s", lean, out)
+            shutil.copyfile(lean, partial / lean.name)
+            lean = partial / lean.name
         with tempfile.TemporaryDirectory(prefix="fp8-as-int8-") as converted:
             source = graphs
             if fallback is not None:
@@ -74,7 +80,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                         plan = graph.removesuffix(".onnx") + ".plan"
                         began = time.perf_counter()
                         layers = tensorrt.build_engine(source / graph, partial / plan, profiles[block["name"]],
-                                                       spec, cache)
+                                                       spec, cache, lean)
                         seconds[plan] = round(time.perf_counter() - began, 1)
                         log.info("built %s in %.1fs", plan, seconds[plan])
                         nodes = lint_graph(source / graph, block, manifest).quantized_nodes
@@ -84,7 +90,8 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
                         engines.setdefault(block["name"], []).append(plan)
                         bar.update(1)
         engine_manifest = _engine_manifest(graphs, manifest, partial, engines, profiles, spec, device, fallback,
-                                           seconds, Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE)
+                                           seconds, Path(spec.timing_cache) if spec.timing_cache else out / TIMING_CACHE,
+                                           lean)
         atomic_write_json(_cache_record(cache), device.to_dict())
         atomic_write_json(partial / PRECISION_REPORT, [r.__dict__ for r in precision])
         atomic_write_json(partial / MANIFEST, engine_manifest)
@@ -100,9 +107,10 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
 
 
 def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, profiles: dict, spec: BuildSpec,
-                     device, fallback, seconds: dict, timing_cache: Path) -> dict:
+                     device, fallback, seconds: dict, timing_cache: Path, lean: Path | None) -> dict:
     """The graphs' manifest (blocks, I/O, groups, cache topology: all the runtime needs), plus the
-    engines, where and how they were built, and the graph each came from."""
+    engines, where and how they were built, the graph each came from, and for version-compatible
+    engines the lean runtime file that runs them."""
     if manifest.get("conditioning"):
         shutil.copyfile(graphs / manifest["conditioning"], folder / CONDITIONING)
     blocks = []
@@ -125,7 +133,9 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                      "latent": [list(hw) for hw in latent_sizes(manifest, spec)],
                      "flags": {"strongly_typed": True, "optimization_level": spec.optimization_level,
                                "hardware_compatibility": spec.hardware_compatibility,
-                               "refittable": spec.refittable, "weight_streaming": spec.weight_streaming},
+                               "refittable": spec.refittable, "weight_streaming": spec.weight_streaming,
+                               "version_compatible": spec.version_compatible},
+                     "lean_runtime": lean.name if lean else None,
                      "timing_cache": str(timing_cache), "build_seconds": seconds},
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
                   if p.name not in (MANIFEST, TIMING_CACHE, _cache_record(Path(TIMING_CACHE)).name, PRECISION_REPORT)},

@@ -20,6 +20,7 @@ BF16_MIN_TENSORRT = (10, 6)  # bf16 graphs are opset 22 (bfloat16 Conv); TensorR
 AMPERE = (8, 0)  # hardware compatibility "ampere_plus": built on and run on compute capability >= 8.0
 TURING = (7, 5)  # "same_compute_capability" engines are built on Turing or newer ...
 SAME_CC_MIN_TENSORRT = (10, 9)  # ... with TensorRT 10.9+, which added that level
+VOLTA = (7, 0)  # TensorRT builds version-compatible engines on Volta and newer GPUs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ def plan_build(manifest: dict, spec: BuildSpec, device: DeviceInfo) -> dict | No
     recipe allows it). Raises BuildError when this GPU / TensorRT cannot build them."""
     formats = formats_used(manifest)
     _check_hardware_compatibility(spec.hardware_compatibility, device)
+    if spec.version_compatible and tuple(device.compute_capability) < VOLTA:
+        raise BuildError(f"version-compatible engines are built on a Volta or newer GPU (compute capability >= "
+                         f"{dotted(VOLTA)}); {device.gpu} has {dotted(device.compute_capability)}")
     if manifest.get("dtype") == "bf16":
         if tuple(device.compute_capability) < BF16_MIN_CAPABILITY:
             raise BuildError(f"the graphs are bf16, which needs compute capability >= "
@@ -103,7 +107,8 @@ def _check_hardware_compatibility(level: str, device: DeviceInfo) -> None:
 def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
     """Engines are tied to the TensorRT version and GPU that built them; refuse others with the way
     out, rather than fail inside deserialization. TensorRT requires the same major, minor, patch and
-    build number for engines not built version-compatible (ours are not). The GPU part follows the
+    build number for engines not built version-compatible; version-compatible ones run on the
+    TensorRT that built them and later ones (see ``_version_problem``). The GPU part follows the
     build's hardware compatibility level: "none" (TensorRT: compatible with the type of device they
     were built on) needs the same compute capability, and another GPU model of it gets a warning,
     as TensorRT itself gives; "same_compute_capability" needs the same compute capability;
@@ -112,8 +117,10 @@ def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
     level = built.get("flags", {}).get("hardware_compatibility", "none")
     here, there = tuple(device.compute_capability), tuple(built["compute_capability"])
     problems = []
-    if not same_tensorrt_build(built["version"], device.tensorrt):
-        problems.append(f"built with TensorRT {built['version']}, this machine has {device.tensorrt}")
+    problem = _version_problem(built["version"], device.tensorrt,
+                               bool(built.get("flags", {}).get("version_compatible")))
+    if problem:
+        problems.append(problem)
     if level == "ampere_plus":
         needed = FP8_MIN_CAPABILITY if "fp8" in built.get("precision", []) else AMPERE
         if here < needed:
@@ -127,8 +134,29 @@ def check_engines_compatible(manifest: dict, device: DeviceInfo) -> None:
                     "compatibility to the GPU model (expect lower speed, or errors); rebuild here, or build with "
                     "'build: {hardware_compatibility: same_compute_capability}'", built["gpu"], device.gpu)
     if problems:
-        raise BuildError("these engines cannot run here: " + "; ".join(problems) + ". TensorRT engines are not "
-                         f"portable: rebuild them here with 'exporter build {manifest['source']['graphs']} --out DIR'")
+        raise BuildError("these engines cannot run here: " + "; ".join(problems) + ". TensorRT engines fit the "
+                         "TensorRT and GPU they were built for: rebuild them here with "
+                         f"'exporter build {manifest['source']['graphs']} --out DIR'")
+
+
+def _version_problem(built: str, here: str, version_compatible: bool) -> str | None:
+    """Why engines built with TensorRT ``built`` cannot run on TensorRT ``here``, or None.
+    Version-compatible engines run on their TensorRT and later ones, never on an earlier one.
+    TensorRT's engine-compatibility page says that holds across a major release too (10 -> 11), its
+    support matrix promises only later releases of the same major: across majors they load, with
+    a warning."""
+    if not version_compatible:
+        return None if same_tensorrt_build(built, here) else (
+            f"built with TensorRT {built}, this machine has {here} (engines built with "
+            "'build: {version_compatible: true}' also run on later TensorRT releases)")
+    if version_tuple(here, 4) < version_tuple(built, 4):
+        return (f"built version-compatible with TensorRT {built}, which runs on that release and later ones; "
+                f"this machine has the earlier {here}")
+    if version_tuple(here, 1) != version_tuple(built, 1):
+        log.warning("these version-compatible engines were built with TensorRT %s and run on %s: TensorRT's support "
+                    "matrix promises later releases of the same major version only (its compatibility guide names "
+                    "10 -> 11 too); check them with 'exporter parity GRAPHS --engines DIR'", built, here)
+    return None
 
 
 def foreign_timing_cache(record: dict, device: DeviceInfo) -> str | None:

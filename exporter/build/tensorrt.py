@@ -43,14 +43,23 @@ def device_info() -> DeviceInfo:
 
 
 def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...]]], spec: BuildSpec,
-                 timing_cache: Path) -> list[dict]:
+                 timing_cache: Path, lean_runtime: Path | None = None) -> list[dict]:
     """Build one engine from one graph and save it; returns the engine's layer information.
 
     Strongly typed: the graph's Q/DQ and float types decide each layer's precision (no precision
     flags). ``timing_cache`` is read if present and written back, so all engines of a run (and
-    later runs) share tactic timings."""
+    later runs) share tactic timings. With ``spec.version_compatible`` the plan leaves TensorRT's
+    lean runtime out, and ``lean_runtime`` (that library) loads it back, as later TensorRT
+    releases will: a lean runtime that cannot is an error here, not on the deployment machine."""
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_bytes_from_network,
+        engine_from_network,
+        network_from_onnx_path,
+        save_engine,
+    )
 
     shapes = Profile()
     for name, (smallest, optimal, largest) in profile.items():
@@ -63,11 +72,38 @@ def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...
                           hardware_compatibility_level=level,
                           load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
                           refittable=spec.refittable or None, weight_streaming=spec.weight_streaming or None,
+                          version_compatible=spec.version_compatible or None,
+                          exclude_lean_runtime=spec.version_compatible or None,
                           profiling_verbosity=trt.ProfilingVerbosity.DETAILED)  # the inspector needs it
-    engine = engine_from_network(network_from_onnx_path(str(graph), strongly_typed=True), config=config,
-                                 save_timing_cache=str(timing_cache))
-    save_engine(engine, str(plan))
+    network = network_from_onnx_path(str(graph), strongly_typed=True)
+    if not spec.version_compatible:
+        engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
+        save_engine(engine, str(plan))
+        return layer_information(engine)
+    # TensorRT builds version-compatible engines only as serialized plans (buildSerializedNetwork)
+    serialized = bytes(engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache)))
+    plan.write_bytes(serialized)
+    runtime, _keep_alive = tensorrt_runtime(trt, lean_runtime)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise BuildError(f"{plan.name}: the lean runtime {lean_runtime} could not load the engine just built; it "
+                         f"must be the lean runtime of this TensorRT ({trt.__version__})")
     return layer_information(engine)
+
+
+def tensorrt_runtime(trt, lean_runtime: Path | None):
+    """The ``IRuntime`` that deserializes engines, and the objects it needs kept alive: TensorRT's
+    own runtime, or for version-compatible engines the lean runtime library of the TensorRT that
+    built them, loaded through it. Our plans never carry host code (their lean runtime is left
+    out), so ``engine_host_code_allowed`` stays False: a plan that does is refused."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if lean_runtime is None:
+        return runtime, (logger,)
+    loaded = runtime.load_runtime(str(lean_runtime))
+    if loaded is None:
+        raise BuildError(f"{lean_runtime}: TensorRT could not load this lean runtime library (see its log above)")
+    return loaded, (logger, runtime)  # the loading runtime must outlive the one it loaded
 
 
 def layer_information(engine) -> list[dict]:
@@ -114,7 +150,8 @@ class TensorRTBackend:
 
         self.trt, self.torch = trt, torch
         self.folder = Path(folder)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        lean = manifest["tensorrt"].get("lean_runtime")  # version-compatible engines: the builder's lean runtime
+        self.runtime, self._keep_alive = tensorrt_runtime(trt, self.folder / lean if lean else None)
         self.stream = torch.cuda.Stream()
         self.engines: dict[str, object] = {}
         self.contexts: dict[str, object] = {}

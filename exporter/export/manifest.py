@@ -156,6 +156,8 @@ def read_manifest(folder: str | Path) -> dict:
     files = manifest.get("files", {})
     if manifest.get("kind") == "tensorrt":  # an engines folder (exporter build): plans, not graphs
         referenced = {n for b in manifest["blocks"] for n in b["engines"]}
+        if manifest.get("tensorrt", {}).get("lean_runtime"):  # version-compatible engines run on it
+            referenced.add(manifest["tensorrt"]["lean_runtime"])
     else:
         referenced = {n for b in manifest["blocks"] for n in (*b["graphs"], b["weights"])}
     if manifest.get("conditioning"):

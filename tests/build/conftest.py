@@ -50,12 +50,13 @@ def fake_tensorrt(monkeypatch):
 
     calls = {"device": L4, "built": [], "fallen_back": set(), "cache_found": []}
 
-    def build_engine(graph, plan, profile, spec, timing_cache):
+    def build_engine(graph, plan, profile, spec, timing_cache, lean_runtime=None):
         import onnx
 
         calls["cache_found"].append(timing_cache.is_file())  # whether TensorRT would have loaded one
         model = onnx.load(str(graph), load_external_data=False)
-        calls["built"].append({"graph": graph, "profile": profile, "model": model})
+        calls["built"].append({"graph": graph, "profile": profile, "model": model, "lean_runtime": lean_runtime,
+                               "lean_runtime_present": lean_runtime is not None and lean_runtime.is_file()})
         plan.write_bytes(b"fake plan of " + graph.name.encode())
         timing_cache.write_bytes(b"timings")
         layers = []

@@ -111,6 +111,36 @@ def test_a_shared_timing_cache_from_another_tensorrt_is_set_aside_and_one_from_h
     assert (tmp_path / "e2" / "manifest.json").is_file() and not (tmp_path / "e2" / "timing.cache.json").exists()
 
 
+def test_version_compatible_engines_carry_one_lean_runtime_checked_like_every_file(tiny_int8_graphs, fake_tensorrt,
+                                                                                   monkeypatch, tmp_path):
+    from exporter.build import lean
+
+    monkeypatch.setattr(lean, "search_dirs", lambda: [tmp_path / "nowhere"])
+    with pytest.raises(BuildError, match=r"lean runtime \(libnvinfer_lean.so.10\), found nowhere"):
+        build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(version_compatible=True), progress=False)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists() and not fake_tensorrt["built"]
+
+    installed = tmp_path / "trt" / "libnvinfer_lean.so.10"
+    installed.parent.mkdir()
+    installed.write_bytes(b"TensorRT 10.13.0.35 lean runtime")
+    monkeypatch.setattr(lean, "search_dirs", lambda: [tmp_path / "nowhere", installed.parent])
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(version_compatible=True), progress=False)
+    assert manifest["tensorrt"]["flags"]["version_compatible"]
+    assert manifest["tensorrt"]["lean_runtime"] == "libnvinfer_lean.so.10" and "libnvinfer_lean.so.10" in manifest["files"]
+    assert (tmp_path / "e" / "libnvinfer_lean.so.10").read_bytes() == installed.read_bytes()
+    # every engine was checked against the copy that ships, present while it was built
+    assert {b["lean_runtime"].name for b in fake_tensorrt["built"]} == {"libnvinfer_lean.so.10"}
+    assert all(b["lean_runtime_present"] for b in fake_tensorrt["built"])
+    assert read_manifest(tmp_path / "e") == manifest
+
+    (tmp_path / "e" / "libnvinfer_lean.so.10").write_bytes(b"another library")  # native code: checked before loading
+    with pytest.raises(ManifestError, match="libnvinfer_lean.so.10: sha256 mismatch"):
+        Runtime.load(tmp_path / "e")
+    plain = build_engines(tiny_int8_graphs, tmp_path / "plain", progress=False)
+    assert plain["tensorrt"]["lean_runtime"] is None and not plain["tensorrt"]["flags"]["version_compatible"]
+    assert not any(name.startswith("libnvinfer") for name in plain["files"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
 def test_build_without_gpu_fails_fast_with_what_is_missing(tiny_int8_graphs, run_cli, tmp_path):
     result = run_cli("build", tiny_int8_graphs, "--out", tmp_path / "engines")

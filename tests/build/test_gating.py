@@ -105,3 +105,34 @@ def test_where_engines_may_run_follows_their_hardware_compatibility_level(caplog
     check_engines_compatible(engines_from(H100, "ampere_plus", ["fp8", "int8"]), L4)
     with pytest.raises(BuildError, match=r"with FP8 \(compute capability >= 8.9\), this GPU \(NVIDIA A10\) is 8.6"):
         check_engines_compatible(engines_from(H100, "ampere_plus", ["fp8", "int8"]), A10)
+
+
+def test_version_compatible_engines_run_on_their_tensorrt_and_later_ones_never_earlier(caplog):
+    def built_with(version: str, version_compatible: bool = True) -> dict:
+        return {"tensorrt": {"version": version, "gpu": "NVIDIA L4", "compute_capability": [8, 9],
+                             "flags": {"version_compatible": version_compatible}}, "source": {"graphs": "/g"}}
+
+    with caplog.at_level(logging.WARNING, logger="exporter.build.gating"):
+        for later in ("10.13.0.35", "10.13.0.36", "10.13.3.9", "10.16.1.11"):
+            check_engines_compatible(built_with("10.13.0.35"), DeviceInfo(later, "NVIDIA L4", (8, 9)))
+    assert caplog.text == ""
+    with pytest.raises(BuildError, match=r"built version-compatible with TensorRT 10.13.0.35, which runs on that "
+                                         r"release and later ones; this machine has the earlier 10.13.0.34"):
+        check_engines_compatible(built_with("10.13.0.35"), DeviceInfo("10.13.0.34", "NVIDIA L4", (8, 9)))
+    with pytest.raises(BuildError, match=r"the earlier 10.16.1.11"):
+        check_engines_compatible(built_with("11.4.0.106"), DeviceInfo("10.16.1.11", "NVIDIA L4", (8, 9)))
+    with caplog.at_level(logging.WARNING, logger="exporter.build.gating"):  # across a major release: a warning
+        check_engines_compatible(built_with("10.16.1.11"), DeviceInfo("11.4.0.106", "NVIDIA L4", (8, 9)))
+    assert "built with TensorRT 10.16.1.11 and run on 11.4.0.106" in caplog.text
+    with pytest.raises(BuildError, match=r"compute capability 8.9 \(NVIDIA L4\), this GPU \(NVIDIA A10\) is 8.6"):
+        check_engines_compatible(built_with("10.13.0.35"), DeviceInfo("10.16.1.11", "NVIDIA A10", (8, 6)))
+    with pytest.raises(BuildError, match=r"this machine has 10.13.0.36 \(engines built with 'build: "
+                                         r"\{version_compatible: true\}' also run on later TensorRT releases\)"):
+        check_engines_compatible(built_with("10.13.0.35", False), DeviceInfo("10.13.0.36", "NVIDIA L4", (8, 9)))
+
+
+def test_version_compatible_engines_are_built_on_volta_or_newer():
+    spec = BuildSpec(version_compatible=True)
+    assert plan_build(manifest_with("int8"), spec, DeviceInfo("10.13.0.35", "Tesla V100", (7, 0))) is None
+    with pytest.raises(BuildError, match=r"Volta or newer GPU \(compute capability >= 7.0\); Tesla P100 has 6.0"):
+        plan_build(manifest_with("int8"), spec, DeviceInfo("10.3.0.26", "Tesla P100", (6, 0)))

@@ -120,3 +120,24 @@ def test_bf16_engines_match_pytorch_and_run_through_the_runtime(tiny_unet_dir, t
     assert all(r.passed for r in results), [(r.graph, r.engine_outputs) for r in results]
     images = Runtime.load(tmp_path / "e").generate(rows=[0], per_row=2, steps=4, progress=False)
     assert all(torch.isfinite(image).all() for image in images.values())
+
+
+def test_version_compatible_engines_run_through_the_lean_runtime_they_ship_with(tiny_int8_graphs, tmp_path):
+    import tensorrt
+
+    from exporter.build.lean import find_lean_runtime
+
+    try:
+        find_lean_runtime(tensorrt.__version__)
+    except BuildError as e:  # pip's tensorrt does not bring it: tensorrt-lean-cu12 / -cu13 does
+        pytest.skip(f"no lean runtime for this TensorRT: {e}")
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4], version_compatible=True),
+                             progress=False)
+    assert manifest["tensorrt"]["lean_runtime"] in manifest["files"]
+    engines, graphs = Runtime.load(tmp_path / "e"), Runtime.load(tiny_int8_graphs)
+    for block in manifest["blocks"]:
+        feed, outputs = random_feed(block), [o["name"] for o in block["outputs"]]
+        for plan, graph in zip(block["engines"], block["graphs"]):
+            for trt_out, ort_out in zip(engines.backend.run(plan, feed, outputs),
+                                        graphs.backend.run(graph, feed, outputs)):
+                assert sqnr_db(ort_out, trt_out) > 30, (plan, sqnr_db(ort_out, trt_out))
