@@ -106,6 +106,24 @@ def tensorrt_runtime(trt, lean_runtime: Path | None):
     return loaded, (logger, runtime)  # the loading runtime must outlive the one it loaded
 
 
+_LEAN_RUNTIMES: dict[tuple, tuple] = {}  # (library path, sha256) -> tensorrt_runtime(...), for the process's life
+
+
+def folder_runtime(folder: Path, manifest: dict):
+    """The ``IRuntime`` for the plans of an engines folder (the TensorRT backend's and parity's):
+    TensorRT's own, or for version-compatible engines the folder's lean runtime, loaded once per
+    process (per library file and content) and kept alive with the runtime that loaded it."""
+    import tensorrt as trt
+
+    lean = manifest["tensorrt"].get("lean_runtime")
+    if not lean:
+        return tensorrt_runtime(trt, None)[0]
+    key = (str((Path(folder) / lean).resolve()), manifest["files"][lean])
+    if key not in _LEAN_RUNTIMES:
+        _LEAN_RUNTIMES[key] = tensorrt_runtime(trt, Path(key[0]))
+    return _LEAN_RUNTIMES[key][0]
+
+
 def layer_information(engine) -> list[dict]:
     import tensorrt as trt
 
@@ -150,8 +168,7 @@ class TensorRTBackend:
 
         self.trt, self.torch = trt, torch
         self.folder = Path(folder)
-        lean = manifest["tensorrt"].get("lean_runtime")  # version-compatible engines: the builder's lean runtime
-        self.runtime, self._keep_alive = tensorrt_runtime(trt, self.folder / lean if lean else None)
+        self.runtime = folder_runtime(self.folder, manifest)
         self.stream = torch.cuda.Stream()
         self.engines: dict[str, object] = {}
         self.contexts: dict[str, object] = {}

@@ -116,19 +116,20 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
     from exporter.build.gating import check_engines_compatible
-    from exporter.build.tensorrt import device_info
+    from exporter.build.tensorrt import device_info, folder_runtime
 
     engine_manifest = read_manifest(engines)
     if engine_manifest.get("kind") != "tensorrt":
         raise UsageError(f"{engines} is not an engines folder (exporter build writes one)")
     check_engines_compatible(engine_manifest, device_info())
+    runtime = folder_runtime(engines, engine_manifest)  # version-compatible engines: their lean runtime
     runners = {}
     for block in engine_manifest["blocks"]:
         for plan, source in block["source_graphs"].items():
             if manifest["files"].get(source["graph"]) != source["sha256"]:
                 raise UsageError(f"{engines / plan} was built from another {source['graph']} than the one in "
                                  f"{folder}; rebuild the engines or pass their graphs folder")
-            runners[source["graph"]] = (plan, TrtRunner(EngineFromPath(str(engines / plan))))
+            runners[source["graph"]] = (plan, TrtRunner(EngineFromPath(str(engines / plan), runtime=runtime)))
     return runners
 
 

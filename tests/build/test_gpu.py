@@ -122,16 +122,18 @@ def test_bf16_engines_match_pytorch_and_run_through_the_runtime(tiny_unet_dir, t
     assert all(torch.isfinite(image).all() for image in images.values())
 
 
-def test_version_compatible_engines_run_through_the_lean_runtime_they_ship_with(tiny_int8_graphs, tmp_path):
+def test_version_compatible_engines_run_through_the_lean_runtime_they_ship_with(tiny_int8_graphs, tiny_unet_calib,
+                                                                                tmp_path):
     import tensorrt
 
     from exporter.build.lean import find_lean_runtime
+    from exporter.parity import check_parity
 
     try:
         find_lean_runtime(tensorrt.__version__)
     except BuildError as e:  # pip's tensorrt does not bring it: tensorrt-lean-cu12 / -cu13 does
         pytest.skip(f"no lean runtime for this TensorRT: {e}")
-    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 2, 4], version_compatible=True),
+    manifest = build_engines(tiny_int8_graphs, tmp_path / "e", BuildSpec(images=[1, 4, 8], version_compatible=True),
                              progress=False)
     assert manifest["tensorrt"]["lean_runtime"] in manifest["files"]
     engines, graphs = Runtime.load(tmp_path / "e"), Runtime.load(tiny_int8_graphs)
@@ -141,3 +143,7 @@ def test_version_compatible_engines_run_through_the_lean_runtime_they_ship_with(
             for trt_out, ort_out in zip(engines.backend.run(plan, feed, outputs),
                                         graphs.backend.run(graph, feed, outputs)):
                 assert sqnr_db(ort_out, trt_out) > 30, (plan, sqnr_db(ort_out, trt_out))
+    results, _ = check_parity(tiny_int8_graphs, calib=tiny_unet_calib, write_golden=False, end_to_end_check=False,
+                              engines=tmp_path / "e")  # polygraphy's TrtRunner, through the same lean runtime
+    assert all(r.engine_outputs for r in results)
+    assert min(s for r in results for s, _ in r.engine_outputs.values()) > 30

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from exporter.build.gating import BuildError
-from exporter.build.tensorrt import scratch_size, tensorrt_runtime
+from exporter.build.tensorrt import folder_runtime, scratch_size, tensorrt_runtime
 
 
 def test_scratch_size_takes_v2_when_present_even_if_zero():
@@ -17,22 +17,24 @@ def test_scratch_size_takes_v2_when_present_even_if_zero():
 
 
 class FakeRuntime:
-    def __init__(self, logger, loads=None):
-        self.logger, self.loads, self.loaded = logger, loads, []
+    """TensorRT's IRuntime as far as tensorrt_runtime uses it: ``load_runtime`` returns ``lean``."""
+
+    def __init__(self, logger, lean=None):
+        self.logger, self.lean, self.loaded = logger, lean, []
 
     def load_runtime(self, path):
         self.loaded.append(path)
-        return self.loads
+        return self.lean
 
 
-def fake_trt(loads):
+def fake_trt(lean):
     class Logger:
         WARNING = 2
 
         def __init__(self, level):
             self.level = level
 
-    return SimpleNamespace(Logger=Logger, Runtime=lambda logger: FakeRuntime(logger, loads))
+    return SimpleNamespace(Logger=Logger, Runtime=lambda logger: FakeRuntime(logger, lean))
 
 
 def test_version_compatible_engines_are_deserialized_by_the_lean_runtime_they_ship_with(tmp_path):
@@ -48,3 +50,23 @@ def test_version_compatible_engines_are_deserialized_by_the_lean_runtime_they_sh
 
     with pytest.raises(BuildError, match="could not load this lean runtime library"):
         tensorrt_runtime(fake_trt(None), tmp_path / "libnvinfer_lean.so.11")
+
+
+def test_an_engines_folder_loads_its_lean_runtime_once_per_library_content(tmp_path, monkeypatch):
+    import sys
+
+    lean, made = FakeRuntime(None), []
+
+    class RecordedRuntime(FakeRuntime):  # TensorRT's own runtime; records every one made
+        def __init__(self, logger):
+            super().__init__(logger, lean)
+            made.append(self)
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(Logger=fake_trt(None).Logger, Runtime=RecordedRuntime))
+    manifest = {"tensorrt": {"lean_runtime": "libnvinfer_lean.so.11"}, "files": {"libnvinfer_lean.so.11": "aa"}}
+    assert folder_runtime(tmp_path, manifest) is lean and folder_runtime(tmp_path, manifest) is lean
+    assert sum(len(r.loaded) for r in made) == 1  # the backend and parity share one load
+    folder_runtime(tmp_path, {**manifest, "files": {"libnvinfer_lean.so.11": "bb"}})  # another library there
+    assert sum(len(r.loaded) for r in made) == 2
+    assert isinstance(folder_runtime(tmp_path, {"tensorrt": {"lean_runtime": None}}), FakeRuntime)
+    assert sum(len(r.loaded) for r in made) == 2  # ordinary engines: TensorRT's own runtime, nothing loaded
