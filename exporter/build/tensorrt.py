@@ -106,6 +106,15 @@ def tensorrt_runtime(trt, lean_runtime: Path | None):
     return loaded, (logger, runtime)  # the loading runtime must outlive the one it loaded
 
 
+def deserialize(runtime, plan: Path):
+    """One engine of a folder, through ``folder_runtime``'s runtime. polygraphy's engine loaders
+    are not used for this: they switch on ``engine_host_code_allowed``, which stays off here."""
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise BuildError(f"{plan}: TensorRT could not deserialize this engine; rebuild it")
+    return engine
+
+
 _LEAN_RUNTIMES: dict[tuple, tuple] = {}  # (library path, sha256) -> tensorrt_runtime(...), for the process's life
 
 
@@ -178,9 +187,7 @@ class TensorRTBackend:
 
     def _open(self, plan: str):
         if plan not in self.contexts:
-            engine = self.runtime.deserialize_cuda_engine((self.folder / plan).read_bytes())
-            if engine is None:
-                raise BuildError(f"{self.folder / plan}: TensorRT could not deserialize this engine; rebuild it")
+            engine = deserialize(self.runtime, self.folder / plan)
             context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             self.engines[plan], self.contexts[plan] = engine, context
             size = scratch_size(engine)

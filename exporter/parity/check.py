@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,10 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
     """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``."""
     if engines is None:
         return {}
-    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+    from polygraphy.backend.trt import TrtRunner
 
     from exporter.build.gating import check_engines_compatible
-    from exporter.build.tensorrt import device_info, folder_runtime
+    from exporter.build.tensorrt import deserialize, device_info, folder_runtime
 
     engine_manifest = read_manifest(engines)
     if engine_manifest.get("kind") != "tensorrt":
@@ -129,7 +130,7 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
             if manifest["files"].get(source["graph"]) != source["sha256"]:
                 raise UsageError(f"{engines / plan} was built from another {source['graph']} than the one in "
                                  f"{folder}; rebuild the engines or pass their graphs folder")
-            runners[source["graph"]] = (plan, TrtRunner(EngineFromPath(str(engines / plan), runtime=runtime)))
+            runners[source["graph"]] = (plan, TrtRunner(partial(deserialize, runtime, engines / plan)))
     return runners
 
 

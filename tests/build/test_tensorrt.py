@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from exporter.build.gating import BuildError
-from exporter.build.tensorrt import folder_runtime, scratch_size, tensorrt_runtime
+from exporter.build.tensorrt import deserialize, folder_runtime, scratch_size, tensorrt_runtime
 
 
 def test_scratch_size_takes_v2_when_present_even_if_zero():
@@ -70,3 +70,16 @@ def test_an_engines_folder_loads_its_lean_runtime_once_per_library_content(tmp_p
     assert sum(len(r.loaded) for r in made) == 2
     assert isinstance(folder_runtime(tmp_path, {"tensorrt": {"lean_runtime": None}}), FakeRuntime)
     assert sum(len(r.loaded) for r in made) == 2  # ordinary engines: TensorRT's own runtime, nothing loaded
+
+
+def test_engines_are_deserialized_with_host_code_off_and_a_refusal_names_the_plan(tmp_path):
+    plan = tmp_path / "mid.g0.plan"
+    plan.write_bytes(b"plan bytes")
+    seen = []
+    runtime = SimpleNamespace(engine_host_code_allowed=False,
+                              deserialize_cuda_engine=lambda data: seen.append(data) or "engine")
+    assert deserialize(runtime, plan) == "engine" and seen == [b"plan bytes"]
+    assert runtime.engine_host_code_allowed is False  # polygraphy's loaders would have switched it on
+    runtime.deserialize_cuda_engine = lambda data: None  # TensorRT refused it (another build, corrupted)
+    with pytest.raises(BuildError, match=r"mid.g0.plan: TensorRT could not deserialize this engine; rebuild it"):
+        deserialize(runtime, plan)
