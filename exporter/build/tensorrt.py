@@ -52,14 +52,7 @@ def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...
     lean runtime out, and ``lean_runtime`` (that library) loads it back, as later TensorRT
     releases will: a lean runtime that cannot is an error here, not on the deployment machine."""
     import tensorrt as trt
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        Profile,
-        engine_bytes_from_network,
-        engine_from_network,
-        network_from_onnx_path,
-        save_engine,
-    )
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
     shapes = Profile()
     for name, (smallest, optimal, largest) in profile.items():
@@ -76,18 +69,16 @@ def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...
                           exclude_lean_runtime=spec.version_compatible or None,
                           profiling_verbosity=trt.ProfilingVerbosity.DETAILED)  # the inspector needs it
     network = network_from_onnx_path(str(graph), strongly_typed=True)
-    if not spec.version_compatible:
-        engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
-        save_engine(engine, str(plan))
-        return layer_information(engine)
-    # TensorRT builds version-compatible engines only as serialized plans (buildSerializedNetwork)
+    # a serialized plan (the only way TensorRT builds version-compatible ones), loaded back the way
+    # the runtime loads it, for the inspector
     serialized = bytes(engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache)))
     plan.write_bytes(serialized)
     runtime, _keep_alive = tensorrt_runtime(trt, lean_runtime)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise BuildError(f"{plan.name}: the lean runtime {lean_runtime} could not load the engine just built; it "
-                         f"must be the lean runtime of this TensorRT ({trt.__version__})")
+        raise BuildError(f"{plan.name}: TensorRT could not load the engine it just built" + (
+            f" through the lean runtime {lean_runtime}, which must be this TensorRT's ({trt.__version__})"
+            if lean_runtime else ""))
     return layer_information(engine)
 
 
