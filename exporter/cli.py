@@ -162,8 +162,12 @@ def cmd_build(args) -> None:
     if args.timing_cache:
         spec.timing_cache = str(args.timing_cache)
     manifest = build_engines(args.graphs, args.out, spec, progress=not args.quiet)
+    built = manifest["tensorrt"]
     print(f"built {sum(len(b['engines']) for b in manifest['blocks'])} engines into {args.out} "
-          f"(TensorRT {manifest['tensorrt']['version']}, {manifest['tensorrt']['gpu']})")
+          f"(TensorRT {built['version']}, {built['gpu']}"
+          + (f"; version-compatible: they run on TensorRT {built['version']} and later releases, on the lean "
+             f"runtime {built['lean_runtime']} shipped with them" if built["flags"]["version_compatible"] else "")
+          + ")")
 
 
 def cmd_run(args) -> None:

@@ -141,6 +141,22 @@ def test_version_compatible_engines_carry_one_lean_runtime_checked_like_every_fi
     assert not any(name.startswith("libnvinfer") for name in plain["files"])
 
 
+def test_build_command_says_where_version_compatible_engines_run(tiny_int8_graphs, fake_tensorrt, monkeypatch,
+                                                                  tmp_path, capsys):
+    from exporter.build import lean
+    from exporter.cli import main
+
+    (tmp_path / "libnvinfer_lean.so.10").write_bytes(b"lean runtime")
+    monkeypatch.setattr(lean, "search_dirs", lambda: [tmp_path])
+    recipe = tmp_path / "vc.yaml"
+    recipe.write_text("build:\n  version_compatible: true\n")
+    assert main(["-q", "build", str(tiny_int8_graphs), "--out", str(tmp_path / "vc"), "--recipe", str(recipe)]) == 0
+    assert ("(TensorRT 10.13.0.35, NVIDIA L4; version-compatible: they run on TensorRT 10.13.0.35 and later releases, "
+            "on the lean runtime libnvinfer_lean.so.10 shipped with them)") in capsys.readouterr().out
+    assert main(["-q", "build", str(tiny_int8_graphs), "--out", str(tmp_path / "plain")]) == 0
+    assert "(TensorRT 10.13.0.35, NVIDIA L4)\n" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
 def test_build_without_gpu_fails_fast_with_what_is_missing(tiny_int8_graphs, run_cli, tmp_path):
     result = run_cli("build", tiny_int8_graphs, "--out", tmp_path / "engines")
