@@ -71,15 +71,11 @@ def build_engine(graph: Path, plan: Path, profile: dict[str, list[tuple[int, ...
     network = network_from_onnx_path(str(graph), strongly_typed=True)
     # a serialized plan (the only way TensorRT builds version-compatible ones), loaded back the way
     # the runtime loads it, for the inspector
-    serialized = bytes(engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache)))
-    plan.write_bytes(serialized)
+    plan.write_bytes(bytes(engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))))
     runtime, _keep_alive = tensorrt_runtime(trt, lean_runtime)
-    engine = runtime.deserialize_cuda_engine(serialized)
-    if engine is None:
-        raise BuildError(f"{plan.name}: TensorRT could not load the engine it just built" + (
-            f" through the lean runtime {lean_runtime}, which must be this TensorRT's ({trt.__version__})"
-            if lean_runtime else ""))
-    return layer_information(engine)
+    remedy = (f"it was just built, so the lean runtime {lean_runtime} must be this TensorRT's ({trt.__version__})"
+              if lean_runtime else "it was just built (see TensorRT's log above)")
+    return layer_information(deserialize(runtime, plan, remedy))
 
 
 def tensorrt_runtime(trt, lean_runtime: Path | None):
@@ -97,12 +93,12 @@ def tensorrt_runtime(trt, lean_runtime: Path | None):
     return loaded, (logger, runtime)  # the loading runtime must outlive the one it loaded
 
 
-def deserialize(runtime, plan: Path):
-    """One engine of a folder, through ``folder_runtime``'s runtime. polygraphy's engine loaders
-    are not used for this: they switch on ``engine_host_code_allowed``, which stays off here."""
+def deserialize(runtime, plan: Path, remedy: str = "rebuild it"):
+    """One engine, through ``folder_runtime``'s runtime (or the build's). polygraphy's engine
+    loaders are not used for this: they switch on ``engine_host_code_allowed``, which stays off."""
     engine = runtime.deserialize_cuda_engine(plan.read_bytes())
     if engine is None:
-        raise BuildError(f"{plan}: TensorRT could not deserialize this engine; rebuild it")
+        raise BuildError(f"{plan}: TensorRT could not deserialize this engine; {remedy}")
     return engine
 
 
