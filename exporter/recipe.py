@@ -74,7 +74,7 @@ class QuantizationSpec:
     percentile: float = 99.99  # for act_observer: percentile
     groups: int = 4  # timestep groups: activation scales per bin of t (1: one global scale)
     split_shortcut: bool = True  # separate scales for the two halves of an up-block skip concat
-    block_size: int = 128  # INT4 weights: blocks of input channels (capped at the channel count)
+    block_size: int = 128  # INT4 weights: blocks of input features (TensorRT: 128 or 64, see quant.ptq.int4_block)
     exclude: list[Exclusion] | None = None  # None: the architecture adapter's defaults (with reasons)
     precision: list[PrecisionOverride] | None = None  # None: the adapter's defaults (weight-only INT8 layers)
 

@@ -4,6 +4,8 @@ import shutil
 
 import pytest
 
+from exporter.quant.ptq import INT4_FALLBACK_REASON
+
 
 def test_help_lists_the_subcommands(run_cli):
     result = run_cli("--help")
@@ -65,11 +67,16 @@ def test_fake_quantized_sampling_from_a_bundled_format(run_cli, tiny_unet_dir, t
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "samples.json").read_text())["precision"] == "w4a8"
     summary = json.loads((out / "quantization.json").read_text())
-    # W4A8, and the time-embedding layers' INT8 weights with float input (adapter default, with its reason)
-    assert set(map(tuple, summary["formats"].values())) == {("int4", "int8"), ("int8", None)}
+    # W4A8 where TensorRT runs INT4 (the one Linear layer with whole blocks of 64 input features),
+    # INT8 weights on every other layer, and the time-embedding layers' INT8 weights with float
+    # input (adapter default); every layer that is not W4A8 listed with its reason
+    assert set(map(tuple, summary["formats"].values())) == {("int4", "int8"), ("int8", "int8"), ("int8", None)}
+    assert [n for n, f in summary["formats"].items() if f[0] == "int4"] == [
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.2"]
     assert all(e["reason"] for e in summary["excluded"] + summary["precision_overrides"])
     assert {o["layer"] for o in summary["precision_overrides"]} == {
-        n for n, f in summary["formats"].items() if f == ["int8", None]}
+        n for n, f in summary["formats"].items() if f[0] == "int8"}
+    assert {o["reason"] for o in summary["precision_overrides"] if o["activations"]} == {INT4_FALLBACK_REASON}
 
     one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--format", "int8", "--out", tmp_path / "o"),
                    "quantized activations need --calib")

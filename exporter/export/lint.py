@@ -7,16 +7,16 @@ this report makes that visible before any build. Rules (violations make the comm
 * ``one-sided``: a Conv/MatMul/Gemm with Q/DQ on only one of activation and weight (allowed for
   weight-only layers, which the manifest declares);
 * ``zero-point``: every Q/DQ zero point is 0 (symmetric);
-* ``weight-axis``: per-channel weight scales lie on the output-channel axis (blocked INT4: blocks
-  along the input axis);
+* ``weight-axis``: per-channel weight scales lie on the output-channel axis;
+* ``int4-layer``, ``int4-layout``, ``int4-block``: INT4 (blocked) weights only where TensorRT runs
+  them: a GEMM (MatMul/Gemm; ModelOpt has no INT4 convolution either), its DequantizeLinear feeding
+  it directly with the weight [in, out] blocked along the input features (ModelOpt's layout), in
+  whole blocks of 64 or 128 (TensorRT's ONNX parser ignores ``block_size`` and infers the block from
+  the weight and scale shapes, so a partial last block would be dequantized differently);
 * ``activation-scale``: activation scales are per tensor (scalars);
 * ``int4-activation``: no activation is quantized to INT4 (TensorRT quantizes activations to INT8,
   FP8 or FP4 and supports INT4 for weight-only quantization: W4A4 graphs are for ONNX Runtime);
 * ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used.
-
-Warnings (reported, not failures): INT4 blocked weights feeding a Conv (TensorRT documents
-INT4 block quantization for weight-only GEMM layers, so such a convolution is expected to run
-from dequantized weights).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from exporter.export.manifest import node_scope, read_manifest
 
 COMPUTE = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Slice")  # weight layout ops between a weight DQ and its layer
+INT4_BLOCKS = (64, 128)  # TensorRT's INT4 block sizes ("Working with Quantized Types")
 
 
 @dataclass
@@ -45,7 +46,6 @@ class BlockReport:
     float_layers: dict[str, str] = field(default_factory=dict)  # layer -> reason
     attention_matmuls: int = 0
     violations: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
 
 def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
@@ -133,12 +133,7 @@ def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: st
     if weight is None:
         return
     if "block_size" in attrs:
-        if attrs.get("axis", 1) != 1:
-            report.violations.append(f"weight-axis: {dq.name} blocks axis {attrs['axis']}, not the input axis 1")
-        if node.op_type == "Conv":
-            report.warnings.append(f"{layer}: INT4 blocked weights on a Conv (TensorRT documents INT4 block "
-                                   "quantization for weight-only GEMM layers; expect it to run from dequantized "
-                                   "weights)")
+        report.violations += _int4_block_problems(node, dq, producer[node.input[1]], weight, attrs)
         return
     scale = inits.get(dq.input[1])
     if scale is None or len(scale.dims) == 0:
@@ -153,6 +148,26 @@ def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: st
         expected = len(weight.dims) - 1
     if axis % len(weight.dims) != expected:
         report.violations.append(f"weight-axis: {dq.name} scales axis {axis}, not the output-channel axis {expected}")
+
+
+def _int4_block_problems(node, dq, feeder, weight, attrs: dict) -> list[str]:
+    """TensorRT's INT4 rules (module docstring): a GEMM's weight, the DequantizeLinear feeding it
+    directly, whole blocks of 64 or 128 along the input features."""
+    if node.op_type == "Conv":
+        return [f"int4-layer: {dq.name} feeds a Conv; TensorRT runs INT4 weights only in GEMMs (MatMul/Gemm)"]
+    if feeder is not dq:
+        return [(f"int4-layout: {dq.name} reaches {node.name} through a {feeder.op_type}; TensorRT's INT4 GEMMs "
+                 "take the DequantizeLinear output directly (weight [in, out] blocked along axis 0)")]
+    k_axis = 1 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 0
+    axis, block, dims = attrs.get("axis", 1) % len(weight.dims), attrs["block_size"], list(weight.dims)
+    if len(dims) != 2 or axis != k_axis:
+        return [f"int4-layout: {dq.name} blocks axis {axis} of a {dims} weight, not its input-feature axis {k_axis}"]
+    if block not in INT4_BLOCKS:
+        return [f"int4-block: {dq.name} has blocks of {block}; TensorRT supports {' and '.join(map(str, INT4_BLOCKS))}"]
+    if dims[k_axis] % block:
+        return [(f"int4-block: {dq.name}'s {dims[k_axis]} input features are not whole blocks of {block}; "
+                 "TensorRT infers the block size from the shapes and would dequantize other blocks than ONNX Runtime")]
+    return []
 
 
 def lint_folder(folder: str | Path) -> list[BlockReport]:
@@ -181,8 +196,6 @@ def format_lint(reports: list[BlockReport]) -> str:
     if weight_only:
         lines.append("weight-only layers (quantized weights, float input and compute), and why:")
         lines += [f"  {layer}: {reason}" for layer, reason in sorted(weight_only.items())]
-    warnings = sorted({w for r in reports for w in r.warnings})
-    lines += [f"warning: {w}" for w in warnings]
     violations = [f"{r.graph}: {v}" for r in reports for v in r.violations]
     lines += [f"VIOLATION {v}" for v in violations]
     lines.append(f"{len(violations)} rule violation(s)" if violations else "no rule violations")

@@ -1,7 +1,7 @@
 """Post-training quantization of a diffusers model in place, from recorded calibration data.
 
 Every Conv2d/Linear not excluded becomes a ``QuantLayer``: its weight fake-quantized once
-(per output channel, or per block of input channels for INT4), its input fake-quantized with the
+(per output channel, or per block of input features for INT4), its input fake-quantized with the
 scale of the current timestep group. Split-shortcut sites quantize the two concatenated parts
 with separate scales (the weight is per output channel, so splitting it along input channels
 changes nothing numerically; the exporter writes it as two convolutions summed).
@@ -34,6 +34,26 @@ log = logging.getLogger(__name__)
 COMPUTE_LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
 WEIGHT_ONLY_FORMAT = "int8"  # the weights of the adapter's default weight-only layers, in every format
 
+# TensorRT runs INT4 weights only as weight-only GEMMs (ModelOpt quantizes only MatMul/Gemm to INT4
+# and has no INT4 convolution), in blocks of 64 or 128 along the input features (its "Working with
+# Quantized Types" guide: "The supported block sizes are {64, 128}"). Its ONNX parser infers the
+# block size from the weight and scale shapes instead of reading ``block_size``, so a partial last
+# block would be dequantized with other blocks than PyTorch and ONNX Runtime use: every block whole.
+TENSORRT_INT4_BLOCKS = (128, 64)
+INT4_RULE = ("INT4 weights need a Linear layer whose input features are a multiple of the block size "
+             "(TensorRT runs INT4 only in GEMMs, in whole blocks of 64 or 128)")
+INT4_FALLBACK = "int8"
+INT4_FALLBACK_REASON = f"{INT4_RULE}: INT8 weights"
+
+
+def int4_block(layer: torch.nn.Module, block_size: int) -> int | None:
+    """The INT4 block size of ``layer``: the recipe's, or TensorRT's smaller one (64) when the input
+    features are not a multiple of it; None when the layer cannot hold INT4 weights (see above)."""
+    if not isinstance(layer, torch.nn.Linear):
+        return None
+    sizes = [block_size] + [b for b in TENSORRT_INT4_BLOCKS if b < block_size]
+    return next((b for b in sizes if layer.in_features % b == 0), None)
+
 
 class TimestepContext:
     """The t of the current model call, shared by all quantized layers of one model."""
@@ -63,9 +83,10 @@ class QuantLayer(torch.nn.Module):
         self.name, self.layer, self.context, self.split = name, layer, context, split
         self.wfmt, self.afmt = wfmt, afmt
         w = layer.weight.detach()
-        if wfmt.name == "int4":  # blocks of input channels, over the flattened [out, in * kh * kw] weight
-            self.block_size = min(spec.block_size, w.shape[1])
-            w, axis = w.flatten(1), 1
+        if wfmt.name == "int4":  # whole blocks of input features of a Linear layer (plan_layers checked it)
+            self.block_size, axis = int4_block(layer, spec.block_size), 1
+            if self.block_size is None:
+                raise UsageError(f"layer {name}: {INT4_RULE}")
             scale = scale_from_amax(weight_amax(w, wfmt, spec.weight_observer, block_size=self.block_size), wfmt)
         else:
             self.block_size, axis = None, 0
@@ -129,6 +150,9 @@ class QuantLayer(torch.nn.Module):
 
         mark = f"_{INT4_MARK}" if self.wfmt.name == "int4" else ""
         q = self.weight_values.to(storage_dtype(self.wfmt))
+        if self.block_size:  # the layout TensorRT's INT4 GEMMs take (and ModelOpt writes): W [in, out] and
+            q = q.t()  # its scales [in / block, out], blocked along axis 0, DequantizeLinear straight into MatMul
+            self.register_buffer("onnx_weight_scale", self.weight_scale.t().contiguous())
         self._weight_names = []
         halves = self.split and not self.block_size  # per-channel scales hold for both halves
         for i, part in enumerate([q[:, : self.split], q[:, self.split :]] if halves else [q]):
@@ -149,13 +173,11 @@ class QuantLayer(torch.nn.Module):
             zero_point = getattr(self, self._zero_point_name)
             parts = [QuantizeDequantize.apply(p, getattr(self, f"onnx_act_scale{i}"), zero_point)
                      for i, p in enumerate(parts)]
-        shape = self.weight_shape
-        if self.block_size:
-            w = DequantizeWeight.apply(getattr(self, self._weight_names[0]), self.weight_scale, 1, self.block_size)
-            w = w.reshape(shape)
-            weights = [w[:, : self.split], w[:, self.split :]] if self.split else [w]
-        else:
-            weights = [DequantizeWeight.apply(getattr(self, n), self.weight_scale, 0, 0) for n in self._weight_names]
+        if self.block_size:  # x @ W + b, no Transpose between the weight and the MatMul
+            w = DequantizeWeight.apply(getattr(self, self._weight_names[0]), self.onnx_weight_scale, 0, self.block_size)
+            y = torch.matmul(parts[0], w)
+            return y if self.layer.bias is None else y + self.layer.bias
+        weights = [DequantizeWeight.apply(getattr(self, n), self.weight_scale, 0, 0) for n in self._weight_names]
         if len(parts) == 1:
             return self._compute(parts[0], weights[0], self.layer.bias)
         # Split shortcut: two quantized convolutions summed, each input half with its own scale
@@ -209,10 +231,13 @@ def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tupl
             continue
         override = next((o for o in overrides if fnmatch.fnmatch(name, o.pattern)), None)
         chosen = override or spec
-        if override is not None:
-            overridden.append({"layer": name, "weights": override.weights, "activations": override.activations,
-                               "reason": override.reason or "recipe precision override"})
-        plan[name] = (get_format(chosen.weights), get_format(chosen.activations) if chosen.activations else None)
+        weights = chosen.weights
+        reason = (override.reason or "recipe precision override") if override else None
+        if weights == "int4" and int4_block(model.get_submodule(name), spec.block_size) is None:
+            weights, reason = INT4_FALLBACK, INT4_FALLBACK_REASON
+        if reason is not None:
+            overridden.append({"layer": name, "weights": weights, "activations": chosen.activations, "reason": reason})
+        plan[name] = (get_format(weights), get_format(chosen.activations) if chosen.activations else None)
     return plan, excluded, overridden
 
 

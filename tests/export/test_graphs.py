@@ -110,7 +110,9 @@ def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
     int4 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     blocks = [a.i for n in graph.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
               if a.name == "block_size"]
-    assert int4 and len(blocks) == len(int4) and 16 in blocks  # block 16, or the channel count when smaller
+    # blocks of 16 on the Linear layers with whole blocks of 16 inputs (an ONNX Runtime experiment:
+    # TensorRT takes 64 or 128, and lint says so), INT8 weights on the rest
+    assert int4 and len(blocks) == len(int4) and set(blocks) == {16}
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, spec)
     env = reference_tensors(loaded)

@@ -70,6 +70,60 @@ def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graph
     assert "VIOLATION down1.onnx: one-sided: down_blocks.1.resnets.0.conv1" in result.stdout
 
 
+def int4_dq(graph):
+    return next(n for n in graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size"
+                                                                                for a in n.attribute))
+
+
+def set_attr(node, name, value):
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
+
+
+def transpose_between(graph):
+    dq = int4_dq(graph)
+    matmul = next(n for n in graph.node if dq.output[0] in n.input)
+    graph.node.append(onnx.helper.make_node("Transpose", [dq.output[0]], ["wt"], perm=[1, 0]))
+    matmul.input[1] = "wt"
+
+
+def conv_weight_blocked(graph):
+    weight_dqs = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    conv = next(n for n in graph.node if n.op_type == "Conv" and n.input[1] in weight_dqs)
+    set_attr(weight_dqs[conv.input[1]], "block_size", 64)
+
+
+FF = "/layers.0/mid/attentions.0/transformer_blocks.0/ff/net.2/DequantizeLinear"
+
+
+@pytest.mark.parametrize("edit, violation", [
+    (None, None),
+    (transpose_between, f"int4-layout: {FF} reaches"),
+    (lambda g: set_attr(int4_dq(g), "block_size", 32), f"int4-block: {FF} has blocks of 32; TensorRT supports 64 and 128"),
+    (lambda g: set_attr(int4_dq(g), "block_size", 128), f"int4-block: {FF}'s 64 input features are not whole blocks of 128"),
+    (conv_weight_blocked, ("int4-layer: /layers.0/mid/resnets.0/conv1/DequantizeLinear feeds a Conv; TensorRT runs "
+     "INT4 weights only in GEMMs")),
+])
+def test_int4_weights_only_where_tensorrt_runs_them(tiny_unet_dir, tmp_path, run_cli, edit, violation):
+    folder = tmp_path / "w4a16"  # INT4 on the one Linear layer with 64 input features, INT8 elsewhere
+    export_graphs(str(tiny_unet_dir), folder, quantization=QuantizationSpec(weights="int4", activations=None,
+                                                                            block_size=64), progress=False)
+    graph = onnx.load(str(folder / "mid.onnx"), load_external_data=False).graph
+    dq = int4_dq(graph)
+    assert dq.name == FF and next(n for n in graph.node if dq.output[0] in n.input).op_type == "MatMul"  # directly
+    init = next(i for i in graph.initializer if i.name == dq.input[0])
+    assert init.data_type == onnx.TensorProto.INT4 and list(init.dims) == [64, 16]  # [in, out]
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 64}
+    if edit is not None:
+        edit_graph(folder, "mid.onnx", edit)
+    result = run_cli("lint", folder)
+    if violation is None:
+        assert result.returncode == 0 and "no rule violations" in result.stdout, result.stdout
+    else:
+        assert result.returncode == 1 and f"VIOLATION mid.onnx: {violation}" in result.stdout, result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
 def test_every_bundled_recipe_exports_graphs_tensorrt_accepts(model, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from exporter.calibrate import calibrate
 from exporter.models import load_conditioning, load_model
 from exporter.quant.formats import FORMATS, fake_quant
-from exporter.quant.ptq import QuantLayer, quantize_model
+from exporter.quant.ptq import INT4_FALLBACK_REASON, QuantLayer, quantize_model
 from exporter.recipe import CalibrationSpec, QuantizationSpec
 
 
@@ -89,7 +89,7 @@ def test_mixed_precision_and_recipe_exclusions_apply_per_layer(tiny_unet_dir, ca
     from exporter.recipe import Exclusion, PrecisionOverride
 
     loaded = load_model(tiny_unet_dir)
-    spec = QuantizationSpec(weights="int8", activations="int8", groups=1,
+    spec = QuantizationSpec(weights="int8", activations="int8", groups=1, block_size=8,  # the tiny model's widths
                             exclude=[Exclusion("conv_in", "first layer"), Exclusion("conv_out", "last layer")],
                             precision=[PrecisionOverride("up_blocks.*", "int4", None)])
     summary = quantize_model(loaded, spec, calib_dir)
@@ -98,8 +98,14 @@ def test_mixed_precision_and_recipe_exclusions_apply_per_layer(tiny_unet_dir, ca
     formats = summary["formats"]
     assert formats["time_embedding.linear_1"] == ["int8", "int8"]  # the recipe replaced the default exclusions
     ups = {n: f for n, f in formats.items() if n.startswith("up_blocks.")}
-    assert ups and all(f == ["int4", None] for f in ups.values())
-    layer = loaded.model.get_submodule(next(iter(ups)))
+    int4 = [n for n, f in ups.items() if f == ["int4", None]]
+    # INT4 only on Linear layers in whole blocks (TensorRT's GEMMs); convolutions get INT8 weights
+    assert int4 and all(isinstance(loaded.model.get_submodule(n).layer, torch.nn.Linear) for n in int4)
+    assert all(loaded.model.get_submodule(n).layer.in_features % 8 == 0 for n in int4)
+    fallback = {o["layer"]: o for o in summary["precision_overrides"] if o["reason"] == INT4_FALLBACK_REASON}
+    assert set(ups) - set(int4) == set(fallback) and all(ups[n] == ["int8", None] for n in fallback)
+    assert any("conv" in n for n in fallback)
+    layer = loaded.model.get_submodule(int4[0])
     assert layer.afmt is None and layer.weight_scale.ndim == 2  # INT4: one scale per block of inputs
 
 
