@@ -19,6 +19,11 @@ class RecipeError(ExporterError):
     """A recipe file is unreadable or has a key or value that does not exist / does not fit."""
 
 
+# TensorRT's INT4 block sizes ("Working with Quantized Types"), largest first: the quantizer
+# (quant.ptq.int4_block) picks from them and lint (export.lint) enforces them.
+TENSORRT_INT4_BLOCKS = (128, 64)
+
+
 @dataclass
 class CalibrationSpec:
     """Which block inputs to record, along which denoising trajectories."""

@@ -29,10 +29,10 @@ import onnx
 from onnx import numpy_helper
 
 from exporter.export.manifest import node_scope, read_manifest
+from exporter.recipe import TENSORRT_INT4_BLOCKS
 
 COMPUTE = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Slice")  # weight layout ops between a weight DQ and its layer
-INT4_BLOCKS = (64, 128)  # TensorRT's INT4 block sizes ("Working with Quantized Types")
 
 
 @dataclass
@@ -162,8 +162,9 @@ def _int4_block_problems(node, dq, feeder, weight, attrs: dict) -> list[str]:
     axis, block, dims = attrs.get("axis", 1) % len(weight.dims), attrs["block_size"], list(weight.dims)
     if len(dims) != 2 or axis != k_axis:
         return [f"int4-layout: {dq.name} blocks axis {axis} of a {dims} weight, not its input-feature axis {k_axis}"]
-    if block not in INT4_BLOCKS:
-        return [f"int4-block: {dq.name} has blocks of {block}; TensorRT supports {' and '.join(map(str, INT4_BLOCKS))}"]
+    if block not in TENSORRT_INT4_BLOCKS:
+        sizes = " and ".join(map(str, sorted(TENSORRT_INT4_BLOCKS)))
+        return [f"int4-block: {dq.name} has blocks of {block}; TensorRT supports {sizes}"]
     if dims[k_axis] % block:
         return [(f"int4-block: {dq.name}'s {dims[k_axis]} input features are not whole blocks of {block}; "
                  "TensorRT infers the block size from the shapes and would dequantize other blocks than ONNX Runtime")]

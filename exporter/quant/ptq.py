@@ -27,7 +27,7 @@ from exporter.errors import UsageError
 from exporter.quant.formats import QuantFormat, compact, dequantize, fake_quant, get_format, quantize, scale_from_amax
 from exporter.quant.observers import HistogramObserver, weight_amax
 from exporter.quant.timestep_groups import TimestepGroups, choose_groups
-from exporter.recipe import PrecisionOverride, QuantizationSpec
+from exporter.recipe import TENSORRT_INT4_BLOCKS, PrecisionOverride, QuantizationSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ WEIGHT_ONLY_FORMAT = "int8"  # the weights of the adapter's default weight-only 
 # Quantized Types" guide: "The supported block sizes are {64, 128}"). Its ONNX parser infers the
 # block size from the weight and scale shapes instead of reading ``block_size``, so a partial last
 # block would be dequantized with other blocks than PyTorch and ONNX Runtime use: every block whole.
-TENSORRT_INT4_BLOCKS = (128, 64)
 INT4_RULE = ("INT4 weights need a Linear layer whose input features are a multiple of the block size "
              "(TensorRT runs INT4 only in GEMMs, in whole blocks of 64 or 128)")
 INT4_FALLBACK = "int8"
