@@ -38,7 +38,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
                  progress: bool = True, **_) -> dict:
     from exporter.calibrate import calibrate
     from exporter.export import export_graphs
-    from exporter.export.lint import format_lint, lint_folder
+    from exporter.export.lint import format_lint, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
     from exporter.recipe import resolve_recipe
@@ -91,7 +91,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     t = _stage("lint")
     reports = lint_folder(graphs[name])
     print(format_lint(reports).splitlines()[-1])
-    summary["lint_violations"] = [v for r in reports for v in r.violations]
+    summary["lint_violations"] = named_violations(reports)
     summary["stages"]["lint"] = round(time.perf_counter() - t, 1)
 
     t = _stage("parity")

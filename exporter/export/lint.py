@@ -197,7 +197,12 @@ def format_lint(reports: list[BlockReport]) -> str:
     if weight_only:
         lines.append("weight-only layers (quantized weights, float input and compute), and why:")
         lines += [f"  {layer}: {reason}" for layer, reason in sorted(weight_only.items())]
-    violations = [f"{r.graph}: {v}" for r in reports for v in r.violations]
+    violations = named_violations(reports)
     lines += [f"VIOLATION {v}" for v in violations]
     lines.append(f"{len(violations)} rule violation(s)" if violations else "no rule violations")
     return "\n".join(lines)
+
+
+def named_violations(reports: list[BlockReport]) -> list[str]:
+    """Every rule violation, prefixed with its graph's file name (the same rule often fails in every group)."""
+    return [f"{r.graph}: {v}" for r in reports for v in r.violations]

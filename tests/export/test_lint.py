@@ -7,7 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from exporter.export import export_graphs
-from exporter.export.lint import lint_folder
+from exporter.export.lint import lint_folder, named_violations
 from exporter.export.manifest import sha256_file
 from exporter.recipe import QuantizationSpec
 
@@ -68,6 +68,8 @@ def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graph
     assert result.returncode == 1
     assert "VIOLATION mid.onnx: zero-point" in result.stdout
     assert "VIOLATION down1.onnx: one-sided: down_blocks.1.resnets.0.conv1" in result.stdout
+    named = named_violations(lint_folder(int8_graphs))  # what `exporter pipeline` writes to summary.json
+    assert {tuple(v.split(": ")[:2]) for v in named} == {("down1.onnx", "one-sided"), ("mid.onnx", "zero-point")}, named
 
 
 def int4_dq(graph):
