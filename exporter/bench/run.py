@@ -3,9 +3,9 @@
 Per reference model (layout of ``OUT/<model>/``: ``calib/``, ``graphs/<precision>/``,
 ``images/<variant>/``): the artifacts are made first (calibration, exports; reused when present),
 per-block parity of the quantized graphs is checked, then every variant (see
-:mod:`exporter.bench.variants`) is warmed up and timed in interleaved rounds (the order reverses
-every round) so machine drift hits them alike: latency, one image per call (two with
-classifier-free guidance), and throughput, 40 images per call, for the FP32 variants that
+:mod:`exporter.bench.variants`) is warmed up and timed in rounds in which the variants take turns,
+one row of images each (the order reversing every turn), so machine drift hits them alike: latency,
+one image per call (two with classifier-free guidance), and throughput, 40 images per call, for the FP32 variants that
 compete head to head (PyTorch, the DeepCache package, our FP32 graphs, with and without caching).
 Then each variant's peak memory is measured in a process of its own, and its images from the
 last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the
@@ -184,30 +184,53 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
 
 def _latency(model: str, variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan,
              progress: bool) -> tuple[dict, dict, dict]:
-    """Warm-up, then ``plan.rounds`` interleaved rounds: seconds per variant per round, the
-    uncached runtime variants' per-block seconds (averaged over rounds) and the last round's images."""
+    """Warm-up, then ``plan.rounds`` rounds: seconds per variant per round, the uncached runtime
+    variants' per-block seconds (averaged over rounds) and the last round's images.
+
+    Within a round the variants take turns slice by slice (a slice is one row's images), the order
+    reversing every slice: on these shared 2-core machines the speed drifts over minutes, and a
+    variant timed on all its images in one stretch (half a minute) can meet another machine than the
+    variant it is compared with, which put cached-vs-uncached ratios 20 % on either side of the
+    Amdahl ideal. Turns of a few seconds spread every variant over the whole round."""
     _say(f"{model}: warm-up of {len(variants)} variants")
     for v in variants:  # opens every session and touches every timestep group's graph
         runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
+    slices = latency_slices(settings)
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     block_seconds: dict[str, dict[str, float]] = {}
-    images = {}
+    images: dict[str, dict] = {}
+    turn = 0
     for r in range(plan.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for i, v in enumerate(order):
-            runtime = getattr(runners[v.name], "runtime", None)
-            if runtime is not None:
-                runtime.seconds.clear()
-            start = time.perf_counter()
-            images[v.name] = runners[v.name](settings)
-            seconds[v.name].append(time.perf_counter() - start)
-            if runtime is not None and v.interval == 1:
-                acc = block_seconds.setdefault(v.precision, {})
-                for block, s in runtime.seconds.items():
-                    acc[block] = acc.get(block, 0.0) + s / plan.rounds
-            _say(f"{model}: round {r + 1}/{plan.rounds}, {i + 1}/{len(order)} {v.name}: "
-                 f"{seconds[v.name][-1]:.2f} s", progress)
+        spent = dict.fromkeys(seconds, 0.0)
+        for j, part in enumerate(slices):
+            for v in variants if turn % 2 == 0 else variants[::-1]:
+                runtime = getattr(runners[v.name], "runtime", None)
+                if runtime is not None:
+                    runtime.seconds.clear()
+                start = time.perf_counter()
+                generated = runners[v.name](part)
+                spent[v.name] += time.perf_counter() - start
+                images.setdefault(v.name, {}).update(generated)  # later rounds overwrite: the last round's
+                if runtime is not None and v.interval == 1:
+                    acc = block_seconds.setdefault(v.precision, {})
+                    for block, s in runtime.seconds.items():
+                        acc[block] = acc.get(block, 0.0) + s / plan.rounds
+            turn += 1
+            _say(f"{model}: round {r + 1}/{plan.rounds}, slice {j + 1}/{len(slices)} of every variant", progress)
+        for name, s in spent.items():
+            seconds[name].append(s)
+        _say(f"{model}: round {r + 1}/{plan.rounds}: " + ", ".join(f"{n} {s:.1f} s" for n, s in spent.items()),
+             progress)
     return seconds, block_seconds, images
+
+
+def latency_slices(settings: SampleSettings) -> list[SampleSettings]:
+    """The turns of :func:`_latency`: one row each when a row is whole calls (its images a multiple
+    of the batch), else all rows at once (so the calls are the same batches as without slicing).
+    Images do not depend on the split: each one's noise is seeded by (seed, row, k)."""
+    if settings.per_row % settings.batch_size:
+        return [settings]
+    return [dataclasses.replace(settings, rows=(row,)) for row in settings.rows]
 
 
 def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan
@@ -260,8 +283,8 @@ def format_bench(result: dict) -> str:
     for model, r in result["models"].items():
         lines += [f"### {model}", "",
                   (f"{r['images']} images, {r['steps']} DDIM steps, guidance {r['guidance']}; latency: "
-                  f"{r['batch_size']} image per call (x2 with CFG), median of {r['rounds']} interleaved round(s) "
-                  f"(min-max); throughput: {r['throughput_batch']} images per call; peak RSS of a process "
+                  f"{r['batch_size']} image per call (x2 with CFG), median of {r['rounds']} round(s) in which the "
+                  f"variants take turns row by row (min-max); throughput: {r['throughput_batch']} images per call; peak RSS of a process "
                   f"generating one latency call's images; backend {r['backend']}."), "",
                   ("| variant | latency ms / image | vs PyTorch | vs ORT FP32 | cache: vs uncached (ideal) "
                   "| throughput ms / image | peak RSS | artifact | accuracy | FD-digits | PSNR vs FP32 |"),

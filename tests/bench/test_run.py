@@ -19,3 +19,48 @@ def test_plan_has_every_kind_of_variant_once():
                      "ort-int8-cache2", "ort-int8-cache2-quadratic", "ort-int8-cache5", "ort-int8-cache5-quadratic"]
     dit = [v.name for v in plan_variants(False, ["int8"], [3], ["uniform"], True)]
     assert dit == ["pytorch-fp32", "ort-fp32", "ort-int8", "ort-fp32-cache3", "ort-int8-cache3"]  # no DeepCache
+
+
+def test_latency_variants_take_turns_row_by_row_and_keep_every_image():
+    from types import SimpleNamespace
+
+    from exporter.bench.run import BenchPlan, _latency
+    from exporter.bench.variants import Variant
+    from exporter.sampling.loop import SampleSettings
+
+    calls = []
+
+    def runner(name):
+        def run(s):
+            calls.append((name, s.rows, s.per_row))
+            run.runtime.seconds.update({"block": 0.5})
+            return {(row, k): name for row in s.rows for k in range(s.per_row)}
+        run.runtime = SimpleNamespace(seconds={})
+        return run
+
+    variants = [Variant("ort-fp32", "runtime"), Variant("ort-fp32-cache3", "runtime", interval=3)]
+    runners = {v.name: runner(v.name) for v in variants}
+    settings = SampleSettings(rows=(0, 1, 2), per_row=2, batch_size=1)
+    plan = BenchPlan(("int8",), (3,), ("uniform",), settings.rows, settings.per_row, rounds=2)
+    seconds, block_seconds, images = _latency("m", variants, runners, settings, plan, progress=False)
+
+    timed = [(name, rows) for name, rows, per_row in calls if per_row == 2]  # the warm-up runs per_row=1
+    a, b = "ort-fp32", "ort-fp32-cache3"
+    assert timed == [(a, (0,)), (b, (0,)), (b, (1,)), (a, (1,)), (a, (2,)), (b, (2,)),   # round 1
+                     (b, (0,)), (a, (0,)), (a, (1,)), (b, (1,)), (b, (2,)), (a, (2,))]   # round 2
+    assert {k: len(v) for k, v in seconds.items()} == {a: 2, b: 2}  # one total per round
+    assert images[b] == {(row, k): b for row in (0, 1, 2) for k in (0, 1)}
+    # per-block seconds: uncached variants only, summed over a round's slices, averaged over rounds
+    assert block_seconds == {"fp32": {"block": 1.5}}
+
+
+def test_latency_slices_keep_the_batches():
+    from exporter.bench.run import latency_slices
+    from exporter.sampling.loop import SampleSettings
+
+    settings = SampleSettings(rows=(0, 1), per_row=8, batch_size=1)
+    assert [s.rows for s in latency_slices(settings)] == [(0,), (1,)]
+    assert [s.rows for s in latency_slices(SampleSettings(rows=(0, 1), per_row=8, batch_size=4))] == [(0,), (1,)]
+    # 8 images per row in calls of 3 would split differently row by row: one slice, as without slicing
+    assert latency_slices(SampleSettings(rows=(0, 1), per_row=8, batch_size=3)) == [
+        SampleSettings(rows=(0, 1), per_row=8, batch_size=3)]
