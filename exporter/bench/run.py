@@ -4,11 +4,11 @@ Per reference model (layout of ``OUT/<model>/``: ``calib/``, ``graphs/<precision
 ``images/<variant>/``): the artifacts are made first (calibration, exports; reused when present),
 per-block parity of the quantized graphs is checked, then every variant (see
 :mod:`exporter.bench.variants`) is warmed up and timed in rounds in which the variants take turns,
-one row of images each (the order reversing every turn), so machine drift hits them alike: latency,
-one image per call (two with classifier-free guidance), and throughput, 40 images per call, for the FP32 variants that
-compete head to head (PyTorch, the DeepCache package, our FP32 graphs, with and without caching).
-Then each variant's peak memory is measured in a process of its own, and its images from the
-last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the
+one row of images each (the order reversing every turn), so machine drift hits them alike:
+latency, one image per call (two with classifier-free guidance), and throughput, 40 images per
+call, for the FP32 variants that compete head to head (PyTorch, the DeepCache package, our FP32
+graphs, with and without caching). Then each variant's peak memory is measured in a process of its
+own, and its images from the last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the
 Amdahl ideal from the uncached run's per-block times. Results: ``OUT/bench.json`` and
 ``OUT/bench.md``. Timings are never test assertions.
 """
@@ -190,8 +190,9 @@ def _latency(model: str, variants: list[Variant], runners: dict, settings: Sampl
     Within a round the variants take turns slice by slice (a slice is one row's images), the order
     reversing every slice: on these shared 2-core machines the speed drifts over minutes, and a
     variant timed on all its images in one stretch (half a minute) can meet another machine than the
-    variant it is compared with, which put cached-vs-uncached ratios 20 % on either side of the
-    Amdahl ideal. Turns of a few seconds spread every variant over the whole round."""
+    variant it is compared with, which put single runs' cached-vs-uncached ratios anywhere from 80 %
+    to 132 % of the Amdahl ideal (README, "Repeated runs"). Turns of a few seconds spread every
+    variant over the whole round."""
     _say(f"{model}: warm-up of {len(variants)} variants")
     for v in variants:  # opens every session and touches every timestep group's graph
         runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
@@ -284,8 +285,8 @@ def format_bench(result: dict) -> str:
         lines += [f"### {model}", "",
                   (f"{r['images']} images, {r['steps']} DDIM steps, guidance {r['guidance']}; latency: "
                   f"{r['batch_size']} image per call (x2 with CFG), median of {r['rounds']} round(s) in which the "
-                  f"variants take turns row by row (min-max); throughput: {r['throughput_batch']} images per call; peak RSS of a process "
-                  f"generating one latency call's images; backend {r['backend']}."), "",
+                  f"variants take turns row by row (min-max); throughput: {r['throughput_batch']} images per "
+                  f"call; peak RSS of a process generating one latency call's images; backend {r['backend']}."), "",
                   ("| variant | latency ms / image | vs PyTorch | vs ORT FP32 | cache: vs uncached (ideal) "
                   "| throughput ms / image | peak RSS | artifact | accuracy | FD-digits | PSNR vs FP32 |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
