@@ -8,9 +8,9 @@ one row of images each (the order reversing every turn), so machine drift hits t
 latency, one image per call (two with classifier-free guidance), and throughput, 40 images per
 call, for the FP32 variants that compete head to head (PyTorch, the DeepCache package, our FP32
 graphs, with and without caching). Then each variant's peak memory is measured in a process of its
-own, and its images from the last round are scored against PyTorch FP32 of the same seeds. Cached runtime variants also get the
-Amdahl ideal from the uncached run's per-block times. Results: ``OUT/bench.json`` and
-``OUT/bench.md``. Timings are never test assertions.
+own, and its images from the last round are scored against PyTorch FP32 of the same seeds. Cached
+runtime variants also get the Amdahl ideal from the uncached run's per-block times. Results:
+``OUT/bench.json`` and ``OUT/bench.md``. Timings are never test assertions.
 """
 
 from __future__ import annotations
@@ -200,11 +200,10 @@ def _latency(model: str, variants: list[Variant], runners: dict, settings: Sampl
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     block_seconds: dict[str, dict[str, float]] = {}
     images: dict[str, dict] = {}
-    turn = 0
     for r in range(plan.rounds):
         spent = dict.fromkeys(seconds, 0.0)
         for j, part in enumerate(slices):
-            for v in variants if turn % 2 == 0 else variants[::-1]:
+            for v in variants if (r * len(slices) + j) % 2 == 0 else variants[::-1]:
                 runtime = getattr(runners[v.name], "runtime", None)
                 if runtime is not None:
                     runtime.seconds.clear()
@@ -216,7 +215,6 @@ def _latency(model: str, variants: list[Variant], runners: dict, settings: Sampl
                     acc = block_seconds.setdefault(v.precision, {})
                     for block, s in runtime.seconds.items():
                         acc[block] = acc.get(block, 0.0) + s / plan.rounds
-            turn += 1
             _say(f"{model}: round {r + 1}/{plan.rounds}, slice {j + 1}/{len(slices)} of every variant", progress)
         for name, s in spent.items():
             seconds[name].append(s)
