@@ -38,7 +38,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
                  progress: bool = True, **_) -> dict:
     from exporter.calibrate import calibrate
     from exporter.export import export_graphs
-    from exporter.export.lint import format_lint, lint_folder, named_violations
+    from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
     from exporter.recipe import resolve_recipe
@@ -90,8 +90,9 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
 
     t = _stage("lint")
     reports = lint_folder(graphs[name])
-    print(format_lint(reports).splitlines()[-1])
     summary["lint_violations"] = named_violations(reports)
+    summary["lint_layers"] = layer_counts(reports)
+    print(_lint_line(summary))
     summary["stages"]["lint"] = round(time.perf_counter() - t, 1)
 
     t = _stage("parity")
@@ -158,6 +159,14 @@ def format_summary(summary: dict) -> str:
     sizes = summary["graph_bytes"]
     lines.append("deployed sizes (manifest files): " + ", ".join(
         f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)" for k, v in sizes.items()))
-    if summary["lint_violations"]:
-        lines.append(f"lint: {len(summary['lint_violations'])} rule violation(s), see exporter lint")
+    lines.append(_lint_line(summary))
     return "\n".join(lines)
+
+
+def _lint_line(summary: dict) -> str:
+    """Fallback at a glance: how many compute layers run quantized, and any rule violation."""
+    from exporter.export.lint import format_layer_counts
+
+    violations = len(summary["lint_violations"])
+    return (f"lint: {format_layer_counts(summary['lint_layers'])}; "
+            + (f"{violations} rule violation(s), see exporter lint" if violations else "no rule violations"))

@@ -17,6 +17,10 @@ def test_pipeline_runs_every_stage_and_summarises(tiny_unet_dir, tmp_path, run_c
     assert summary["metrics"]["fp32"]["psnr_mean"] is None or summary["metrics"]["fp32"]["psnr_mean"] > 60
     assert summary["parity"]["w8a8"]["graphs_passed"] == summary["parity"]["w8a8"]["graphs"] > 0
     assert not summary["lint_violations"]
+    layers = summary["lint_layers"]
+    assert layers["quantized"] > 0 and set(layers) == {"quantized", "weight-only", "float"}
+    assert (f"lint: compute layers over all graphs: {layers['quantized']} quantized, {layers['weight-only']} "
+            f"weight-only, {layers['float']} in float; no rule violations") in result.stdout
     assert "| w8a8-cache3 |" in result.stdout
     again = run_cli("pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--out", out)
     assert again.returncode == 2 and "earlier pipeline run" in again.stderr

@@ -21,7 +21,6 @@ this report makes that visible before any build. Rules (violations make the comm
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,11 +185,7 @@ def format_lint(reports: list[BlockReport]) -> str:
                      f"| {r.attention_matmuls} |")
         reasons.update(r.float_layers)
         weight_only.update(r.weight_only_reasons)
-    total = Counter()
-    for r in reports:
-        total.update({"quantized": len(r.quantized), "weight-only": len(r.weight_only), "float": len(r.float_layers)})
-    lines.append(f"\ncompute layers over all graphs: {total['quantized']} quantized, {total['weight-only']} "
-                 f"weight-only, {total['float']} in float")
+    lines.append("\n" + format_layer_counts(layer_counts(reports)))
     if reasons:
         lines.append("layers left in float, and why:")
         lines += [f"  {layer}: {reason}" for layer, reason in sorted(reasons.items())]
@@ -201,6 +196,18 @@ def format_lint(reports: list[BlockReport]) -> str:
     lines += [f"VIOLATION {v}" for v in violations]
     lines.append(f"{len(violations)} rule violation(s)" if violations else "no rule violations")
     return "\n".join(lines)
+
+
+def layer_counts(reports: list[BlockReport]) -> dict[str, int]:
+    """Compute layers over all graphs: quantized, weight-only (quantized weights, float input) and float."""
+    return {"quantized": sum(len(r.quantized) for r in reports),
+            "weight-only": sum(len(r.weight_only) for r in reports),
+            "float": sum(len(r.float_layers) for r in reports)}
+
+
+def format_layer_counts(counts: dict[str, int]) -> str:
+    return (f"compute layers over all graphs: {counts['quantized']} quantized, {counts['weight-only']} "
+            f"weight-only, {counts['float']} in float")
 
 
 def named_violations(reports: list[BlockReport]) -> list[str]:
