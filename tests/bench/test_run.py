@@ -42,7 +42,8 @@ def test_latency_variants_take_turns_row_by_row_and_keep_every_image():
     runners = {v.name: runner(v.name) for v in variants}
     settings = SampleSettings(rows=(0, 1, 2), per_row=2, batch_size=1)
     plan = BenchPlan(("int8",), (3,), ("uniform",), settings.rows, settings.per_row, rounds=2)
-    seconds, block_seconds, images = _latency("m", variants, runners, settings, plan, progress=False)
+    seconds, block_seconds, graph_seconds, images = _latency("m", variants, runners, settings, plan,
+                                                             progress=False)
 
     timed = [(name, rows) for name, rows, per_row in calls if per_row == 2]  # the warm-up runs per_row=1
     a, b = "ort-fp32", "ort-fp32-cache3"
@@ -52,6 +53,17 @@ def test_latency_variants_take_turns_row_by_row_and_keep_every_image():
     assert images[b] == {(row, k): b for row in (0, 1, 2) for k in (0, 1)}
     # per-block seconds: uncached variants only, summed over a round's slices, averaged over rounds
     assert block_seconds == {"fp32": {"block": 1.5}}
+    # seconds in graphs: every runtime variant, one total per round over its slices
+    assert graph_seconds == {a: [1.5, 1.5], b: [1.5, 1.5]}
+
+
+def test_loop_time_is_what_the_graphs_leave_per_step():
+    from exporter.bench.run import loop_time
+
+    # 3 rounds of 4 images x 10 steps: 2.0 s each, of which 1.6 / 1.2 / 1.7 s in graphs
+    got = loop_time([2.0, 2.0, 2.0], [1.6, 1.2, 1.7], images=4, steps=10)
+    assert abs(got["graphs_ms_per_image"] - 400.0) < 1e-9  # median 1.6 s over 4 images
+    assert abs(got["loop_ms_per_step"] - 10.0) < 1e-9  # median of 0.4 / 0.8 / 0.3 s over 40 steps
 
 
 def test_latency_slices_keep_the_batches():
