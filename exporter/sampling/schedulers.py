@@ -11,7 +11,9 @@ Latent-space models (Stable Diffusion: ``clip_sample`` false) are left as they a
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 
 from exporter.errors import UsageError
 
@@ -19,7 +21,23 @@ SCHEDULERS = ("ddim", "dpm++", "euler")
 
 
 def make_scheduler(name: str, config: dict):
-    """A fresh diffusers scheduler ``name`` sharing the model's noise schedule (``config``)."""
+    """A fresh diffusers scheduler ``name`` sharing the model's noise schedule (``config``).
+
+    A copy of one built once per (name, config): the loops take a fresh scheduler per batch, and
+    building one costs 2.4 ms (diffusers recomputes the 1000-step noise schedule in Python and
+    inspects signatures), a copy 0.3 ms; at one image per call that was 0.12 ms of every step."""
+    if name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    key = (name, json.dumps(dict(config), sort_keys=True, default=repr))
+    if key not in _BUILT:
+        _BUILT[key] = _build(name, dict(config))
+    return copy.deepcopy(_BUILT[key])
+
+
+_BUILT: dict[tuple[str, str], object] = {}  # (name, config as JSON) -> a scheduler never stepped itself
+
+
+def _build(name: str, config: dict):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
@@ -33,7 +51,7 @@ def make_scheduler(name: str, config: dict):
         scheduler = _clipped_euler().from_config(config)
         scheduler.clip_range = clip if config.get("prediction_type", "epsilon") == "epsilon" else None
         return scheduler
-    raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    raise AssertionError(name)  # make_scheduler checked the name
 
 
 @functools.cache  # one class, defined on first use (diffusers is imported lazily)

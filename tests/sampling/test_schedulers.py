@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from exporter import reference
+from exporter.errors import UsageError
 from exporter.sampling.schedulers import SCHEDULERS, make_scheduler
 
 PIXEL_CONFIG = json.loads((reference.path("digits-unet") / "scheduler" / "scheduler_config.json").read_text())
@@ -51,3 +52,28 @@ def test_clipped_euler_matches_euler_where_nothing_needs_clipping():
         s._step_index = len(s.timesteps) - 1
     expected = plain.step(eps, t, sample).prev_sample
     assert torch.allclose(clipped.step(eps, t, sample).prev_sample, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_each_scheduler_starts_fresh(name):
+    """make_scheduler hands out copies of one built scheduler: a second run, after a first one
+    stepped its own copy to the end, takes exactly the same steps (DPM-Solver++ keeps the previous
+    model outputs, Euler its step index)."""
+
+    def run() -> torch.Tensor:
+        scheduler = make_scheduler(name, PIXEL_CONFIG)
+        scheduler.set_timesteps(6)
+        sample = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            eps = torch.sin(scheduler.scale_model_input(sample, t) + i)
+            sample = scheduler.step(eps, t, sample, return_dict=False)[0]
+        return sample
+
+    first = run()
+    assert make_scheduler(name, PIXEL_CONFIG) is not make_scheduler(name, PIXEL_CONFIG)
+    assert torch.equal(run(), first)
+
+
+def test_unknown_scheduler_is_refused():
+    with pytest.raises(UsageError, match="choose one of ddim, dpm"):
+        make_scheduler("pndm", PIXEL_CONFIG)
