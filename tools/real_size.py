@@ -6,8 +6,8 @@
 
 Stages, each a separate ``exporter`` (or tool) process so its wall time and peak resident memory
 are its own: make the random-weight layout (tools/make_sd_layout.py), calibrate on a handful of
-random-conditioning trajectories, export per block to INT8 Q/DQ graphs, lint, and per-block
-parity on one block; with ``--fp32``, also the unquantized FP32 export and its lint (the
+random-conditioning trajectories, export per block to INT8 Q/DQ graphs, lint, per-block
+parity on one block, and the runtime over all graphs (one image, 2 steps); with ``--fp32``, also the unquantized FP32 export and its lint (the
 baseline path; SDXL's largest blocks are past protobuf's 2 GB). Writes WORK/real_size.json and
 prints a Markdown table. A stage that fails stops the run; the table says which one and shows the
 end of its log.
@@ -92,6 +92,9 @@ def main() -> int:
         ("lint", exporter + ["lint", str(graphs)]),
         ("parity", exporter + ["parity", str(graphs), "--blocks", block, "--blocks-only",
                               "--samples", "2"]),
+        # the runtime over every graph: one image, 2 steps (one per timestep group), guidance as calibrated
+        ("run", exporter + ["run", str(graphs), "--rows", "0", "--per-row", "1", "--steps", "2",
+                            "--guidance", "7.5", "--out", str(work / "images")]),
     ]
     if args.fp32:
         stages += [("export fp32", exporter + ["export", "--model", str(model), "--format", "fp32", "--out", str(fp32)]),

@@ -48,6 +48,7 @@ class OnnxRuntimeBackend:
             options = ort.SessionOptions()
             options.graph_optimization_level = self.level
             _quiet_thread_pool(options, self.threads)
+            _shared_cpu_arena(options)
             if self.fused_attention[graph]:  # a rewritten copy
                 self._sessions[graph] = session_from_proto(model, self.folder, options, self.providers)
             else:
@@ -79,6 +80,29 @@ def _quiet_thread_pool(options, threads: int | None) -> None:
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
+_CPU_ARENA_REGISTERED = False
+
+
+def _shared_cpu_arena(options) -> None:
+    """All of the runtime's sessions take their CPU memory from one arena. By default each session
+    keeps its own arena, grown to its largest run and never returned: with a block's graph per
+    timestep group that is one arena per graph, and ONNX Runtime dequantizes the weights of Q/DQ
+    graphs into them. Measured on the SD 1.5-layout UNet's INT8 graphs (2 groups, one image, 2
+    steps): peak RSS 12.2 GB with an arena per session, 2.9 GB with one shared arena (no arena at
+    all: 2.8 GB, but 1.3x slower on digits-unet at 40 images per call); same images bit for bit.
+    The blocks run one after another, so they can share it (as the TensorRT backend's contexts
+    share one scratch buffer). Only sessions opening with this option use it: polygraphy's and
+    users' sessions in the same process keep their own."""
+    import onnxruntime as ort
+
+    global _CPU_ARENA_REGISTERED
+    if not _CPU_ARENA_REGISTERED:
+        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(cpu, None)  # process-wide, default arena settings
+        _CPU_ARENA_REGISTERED = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
 
 
 def optimization_level(manifest: dict):

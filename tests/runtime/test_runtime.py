@@ -11,6 +11,7 @@ from exporter.export import export_graphs
 from exporter.models import load_conditioning, load_model
 from exporter.recipe import QuantizationSpec
 from exporter.runtime import Runtime, refresh_steps
+from exporter.runtime.backends import _quiet_thread_pool, _shared_cpu_arena
 from exporter.sampling.loop import SampleSettings, generate
 
 
@@ -147,3 +148,30 @@ def test_non_finite_latents_are_reported_as_the_input(unet_graphs):
     x[0, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="the input sample of block stem was already NaN/Inf"):
         runtime.denoise(x, torch.tensor([10.0]), cond, 3, runtime.cache_plan(4, 1, None, "uniform"), {})
+
+
+def test_sessions_share_one_cpu_arena_and_compute_the_same(unet_graphs):
+    """Every session of the ONNX Runtime backend takes its memory from the one process-wide CPU arena
+    (not an arena per graph), and a session on it computes bit for bit what one with its own arena
+    computes."""
+    import onnxruntime as ort
+
+    runtime = Runtime.load(unet_graphs)
+    rng = np.random.default_rng(0)
+    for block in runtime.blocks:
+        graph, names = block["graphs"][0], [o["name"] for o in block["outputs"]]
+        feeds = {t["name"]: rng.standard_normal([2, *t["trace_shape"][1:]]).astype(t["dtype"]) for t in block["inputs"]}
+        runtime.backend.run(graph, feeds, names)
+        options = runtime.backend.session(graph).get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        outputs = []
+        for shared in (False, True):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = runtime.backend.level
+            _quiet_thread_pool(options, None)
+            if shared:
+                _shared_cpu_arena(options)
+            session = ort.InferenceSession(str(unet_graphs / graph), options, providers=["CPUExecutionProvider"])
+            outputs.append(session.run(names, feeds))
+        for own, on_shared in zip(*outputs):
+            np.testing.assert_array_equal(on_shared, own)
