@@ -7,10 +7,10 @@
 Stages, each a separate ``exporter`` (or tool) process so its wall time and peak resident memory
 are its own: make the random-weight layout (tools/make_sd_layout.py), calibrate on a handful of
 random-conditioning trajectories, export per block to INT8 Q/DQ graphs, lint, per-block
-parity on one block, and the runtime over all graphs (one image, 2 steps); with ``--fp32``, also the unquantized FP32 export and its lint (the
-baseline path; SDXL's largest blocks are past protobuf's 2 GB). Writes WORK/real_size.json and
-prints a Markdown table. A stage that fails stops the run; the table says which one and shows the
-end of its log.
+parity on one block, and the runtime over all graphs (one image, 2 steps); with ``--fp32``, also
+the unquantized FP32 export and its lint (the baseline path; SDXL's largest blocks are past
+protobuf's 2 GB). Writes WORK/real_size.json and prints a Markdown table. A stage that fails stops
+the run; the table says which one and shows the end of its log.
 """
 
 from __future__ import annotations
