@@ -89,13 +89,12 @@ def _shared_cpu_arena(options) -> None:
     """All of the runtime's sessions take their CPU memory from one arena. By default each session
     keeps its own arena, grown to its largest run and never returned: with a block's graph per
     timestep group that is one arena per graph, and ONNX Runtime dequantizes the weights of Q/DQ
-    graphs into them. ``exporter run`` on the SD 1.5-layout UNet's INT8 graphs (2 groups, one image,
-    2 steps): peak RSS 7.9 GiB and 56 s with an arena per session, 2.5 GiB and 31 s with one shared
-    arena, the same image (no arena at all used less memory still, but ran 1.3x slower on
-    digits-unet at 40 images per call).
-    The blocks run one after another, so they can share it (as the TensorRT backend's contexts
-    share one scratch buffer). Only sessions opening with this option use it: polygraphy's and
-    users' sessions in the same process keep their own."""
+    graphs into them. The blocks run one after another, so they can share one (as the TensorRT
+    backend's contexts share one scratch buffer). ``exporter run`` on the SD 1.5-layout UNet's INT8
+    graphs (2 groups, one image, 2 steps): peak RSS 7.9 GiB and 56 s with an arena per session,
+    2.5 GiB and 31 s with one shared arena, the same image (no arena at all used less memory still,
+    but ran 1.3x slower on digits-unet at 40 images per call). Only sessions opening with this
+    option use it: polygraphy's and users' sessions in the same process keep their own."""
     import onnxruntime as ort
 
     global _CPU_ARENA_REGISTERED

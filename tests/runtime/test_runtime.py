@@ -161,7 +161,6 @@ def test_sessions_share_one_cpu_arena_and_compute_the_same(unet_graphs):
     for block in runtime.blocks:
         graph, names = block["graphs"][0], [o["name"] for o in block["outputs"]]
         feeds = {t["name"]: rng.standard_normal([2, *t["trace_shape"][1:]]).astype(t["dtype"]) for t in block["inputs"]}
-        runtime.backend.run(graph, feeds, names)
         options = runtime.backend.session(graph).get_session_options()
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
         outputs = []
