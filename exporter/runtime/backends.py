@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.runtime.ort_integer import integer_matmul_enabled, integer_matmuls
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,12 @@ class OnnxRuntimeBackend:
                              "(exporter build) on a GPU machine, or export --dtype fp32 for ONNX Runtime on CPU")
         self._sessions: dict[str, object] = {}
         self.fused_attention: dict[str, int] = {}  # graph -> attentions run as ORT's fused kernel
+        # Integer GEMMs for quantized Linear layers (exporter.runtime.ort_integer): the CPU provider's
+        # QDQ fusions run at the extended level and up: not for FP8 graphs, which get the basic level.
+        self.integer_matmul = (not cuda and self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                               and integer_matmul_enabled())
+        self.integer_matmuls: dict[str, int] = {}  # graph -> Linear layers run as MatMulIntegerToFloat
+        self._transposed: dict = {}  # in-memory weights the sessions read, one per weight for all groups
 
     def session(self, graph: str):
         if graph not in self._sessions:
@@ -45,30 +53,40 @@ class OnnxRuntimeBackend:
             path = self.folder / graph
             model = onnx.load(str(path), load_external_data=False)  # weights stay in their files
             self.fused_attention[graph] = fuse_attention(model)
+            weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
+            self.integer_matmuls[graph] = len(weights)
             options = ort.SessionOptions()
             options.graph_optimization_level = self.level
             _quiet_thread_pool(options, self.threads)
             _shared_cpu_arena(options)
-            if self.fused_attention[graph]:  # a rewritten copy
-                self._sessions[graph] = session_from_proto(model, self.folder, options, self.providers)
+            disabled = []
+            if weights:
+                options.add_external_initializers(list(weights), list(weights.values()))
+                # Common-subexpression elimination would merge the identical activation Q/DQ pairs of
+                # layers sharing an input (to_q, to_k, to_v): a DequantizeLinear with several
+                # consumers is fused into none of them.
+                disabled = ["CommonSubexpressionElimination"]
+            if self.fused_attention[graph] or weights:  # a rewritten copy
+                self._sessions[graph] = session_from_proto(model, self.folder, options, self.providers, disabled)
             else:
                 self._sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
-            log.debug("opened %s (%s, %d fused attention)", graph, self._sessions[graph].get_providers()[0],
-                      self.fused_attention[graph])
+            log.debug("opened %s (%s, %d fused attention, %d integer MatMul)", graph,
+                      self._sessions[graph].get_providers()[0], self.fused_attention[graph], len(weights))
         return self._sessions[graph]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         return self.session(graph).run(outputs, feeds)
 
 
-def session_from_proto(model, folder: Path, options, providers: list[str]):
+def session_from_proto(model, folder: Path, options, providers: list[str], disabled_optimizers: list[str] = ()):
     """An ONNX Runtime session for an edited in-memory copy of a graph (loaded without its weights),
     reading the weights from the graph's external files in ``folder``: the copy serializes small,
     whatever the size of the weights (protobuf refuses more than 2 GB)."""
     import onnxruntime as ort
 
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers,
+                                disabled_optimizers=list(disabled_optimizers) or None)
 
 
 def _quiet_thread_pool(options, threads: int | None) -> None:

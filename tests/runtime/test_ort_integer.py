@@ -1,0 +1,111 @@
+"""Integer MatMuls for ONNX Runtime: the quantized Linear layers of a Q/DQ graph run as
+MatMulIntegerToFloat in the session's copy, with the graph's numbers; the files stay untouched."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter.export import export_graphs
+from exporter.export.manifest import read_manifest
+from exporter.models import load_model
+from exporter.recipe import QuantizationSpec
+from exporter.runtime.backends import OnnxRuntimeBackend
+from exporter.runtime.ort_integer import ENV, integer_matmul_enabled, integer_matmuls
+
+from .test_ort_fusion import feeds_for
+
+
+@pytest.fixture(scope="module")
+def int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("integer") / "int8"
+    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    return out
+
+
+def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    noise = float(((x - ref) ** 2).sum())
+    return float("inf") if noise == 0 else 10 * np.log10(float((ref ** 2).sum()) / noise)
+
+
+def session(model: onnx.ModelProto, folder, weights: dict, optimized_path=None, fuse: bool = True):
+    """A session of ``model`` as the backend opens it; ``fuse=False``: no QDQ fusion, so the copy
+    runs as its nodes say (what the rewrite itself means, apart from what ONNX Runtime makes of it)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning that an optimized graph is machine-specific
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if weights:
+        options.add_external_initializers(list(weights), list(weights.values()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["CommonSubexpressionElimination"])
+
+
+def optimized_ops(model: onnx.ModelProto, folder, weights: dict, path) -> list[str]:
+    """The op types of ONNX Runtime's optimized graph of ``model``."""
+    session(model, folder, weights, path)
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_quantized_linear_layers_run_as_integer_products(int8_graphs, tiny_unet_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, "1")
+    manifest = read_manifest(int8_graphs)
+    before = {f: hashlib.sha256((int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
+    backend = OnnxRuntimeBackend(int8_graphs, manifest)
+    model = load_model(str(tiny_unet_dir)).model
+    for block in manifest["blocks"]:
+        # every Linear layer with quantized activations (a Gemm when its input is 2-D: none here)
+        linear = sum(a is not None and isinstance(model.get_submodule(name), torch.nn.Linear)
+                     for name, (_, a) in block["quantized_layers"].items())
+        for graph in block["graphs"]:
+            feeds, names = feeds_for(block), [o["name"] for o in block["outputs"]]
+            rewritten = backend.run(graph, feeds, names)
+            assert backend.integer_matmuls[graph] == linear, graph
+            plain = ort.InferenceSession(str(int8_graphs / graph), providers=["CPUExecutionProvider"]).run(names, feeds)
+            for a, b in zip(rewritten, plain):
+                assert sqnr_db(b, a) >= 60, graph  # the same int8 products, summed in int32 instead of float
+            if linear:  # ONNX Runtime fuses each of them, which it does for none of the file's
+                copy = onnx.load(str(int8_graphs / graph), load_external_data=False)
+                weights = integer_matmuls(copy, int8_graphs)
+                unfused = session(copy, int8_graphs, weights, fuse=False).run(names, feeds)
+                for a, b in zip(unfused, plain):  # and the copy computes what the file does, as written
+                    assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), graph
+                assert optimized_ops(copy, int8_graphs, weights, tmp_path / "a.onnx").count("MatMulIntegerToFloat") == linear
+                as_written = onnx.load(str(int8_graphs / graph), load_external_data=False)
+                assert "MatMulIntegerToFloat" not in optimized_ops(as_written, int8_graphs, {}, tmp_path / "b.onnx")
+    assert sum(backend.integer_matmuls.values()) > 0
+    assert before == {f: hashlib.sha256((int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
+
+
+def test_switched_off_the_graphs_run_as_written(int8_graphs, monkeypatch):
+    monkeypatch.setenv(ENV, "0")
+    manifest = read_manifest(int8_graphs)
+    backend = OnnxRuntimeBackend(int8_graphs, manifest)
+    for block in manifest["blocks"]:
+        backend.session(block["graphs"][0])
+    assert set(backend.integer_matmuls.values()) == {0}
+
+
+def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path):
+    """Without VNNI, ONNX Runtime's u8 x s8 kernel sums pairs of products in 16 bits, which can saturate."""
+    monkeypatch.delenv(ENV, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not integer_matmul_enabled(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
+    assert integer_matmul_enabled(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # ARM dot product
+    assert integer_matmul_enabled(cpuinfo)
+    assert not integer_matmul_enabled(tmp_path / "missing")
+    monkeypatch.setenv(ENV, "1")
+    assert integer_matmul_enabled(tmp_path / "missing")
+    monkeypatch.setenv(ENV, "0")
+    cpuinfo.write_text("flags\t\t: avx512_vnni\n")
+    assert not integer_matmul_enabled(cpuinfo)
