@@ -182,6 +182,7 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
     return {"images": n_images, "steps": plan.steps, "guidance": settings.guidance, "rounds": plan.rounds,
             "batch_size": plan.batch_size, "throughput_batch": plan.throughput_batch,
             "backend": next(iter(shared.values())).backend.name, "variants": rows, "parity": parity,
+            "integer_matmul": getattr(next(iter(shared.values())).backend, "integer_matmul", None),
             "calibration": str(calib), "graphs": {k: str(g) for k, g in graphs.items()},
             "block_seconds": block_seconds}
 
@@ -301,6 +302,13 @@ def _say(message: str, show: bool = True) -> None:
         print(f"== {message}", flush=True)
 
 
+def _integer_note(enabled: bool | None) -> str:
+    if enabled is None:
+        return ""
+    return (" (quantized Linear layers as integer MatMuls)" if enabled else
+            " (quantized Linear layers in float: this CPU has no int8 dot products, or EXPORTER_ORT_INTEGER_MATMUL=0)")
+
+
 def format_bench(result: dict) -> str:
     from exporter.eval import psnr_text
 
@@ -310,7 +318,8 @@ def format_bench(result: dict) -> str:
                   (f"{r['images']} images, {r['steps']} DDIM steps, guidance {r['guidance']}; latency: "
                   f"{r['batch_size']} image per call (x2 with CFG), median of {r['rounds']} round(s) in which the "
                   f"variants take turns row by row (min-max); throughput: {r['throughput_batch']} images per "
-                  f"call; peak RSS of a process generating one latency call's images; backend {r['backend']}. "
+                  f"call; peak RSS of a process generating one latency call's images; backend {r['backend']}"
+                  f"{_integer_note(r.get('integer_matmul'))}. "
                   "Cache, graphs only: the time in graphs against the uncached run's (% of the same ideal); "
                   "loop ms / step: the time outside graphs (scheduler, guidance, conversions)."), "",
                   ("| variant | latency ms / image | vs PyTorch | vs ORT FP32 | cache: vs uncached (ideal) "
