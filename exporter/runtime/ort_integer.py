@@ -10,13 +10,14 @@ a float GEMM. This rewrite stores the weight transposed, [in, out] with its scal
 drops the Transpose: the same products, fused. Measured on ``digits-dit``'s INT8 ``blocks.2``: 0.91
 -> 0.49 ms at 2 images (FP32 graph 0.65), 21.6 -> 13.5 ms at 80 (FP32 23.0).
 
-The transposed weights are held by the backend and handed to the session as in-memory
-initializers (``add_external_initializers``), so the copy still serializes small and the weight
-file's tensor of the original layout is never read.
+The backend reads each such weight from the block's weight file once, transposes it, and hands
+it to the sessions of all timestep groups as an in-memory initializer (``add_external_initializers``),
+so the copy still serializes small and no session loads the tensor of the original layout.
 
 Only where the CPU multiplies int8 in 32-bit lanes (x86 AVX-VNNI / AVX512-VNNI, ARM dot product):
 without VNNI, ONNX Runtime's u8 x s8 kernel adds pairs of products in 16 bits (VPMADDUBSW), which
-can saturate (its documentation's "saturation issue"); the graphs then keep running in float.
+can saturate (why ORT's own quantization tool offers 7-bit weights, ``reduce_range``, for CPUs
+without VNNI); the graphs then keep running in float, as written.
 ``EXPORTER_ORT_INTEGER_MATMUL=0`` or ``=1`` overrides the detection.
 """
 
