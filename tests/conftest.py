@@ -142,6 +142,17 @@ def tiny_unet_calib(tiny_unet_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory) -> Path:
+    """The tiny UNet's INT8 graphs (2 timestep groups), exported once for every test that only reads them."""
+    from exporter.export import export_graphs
+    from exporter.recipe import QuantizationSpec
+
+    out = tmp_path_factory.mktemp("int8") / "graphs"
+    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    return out
+
 def _gpu_missing() -> str | None:
     """Why TensorRT tests cannot run here (None when they can)."""
     import importlib.util

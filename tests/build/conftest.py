@@ -26,14 +26,6 @@ def random_feed(block: dict, batch: int = 2, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "graphs"
-    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
-                  progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
 def tiny_fp8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "graphs"
     spec = QuantizationSpec(weights="fp8", activations="fp8", weight_observer="max", act_observer="max", groups=1)

@@ -6,25 +6,14 @@ import hashlib
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
-from exporter.export import export_graphs
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
-from exporter.recipe import QuantizationSpec
 from exporter.runtime.backends import OnnxRuntimeBackend
 from exporter.runtime.ort_integer import ENV, integer_matmul_enabled, integer_matmuls
 
 from .test_ort_fusion import feeds_for
-
-
-@pytest.fixture(scope="module")
-def int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory):
-    out = tmp_path_factory.mktemp("integer") / "int8"
-    export_graphs(str(tiny_unet_dir), out, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
-                  progress=False)
-    return out
 
 
 def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
@@ -54,11 +43,11 @@ def optimized_ops(model: onnx.ModelProto, folder, weights: dict, path) -> list[s
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
-def test_quantized_linear_layers_run_as_integer_products(int8_graphs, tiny_unet_dir, monkeypatch, tmp_path):
+def test_quantized_linear_layers_run_as_integer_products(tiny_int8_graphs, tiny_unet_dir, monkeypatch, tmp_path):
     monkeypatch.setenv(ENV, "1")
-    manifest = read_manifest(int8_graphs)
-    before = {f: hashlib.sha256((int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
-    backend = OnnxRuntimeBackend(int8_graphs, manifest)
+    manifest = read_manifest(tiny_int8_graphs)
+    before = {f: hashlib.sha256((tiny_int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
+    backend = OnnxRuntimeBackend(tiny_int8_graphs, manifest)
     model = load_model(str(tiny_unet_dir)).model
     for block in manifest["blocks"]:
         # every Linear layer with quantized activations (a Gemm when its input is 2-D: none here)
@@ -68,26 +57,26 @@ def test_quantized_linear_layers_run_as_integer_products(int8_graphs, tiny_unet_
             feeds, names = feeds_for(block), [o["name"] for o in block["outputs"]]
             rewritten = backend.run(graph, feeds, names)
             assert backend.integer_matmuls[graph] == linear, graph
-            plain = ort.InferenceSession(str(int8_graphs / graph), providers=["CPUExecutionProvider"]).run(names, feeds)
+            plain = ort.InferenceSession(str(tiny_int8_graphs / graph), providers=["CPUExecutionProvider"]).run(names, feeds)
             for a, b in zip(rewritten, plain):
                 assert sqnr_db(b, a) >= 60, graph  # the same int8 products, summed in int32 instead of float
             if linear:  # ONNX Runtime fuses each of them, which it does for none of the file's
-                copy = onnx.load(str(int8_graphs / graph), load_external_data=False)
-                weights = integer_matmuls(copy, int8_graphs)
-                unfused = session(copy, int8_graphs, weights, fuse=False).run(names, feeds)
+                copy = onnx.load(str(tiny_int8_graphs / graph), load_external_data=False)
+                weights = integer_matmuls(copy, tiny_int8_graphs)
+                unfused = session(copy, tiny_int8_graphs, weights, fuse=False).run(names, feeds)
                 for a, b in zip(unfused, plain):  # and the copy computes what the file does, as written
                     assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), graph
-                assert optimized_ops(copy, int8_graphs, weights, tmp_path / "a.onnx").count("MatMulIntegerToFloat") == linear
-                as_written = onnx.load(str(int8_graphs / graph), load_external_data=False)
-                assert "MatMulIntegerToFloat" not in optimized_ops(as_written, int8_graphs, {}, tmp_path / "b.onnx")
+                assert optimized_ops(copy, tiny_int8_graphs, weights, tmp_path / "a.onnx").count("MatMulIntegerToFloat") == linear
+                as_written = onnx.load(str(tiny_int8_graphs / graph), load_external_data=False)
+                assert "MatMulIntegerToFloat" not in optimized_ops(as_written, tiny_int8_graphs, {}, tmp_path / "b.onnx")
     assert sum(backend.integer_matmuls.values()) > 0
-    assert before == {f: hashlib.sha256((int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
+    assert before == {f: hashlib.sha256((tiny_int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
 
 
-def test_switched_off_the_graphs_run_as_written(int8_graphs, monkeypatch):
+def test_switched_off_the_graphs_run_as_written(tiny_int8_graphs, monkeypatch):
     monkeypatch.setenv(ENV, "0")
-    manifest = read_manifest(int8_graphs)
-    backend = OnnxRuntimeBackend(int8_graphs, manifest)
+    manifest = read_manifest(tiny_int8_graphs)
+    backend = OnnxRuntimeBackend(tiny_int8_graphs, manifest)
     for block in manifest["blocks"]:
         backend.session(block["graphs"][0])
     assert set(backend.integer_matmuls.values()) == {0}
