@@ -153,6 +153,7 @@ def tiny_int8_graphs(tiny_unet_dir, tiny_unet_calib, tmp_path_factory) -> Path:
                   progress=False)
     return out
 
+
 def _gpu_missing() -> str | None:
     """Why TensorRT tests cannot run here (None when they can)."""
     import importlib.util

@@ -179,10 +179,11 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
         if v.kind == "deepcache" and ours in images:  # the same algorithm? compare image by image
             row["psnr_vs_ours"] = evaluate(root / "images" / v.name, root / "images" / ours, digits=False)["psnr_mean"]
         rows.append(row)
+    backend = next(iter(shared.values())).backend
     return {"images": n_images, "steps": plan.steps, "guidance": settings.guidance, "rounds": plan.rounds,
             "batch_size": plan.batch_size, "throughput_batch": plan.throughput_batch,
-            "backend": next(iter(shared.values())).backend.name, "variants": rows, "parity": parity,
-            "integer_matmul": getattr(next(iter(shared.values())).backend, "integer_matmul", None),
+            "backend": backend.name, "variants": rows, "parity": parity,
+            "integer_matmul": getattr(backend, "integer_matmul", None),
             "calibration": str(calib), "graphs": {k: str(g) for k, g in graphs.items()},
             "block_seconds": block_seconds}
 

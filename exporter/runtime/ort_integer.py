@@ -24,12 +24,13 @@ without VNNI); the graphs then keep running in float, as written.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from exporter.runtime.ort_fusion import _Graph
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # /proc/cpuinfo flags of 32-bit int8 dot products
 ENV = "EXPORTER_ORT_INTEGER_MATMUL"
@@ -57,26 +58,22 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
     groups, which share the block's weight file."""
     cache = {} if cache is None else cache
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    g = _Graph(graph)
     initializers = {t.name: t for t in graph.initializer}
     new_weights: dict[str, object] = {}  # name -> OrtValue
     dropped = []
     for transpose in [n for n in graph.node if n.op_type == "Transpose"]:
-        dq = producer.get(transpose.input[0])
-        weight = initializers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        dq = g.op(transpose.input[0], "DequantizeLinear")
+        weight = initializers.get(dq.input[0]) if dq is not None else None
         if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(weight.dims) != 2:
             continue
-        if _attr(transpose, "perm", [1, 0]) != [1, 0] or len(consumers[dq.output[0]]) != 1:
+        if _attr(transpose, "perm", [1, 0]) != [1, 0] or len(g.consumers[dq.output[0]]) != 1:
             continue
         if len(dq.input) > 2 and dq.input[2] and _nonzero(initializers.get(dq.input[2]), folder):
             continue
-        matmuls = consumers[transpose.output[0]]
+        matmuls = g.consumers[transpose.output[0]]
         if not matmuls or not all(m.op_type == "MatMul" and m.input[1] == transpose.output[0] and
-                                  _op(producer, m.input[0]) == "DequantizeLinear" for m in matmuls):
+                                  g.op(m.input[0], "DequantizeLinear") is not None for m in matmuls):
             continue
         name = f"{weight.name}/transposed"
         # file, offset, length: the same tensor for the graphs of every group of a block (a weight
@@ -128,10 +125,6 @@ def _attr(node, name: str, default):
     return default
 
 
-def _op(producer: dict, tensor: str) -> str | None:
-    node = producer.get(tensor)
-    return node.op_type if node is not None else None
-
-
 def _nonzero(tensor, folder: Path) -> bool:
+    """A zero point that is not a known all-zero initializer counts as nonzero (the layer is left)."""
     return tensor is None or bool(numpy_helper.to_array(tensor, base_dir=str(folder)).any())

@@ -10,7 +10,7 @@ import torch
 
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
-from exporter.runtime.backends import OnnxRuntimeBackend
+from exporter.runtime.backends import OnnxRuntimeBackend, session_from_proto
 from exporter.runtime.ort_integer import ENV, integer_matmul_enabled, integer_matmuls
 
 from .test_ort_fusion import feeds_for
@@ -30,11 +30,9 @@ def session(model: onnx.ModelProto, folder, weights: dict, optimized_path=None, 
         options.optimized_model_filepath = str(optimized_path)
     if not fuse:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     if weights:
         options.add_external_initializers(list(weights), list(weights.values()))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["CommonSubexpressionElimination"])
+    return session_from_proto(model, folder, options, ["CPUExecutionProvider"], ["CommonSubexpressionElimination"])
 
 
 def optimized_ops(model: onnx.ModelProto, folder, weights: dict, path) -> list[str]:
