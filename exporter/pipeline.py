@@ -41,6 +41,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
+    from exporter.parity.check import worst_runtime_sqnr
     from exporter.recipe import resolve_recipe
     from exporter.runtime import Runtime
     from exporter.sampling.pytorch import sample_pytorch
@@ -104,6 +105,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
         print(format_parity(results).splitlines()[-1])
         parity[key] = {"graphs_passed": sum(r.passed for r in results), "graphs": len(results),
                        "worst_sqnr_db": min((s for r in results for s, _ in r.outputs.values()), default=None),
+                       "runtime_rewritten": sum(bool(r.runtime_outputs) for r in results),
+                       "worst_runtime_sqnr_db": worst_runtime_sqnr(results),
                        "end_to_end": e2e}
     summary["parity"] = parity
     summary["stages"]["parity"] = round(time.perf_counter() - t, 1)
@@ -154,8 +157,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"| {variant} | {accuracy} | {fd} | {psnr_text(m)} | {secs} |")
     for key, p in summary["parity"].items():
         e2e = p["end_to_end"]
+        runtime = (f" (as the runtime runs them: {p['runtime_rewritten']} rewritten, worst "
+                   f"{p['worst_runtime_sqnr_db']:.1f} dB)") if p.get("runtime_rewritten") else ""
         lines.append(f"parity {key}: {p['graphs_passed']}/{p['graphs']} graphs above threshold, worst "
-                     f"{p['worst_sqnr_db']:.1f} dB" + (f"; end to end PSNR {e2e['psnr_db']:.1f} dB" if e2e else ""))
+                     f"{p['worst_sqnr_db']:.1f} dB{runtime}" + (f"; end to end PSNR {e2e['psnr_db']:.1f} dB" if e2e else ""))
     sizes = summary["graph_bytes"]
     lines.append("deployed sizes (manifest files): " + ", ".join(
         f"{k} {v / 1e6:.2f} MB ({100 * v / sizes['fp32']:.0f} %)" for k, v in sizes.items()))

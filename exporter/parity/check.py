@@ -15,7 +15,10 @@ sensitivity: the SQNR of PyTorch against itself with its inputs and every quanti
 perturbed by a few float32 ulps, which tells a block that is numerically that sensitive
 (quantizer rounding flips cascading) from a graph that computes something else. With ``engines``
 (an ``exporter build`` folder, GPU machines), each graph's TensorRT engine joins the same
-polygraphy comparison as a third runner.
+polygraphy comparison as a third runner. Where the runtime's ONNX Runtime backend runs a graph as a
+rewritten copy (fused attention, integer MatMuls: ``exporter.runtime``), that session joins it too,
+so the check covers what ``exporter run`` executes as well as the file TensorRT builds from.
+Every runner is compared with PyTorch.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
 polygraphy RunResults), a data-loader script and the command that repeats the check without
@@ -69,10 +72,13 @@ class GraphParity:
     self_sqnr: float | None = None
     engine: str | None = None  # with --engines: the TensorRT engine built from this graph
     engine_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs TensorRT
+    runtime: str | None = None  # what the runtime's session runs differently from the file, if anything
+    runtime_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs the runtime's session
 
     @property
     def passed(self) -> bool:
-        compared = list(self.outputs.values()) + list((self.engine_outputs or {}).values())
+        compared = [*self.outputs.values(), *(self.engine_outputs or {}).values(),
+                    *(self.runtime_outputs or {}).values()]
         return all(sqnr >= self.threshold for sqnr, _ in compared)
 
 
@@ -144,6 +150,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
     their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
     (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
@@ -152,7 +159,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from exporter.quant.ptq import quantize_model
     from exporter.quant.timestep_groups import TimestepGroups
     from exporter.recipe import quantization_from_dict
-    from exporter.runtime.backends import optimization_level
+    from exporter.runtime.backends import OnnxRuntimeBackend, optimization_level
 
     if not log.isEnabledFor(logging.DEBUG):  # polygraphy's per-run INFO lines would drown the table
         G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -189,6 +196,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
+    # the runtime's own sessions (bf16 graphs: ONNX Runtime's CPU provider has none)
+    runtime = OnnxRuntimeBackend(folder, manifest) if manifest.get("dtype") != "bf16" else None
     results = []
     for entry in manifest["blocks"]:
         if blocks_to_check and entry["name"] not in blocks_to_check:
@@ -203,22 +212,26 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             onnx_runner = graph_runner(folder / graph, manifest, level)
             plan, trt_runner = trt_runners.get(graph, (None, None))
-            run = Comparator.run([torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []),
-                                 data_loader=[feed])
+            runtime_session = runtime.open(graph) if runtime else None
+            rewritten = runtime.rewrites(graph) if runtime else ""
+            runners = [torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []) \
+                + ([OnnxrtRunner(runtime_session, name="runtime-session")] if rewritten else [])
+            run = Comparator.run(runners, data_loader=[feed])
             (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
             atol = mean_error_tolerance(torch_out, threshold)
-            accuracy = Comparator.compare_accuracy(run, compare_func=SimpleCompareFunc(
-                atol=atol, rtol=0.0, check_error_stat="mean"))
-            outputs = {n: (sqnr_db(torch_out[n], ort_out[n]), float(np.abs(torch_out[n] - ort_out[n]).max()))
-                       for n in torch_out}
-            result = GraphParity(entry["name"], graph, group, outputs, threshold, bool(accuracy), engine=plan)
+            accuracy = Comparator.compare_accuracy(  # every runner against PyTorch
+                run, comparisons=[(0, i) for i in range(1, len(runners))],
+                compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="mean"))
+            result = GraphParity(entry["name"], graph, group, _against(torch_out, ort_out), threshold,
+                                 bool(accuracy), engine=plan, runtime=rewritten or None)
             if trt_runner is not None:
-                trt_out = {n: comparable(v) for n, v in run[2][1][0].items()}  # bf16: torch tensors
-                result.engine_outputs = {n: (sqnr_db(torch_out[n], trt_out[n]),
-                                             float(np.abs(torch_out[n] - trt_out[n]).max())) for n in torch_out}
-            if not result.passed:
+                result.engine_outputs = _against(torch_out, {n: comparable(v) for n, v in run[2][1][0].items()})
+            if rewritten:
+                result.runtime_outputs = _against(torch_out, run[-1][1][0])
+            if min(s for s, _ in result.outputs.values()) < threshold:  # the file itself: find the layer
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
                                                       threshold, level, manifest)
+            if not result.passed:
                 result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
                 _write_golden(folder, graph, feed, run[0], atol)
@@ -228,6 +241,11 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                     "provider has no bfloat16 kernels); build engines and pass --engines on a GPU machine")
         end_to_end_check = False
     return results, (end_to_end(folder, manifest, loaded) if end_to_end_check else None)
+
+
+def _against(reference: dict, outputs) -> dict[str, tuple[float, float]]:
+    """Per output: (SQNR in dB, max abs difference) of ``outputs`` against ``reference``."""
+    return {n: (sqnr_db(reference[n], outputs[n]), float(np.abs(reference[n] - outputs[n]).max())) for n in reference}
 
 
 def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = None):
@@ -403,16 +421,37 @@ def format_parity(results: list[GraphParity]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, (sqnr, max_abs) in r.outputs.items():
-            verdict = "ok" if r.passed else (f"FAIL (first diverging layer: {r.first_diverging_layer}; "
-                                             f"PyTorch vs itself under float-level noise: "
-                                             f"{r.self_sqnr:.1f} dB)")
+            if r.passed:
+                verdict = "ok"
+            elif sqnr < r.threshold:
+                verdict = (f"FAIL (first diverging layer: {r.first_diverging_layer}; "
+                           f"PyTorch vs itself under float-level noise: {r.self_sqnr:.1f} dB)")
+            else:
+                verdict = "FAIL (the graph passes; the rows below do not)"
             lines.append(f"| {r.block} | {r.graph} | {name} | {sqnr:.1f} dB | {max_abs:.2e} | {r.threshold:.0f} dB "
                          f"| {'pass' if r.polygraphy_passed else 'fail'} | {verdict} |")
         for name, (sqnr, max_abs) in (r.engine_outputs or {}).items():
             lines.append(f"| {r.block} | {r.engine} (TensorRT) | {name} | {sqnr:.1f} dB | {max_abs:.2e} | "
                          f"{r.threshold:.0f} dB | — | {'ok' if sqnr >= r.threshold else 'FAIL'} |")
+        for name, (sqnr, max_abs) in (r.runtime_outputs or {}).items():
+            verdict = "ok" if sqnr >= r.threshold else "FAIL"
+            if sqnr < r.threshold and min(s for s, _ in r.outputs.values()) >= r.threshold:
+                verdict += ": the runtime's rewrite of a passing graph" + (
+                    " (EXPORTER_ORT_INTEGER_MATMUL=0 turns the integer MatMuls off)" if "integer" in r.runtime else "")
+            lines.append(f"| {r.block} | {r.graph} as the runtime runs it ({r.runtime}) | {name} | {sqnr:.1f} dB | "
+                         f"{max_abs:.2e} | {r.threshold:.0f} dB | — | {verdict} |")
     failed = [r.graph for r in results if not r.passed]
     worst = min((s for r in results for s, _ in r.outputs.values()), default=float("nan"))
-    lines.append(f"{len(results)} graph(s) checked, worst SQNR {worst:.1f} dB; "
-                 + (f"{len(failed)} below threshold: {', '.join(failed)}" if failed else "all above threshold"))
+    summary = f"{len(results)} graph(s) checked, worst SQNR {worst:.1f} dB"
+    rewritten = [r for r in results if r.runtime_outputs]
+    if rewritten:
+        summary += (f" (as the runtime runs them: {len(rewritten)} rewritten, worst "
+                    f"{worst_runtime_sqnr(results):.1f} dB)")
+    lines.append(summary + "; " + (f"{len(failed)} below threshold: {', '.join(failed)}" if failed
+                                   else "all above threshold"))
     return "\n".join(lines)
+
+
+def worst_runtime_sqnr(results: list[GraphParity]) -> float | None:
+    """The lowest SQNR of the runtime's rewritten sessions against PyTorch (None: none rewritten)."""
+    return min((s for r in results for s, _ in (r.runtime_outputs or {}).values()), default=None)

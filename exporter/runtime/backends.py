@@ -45,34 +45,45 @@ class OnnxRuntimeBackend:
 
     def session(self, graph: str):
         if graph not in self._sessions:
-            import onnx
-            import onnxruntime as ort
-
-            from exporter.runtime.ort_fusion import fuse_attention
-
-            path = self.folder / graph
-            model = onnx.load(str(path), load_external_data=False)  # weights stay in their files
-            self.fused_attention[graph] = fuse_attention(model)
-            weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
-            self.integer_matmuls[graph] = len(weights)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = self.level
-            _quiet_thread_pool(options, self.threads)
-            _shared_cpu_arena(options)
-            disabled = []
-            if weights:
-                options.add_external_initializers(list(weights), list(weights.values()))
-                # Common-subexpression elimination would merge the identical activation Q/DQ pairs of
-                # layers sharing an input (to_q, to_k, to_v): a DequantizeLinear with several
-                # consumers is fused into none of them.
-                disabled = ["CommonSubexpressionElimination"]
-            if self.fused_attention[graph] or weights:  # a rewritten copy
-                self._sessions[graph] = session_from_proto(model, self.folder, options, self.providers, disabled)
-            else:
-                self._sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
-            log.debug("opened %s (%s, %d fused attention, %d integer MatMul)", graph,
-                      self._sessions[graph].get_providers()[0], self.fused_attention[graph], len(weights))
+            self._sessions[graph] = self.open(graph)
         return self._sessions[graph]
+
+    def open(self, graph: str):
+        """A new session for ``graph``, configured and rewritten as the runtime runs it (``session``
+        keeps one per graph; parity opens its own to compare it with PyTorch)."""
+        import onnx
+        import onnxruntime as ort
+
+        from exporter.runtime.ort_fusion import fuse_attention
+
+        path = self.folder / graph
+        model = onnx.load(str(path), load_external_data=False)  # weights stay in their files
+        self.fused_attention[graph] = fuse_attention(model)
+        weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
+        self.integer_matmuls[graph] = len(weights)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = self.level
+        _quiet_thread_pool(options, self.threads)
+        _shared_cpu_arena(options)
+        disabled = []
+        if weights:
+            options.add_external_initializers(list(weights), list(weights.values()))
+            # Common-subexpression elimination would merge the identical activation Q/DQ pairs of
+            # layers sharing an input (to_q, to_k, to_v): a DequantizeLinear with several
+            # consumers is fused into none of them.
+            disabled = ["CommonSubexpressionElimination"]
+        if self.rewrites(graph):  # a rewritten copy
+            session = session_from_proto(model, self.folder, options, self.providers, disabled)
+        else:
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
+        log.debug("opened %s (%s, %s)", graph, session.get_providers()[0], self.rewrites(graph) or "as written")
+        return session
+
+    def rewrites(self, graph: str) -> str:
+        """What the opened session of ``graph`` runs differently from the file ("" when nothing)."""
+        done = [f"{n} {what}" for n, what in ((self.fused_attention.get(graph, 0), "fused attention"),
+                                              (self.integer_matmuls.get(graph, 0), "integer MatMul")) if n]
+        return ", ".join(done)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         return self.session(graph).run(outputs, feeds)

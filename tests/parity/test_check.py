@@ -14,13 +14,14 @@ from polygraphy.json import load_json
 
 from exporter.errors import UsageError
 from exporter.export import export_graphs
-from exporter.export.manifest import sha256_file
-from exporter.parity import check_parity
+from exporter.export.manifest import read_manifest, sha256_file
+from exporter.parity import check_parity, format_parity
 from exporter.parity.check import self_sensitivity
 from exporter.parity.runners import TorchBlockRunner
 from exporter.quant.formats import FORMATS
 from exporter.quant.ptq import QuantLayer
 from exporter.recipe import QuantizationSpec
+from exporter.runtime import backends, ort_fusion
 
 
 def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_dir, tiny_unet_calib, tmp_path):
@@ -61,6 +62,39 @@ def test_a_wrong_weight_scale_fails_and_is_traced_to_its_layer(dtype, tiny_unet_
     assert failed[0].self_sqnr > min(sqnr for sqnr, _ in failed[0].outputs.values()) + 15
     result = run_cli("-q", "parity", folder, "--blocks-only")
     assert result.returncode == 1 and "first diverging layer: mid_block.resnets.1.conv2" in result.stdout
+
+
+def test_the_runtimes_rewritten_sessions_are_checked_and_a_broken_rewrite_is_caught(tiny_int8_graphs, monkeypatch):
+    # what the runtime rewrites on this CPU (fused attention everywhere; integer MatMuls where the CPU
+    # has int8 dot products), so the comparison covers what `exporter run` executes
+    manifest = read_manifest(tiny_int8_graphs)
+    backend = backends.OnnxRuntimeBackend(tiny_int8_graphs, manifest)
+    expected = {}
+    for graph in [g for block in manifest["blocks"] for g in block["graphs"]]:
+        backend.open(graph)
+        if backend.rewrites(graph):
+            expected[graph] = backend.rewrites(graph)
+    assert any("fused attention" in what for what in expected.values())
+    results, _ = check_parity(tiny_int8_graphs, write_golden=False, end_to_end_check=False)
+    assert {r.graph: r.runtime for r in results if r.runtime_outputs} == expected
+    assert all(r.passed and r.polygraphy_passed for r in results), [(r.graph, r.runtime_outputs) for r in results]
+
+    real = ort_fusion.fuse_attention
+
+    def fused_at_another_temperature(model):  # a rewrite that computes something else than the file
+        fused = real(model)
+        for node in [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]:
+            node.attribute.append(onnx.helper.make_attribute("scale", 3.0))
+        return fused
+
+    monkeypatch.setattr(ort_fusion, "fuse_attention", fused_at_another_temperature)
+    results, _ = check_parity(tiny_int8_graphs, write_golden=False, end_to_end_check=False)
+    failed = [r for r in results if not r.passed]
+    assert {r.graph for r in failed} == {g for g, what in expected.items() if "fused attention" in what}
+    for r in failed:  # the files pass (nothing to bisect); the runtime's copies do not
+        assert min(s for s, _ in r.outputs.values()) >= r.threshold > min(s for s, _ in r.runtime_outputs.values())
+        assert r.first_diverging_layer is None and not r.polygraphy_passed
+    assert "FAIL: the runtime's rewrite of a passing graph" in format_parity(results)
 
 
 def test_bf16_graphs_are_checked_by_the_onnx_reference_implementation(tiny_unet_dir, tiny_unet_calib, tmp_path):

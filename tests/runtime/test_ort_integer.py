@@ -11,7 +11,7 @@ import torch
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
 from exporter.runtime.backends import OnnxRuntimeBackend, session_from_proto
-from exporter.runtime.ort_integer import ENV, integer_matmul_enabled, integer_matmuls
+from exporter.runtime.ort_integer import ENV, cpu_has_int8_dot_products, integer_matmul_enabled, integer_matmuls
 
 from .test_ort_fusion import feeds_for
 
@@ -42,7 +42,8 @@ def optimized_ops(model: onnx.ModelProto, folder, weights: dict, path) -> list[s
 
 
 def test_quantized_linear_layers_run_as_integer_products(tiny_int8_graphs, tiny_unet_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setenv(ENV, "1")  # the rewrite on any CPU; its fused numbers only where the runtime turns it on
+    exact_kernel = cpu_has_int8_dot_products()
     manifest = read_manifest(tiny_int8_graphs)
     before = {f: hashlib.sha256((tiny_int8_graphs / f).read_bytes()).hexdigest() for f in manifest["files"]}
     backend = OnnxRuntimeBackend(tiny_int8_graphs, manifest)
@@ -56,8 +57,9 @@ def test_quantized_linear_layers_run_as_integer_products(tiny_int8_graphs, tiny_
             rewritten = backend.run(graph, feeds, names)
             assert backend.integer_matmuls[graph] == linear, graph
             plain = ort.InferenceSession(str(tiny_int8_graphs / graph), providers=["CPUExecutionProvider"]).run(names, feeds)
-            for a, b in zip(rewritten, plain):
-                assert sqnr_db(b, a) >= 60, graph  # the same int8 products, summed in int32 instead of float
+            for a, b in zip(rewritten, plain):  # the same int8 products, summed in int32 instead of float
+                # (without int8 dot products ONNX Runtime's kernel saturates: 22-29 dB on an AVX2-only CPU)
+                assert sqnr_db(b, a) >= 60 or not exact_kernel, graph
             if linear:  # ONNX Runtime fuses each of them, which it does for none of the file's
                 copy = onnx.load(str(tiny_int8_graphs / graph), load_external_data=False)
                 weights = integer_matmuls(copy, tiny_int8_graphs)
@@ -80,7 +82,7 @@ def test_switched_off_the_graphs_run_as_written(tiny_int8_graphs, monkeypatch):
     assert set(backend.integer_matmuls.values()) == {0}
 
 
-def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path):
+def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path, caplog):
     """Without VNNI, ONNX Runtime's u8 x s8 kernel sums pairs of products in 16 bits, which can saturate."""
     monkeypatch.delenv(ENV, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
@@ -93,6 +95,7 @@ def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path):
     assert not integer_matmul_enabled(tmp_path / "missing")
     monkeypatch.setenv(ENV, "1")
     assert integer_matmul_enabled(tmp_path / "missing")
+    assert "can saturate" in caplog.text  # forced on where the kernel is not exact: said
     monkeypatch.setenv(ENV, "0")
     cpuinfo.write_text("flags\t\t: avx512_vnni\n")
     assert not integer_matmul_enabled(cpuinfo)
