@@ -150,6 +150,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
     their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
     (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores."""
+    import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -159,7 +160,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from exporter.quant.ptq import quantize_model
     from exporter.quant.timestep_groups import TimestepGroups
     from exporter.recipe import quantization_from_dict
-    from exporter.runtime.backends import OnnxRuntimeBackend, optimization_level
+    from exporter.runtime.backends import OnnxRuntimeBackend, cpu_disabled_optimizers, optimization_level
 
     if not log.isEnabledFor(logging.DEBUG):  # polygraphy's per-run INFO lines would drown the table
         G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -196,6 +197,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
+    disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU
     # the runtime's own sessions (bf16 graphs: ONNX Runtime's CPU provider has none)
     runtime = OnnxRuntimeBackend(folder, manifest) if manifest.get("dtype") != "bf16" else None
     results = []
@@ -210,7 +212,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             t, env = per_group[group]["t"], per_group[group]["env"]
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
-            onnx_runner = graph_runner(folder / graph, manifest, level)
+            onnx_runner = graph_runner(folder / graph, manifest, level, disabled=disabled)
             plan, trt_runner = trt_runners.get(graph, (None, None))
             runtime_session = runtime.open(graph) if runtime else None
             rewritten = runtime.rewrites(graph) if runtime else ""
@@ -230,11 +232,12 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 result.runtime_outputs = _against(torch_out, run[-1][1][0])
             if min(s for s, _ in result.outputs.values()) < threshold:  # the file itself: find the layer
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold, level, manifest)
+                                                      threshold, level, manifest, disabled)
             if not result.passed:
                 result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
-                _write_golden(folder, graph, feed, run[0], atol)
+                # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
+                _write_golden(folder, graph, feed, run[0], atol, basic=bool(disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             results.append(result)
     if end_to_end_check and manifest.get("dtype") == "bf16":
         log.warning("end to end not checked: the runtime runs bf16 graphs on TensorRT only (ONNX Runtime's CPU "
@@ -248,10 +251,12 @@ def _against(reference: dict, outputs) -> dict[str, tuple[float, float]]:
     return {n: (sqnr_db(reference[n], outputs[n]), float(np.abs(reference[n] - outputs[n]).max())) for n in reference}
 
 
-def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = None):
+def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = None, disabled: list[str] = ()):
     """The polygraphy runner for a graph: ONNX Runtime (CPU), or for bf16 graphs, which its CPU
     provider cannot run, ONNX's reference implementation. ``outputs``: intermediate tensors to
-    return instead of the graph's outputs (bisection)."""
+    return instead of the graph's outputs (bisection). ``disabled``: ONNX Runtime optimizers not to
+    run (``cpu_disabled_optimizers``: its QDQ fusions where its integer kernel is not exact)."""
+    import onnxruntime as ort
     from polygraphy.backend.onnx import modify_outputs
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -259,23 +264,25 @@ def graph_runner(path: Path, manifest: dict, level, outputs: list[str] | None = 
 
     if manifest.get("dtype") == "bf16":
         return ReferenceRunner(path, outputs)
-    if outputs is None:
-        return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"],
-                                            graph_optimization_level=level))
-    import onnx
-    import onnxruntime as ort
-
-    from exporter.runtime.backends import session_from_proto
-
     options = ort.SessionOptions()
     if level is not None:
         options.graph_optimization_level = level
+    if outputs is None:
+        if not disabled:  # polygraphy's own loader, as `polygraphy run --onnxrt` opens it
+            return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"],
+                                                graph_optimization_level=level))
+        return OnnxrtRunner(partial(ort.InferenceSession, str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled)))
+    import onnx
+
+    from exporter.runtime.backends import session_from_proto
+
     marked = modify_outputs(onnx.load(str(path), load_external_data=False), outputs=outputs)
-    return OnnxrtRunner(session_from_proto(marked, path.parent, options, ["CPUExecutionProvider"]))
+    return OnnxrtRunner(session_from_proto(marked, path.parent, options, ["CPUExecutionProvider"], disabled))
 
 
 def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, threshold: float,
-           level=None, manifest: dict | None = None) -> str | None:
+           level=None, manifest: dict | None = None, disabled: list[str] = ()) -> str | None:
     """The first layer (in graph order) whose output falls below ``threshold`` dB against PyTorch.
 
     A wrong scale or weight shows as a sharp drop at its layer. Where error only accumulates (FP8
@@ -295,7 +302,7 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
     marked = list(dict.fromkeys(last_node_of[p] for p in entry["modules"] if p in last_node_of))
     captured: dict = {}
     torch_runner = TorchBlockRunner(block, entry["inputs"], context, t, capture=captured)
-    onnx_runner = graph_runner(graph_path, manifest or {}, level, outputs=marked)
+    onnx_runner = graph_runner(graph_path, manifest or {}, level, outputs=marked, disabled=disabled)
     run = Comparator.run([torch_runner, onnx_runner], data_loader=[feed])
     (ort_out,) = run[1][1]
     for path in order:
@@ -389,7 +396,7 @@ def end_to_end(folder: Path, manifest: dict, loaded, rows=(0, 1, 2, 3), per_row:
             "limit": limit, "passed": passed}
 
 
-def _write_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float) -> None:
+def _write_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float, basic: bool = False) -> None:
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
@@ -407,7 +414,8 @@ def _write_golden(folder: Path, graph: str, feed: dict, torch_results, atol: flo
     commands = out / "COMMANDS.txt"
     # bf16 graphs: ONNX Runtime's CPU provider has no kernels for them, TensorRT runs them
     bf16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in feed.values())
-    backend = "--trt --strongly-typed" if bf16 else "--onnxrt"
+    backend = "--trt --strongly-typed" if bf16 else "--onnxrt" + (" --graph-optimization-level ORT_ENABLE_BASIC"
+                                                                    if basic else "")
     line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
             f"--load-outputs parity/{stem}.golden.json --check-error-stat mean --atol {atol:.3g} --rtol 0\n")
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \

@@ -36,6 +36,7 @@ from onnx import helper, numpy_helper
 from exporter.runtime.ort_fusion import _Graph
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # the forced-on warning, once per process
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # /proc/cpuinfo flags of 32-bit int8 dot products
 ENV = "EXPORTER_ORT_INTEGER_MATMUL"
@@ -47,7 +48,8 @@ def integer_matmul_enabled(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     if forced is None:
         return cpu_has_int8_dot_products(cpuinfo)
     on = forced.strip().lower() not in ("0", "false", "no", "off", "")
-    if on and not cpu_has_int8_dot_products(cpuinfo):
+    if on and not cpu_has_int8_dot_products(cpuinfo) and forced not in _WARNED:
+        _WARNED.add(forced)
         log.warning("%s=%s on a CPU without int8 dot products: ONNX Runtime's integer kernel can saturate here "
                     "(measured on an AVX2-only CPU: digits-unet's INT8 blocks 24.8 dB against PyTorch, 43.1 dB as "
                     "written; its images 37.4 dB instead of 42.9); exporter parity checks the sessions as the "

@@ -72,7 +72,8 @@ def test_the_finetuned_model_exports_like_ptq_and_keeps_parity(finetuned, tiny_u
         changed += tuned["files"][b["weights"]] != ptq["files"][a["weights"]]
     assert changed  # ... which did change
     results, _ = check_parity(tmp_path / "ft", end_to_end_check=False, write_golden=False)
-    assert all(r.passed for r in results) and min(s for r in results for s, _ in r.outputs.values()) >= 40
+    assert all(r.passed for r in results) and min(s for r in results for s, _ in r.outputs.values()) >= 40, \
+        [(r.graph, r.outputs, r.runtime_outputs) for r in results if not r.passed]
 
 
 def test_a_finetune_is_refused_where_it_does_not_fit(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):

@@ -8,9 +8,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from exporter.export import export_graphs
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
-from exporter.runtime.backends import OnnxRuntimeBackend, session_from_proto
+from exporter.recipe import QuantizationSpec
+from exporter.runtime import ort_integer
+from exporter.runtime.backends import QDQ_FUSIONS, OnnxRuntimeBackend, session_from_proto
 from exporter.runtime.ort_integer import ENV, cpu_has_int8_dot_products, integer_matmul_enabled, integer_matmuls
 
 from .test_ort_fusion import feeds_for
@@ -94,8 +97,37 @@ def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path, caplog):
     assert integer_matmul_enabled(cpuinfo)
     assert not integer_matmul_enabled(tmp_path / "missing")
     monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(ort_integer, "_WARNED", set())
     assert integer_matmul_enabled(tmp_path / "missing")
     assert "can saturate" in caplog.text  # forced on where the kernel is not exact: said
     monkeypatch.setenv(ENV, "0")
     cpuinfo.write_text("flags\t\t: avx512_vnni\n")
     assert not integer_matmul_enabled(cpuinfo)
+
+
+def test_without_integer_products_onnx_runtimes_own_qdq_fusions_are_off_too(tiny_unet_dir, tiny_unet_calib,
+                                                                            monkeypatch, tmp_path):
+    """An INT4 layer's weight goes straight into its MatMul (TensorRT's layout), which ONNX Runtime's
+    own QDQ fusion turns into MatMulIntegerToFloat with no rewrite of ours: where integer products
+    are off (no int8 dot products, whose absence made a finetuned W4A8 block 23 dB, or switched off),
+    the backend's sessions and parity's run without that fusion."""
+    folder = tmp_path / "w4a8"
+    export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib, progress=False,
+                  quantization=QuantizationSpec(weights="int4", activations="int8", groups=1))
+    manifest = read_manifest(folder)
+
+    def optimized(disabled: list[str]) -> list[str]:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(folder / "mid.onnx"), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled or None)
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+
+    assert "MatMulIntegerToFloat" in optimized([])  # ONNX Runtime's default
+    monkeypatch.setenv(ENV, "0")
+    backend = OnnxRuntimeBackend(folder, manifest)
+    assert backend.disabled == [QDQ_FUSIONS]
+    assert "MatMulIntegerToFloat" not in optimized(backend.disabled)
+    monkeypatch.setenv(ENV, "1")
+    assert OnnxRuntimeBackend(folder, manifest).disabled == []
