@@ -22,6 +22,7 @@ from exporter.quant.formats import FORMATS
 from exporter.quant.ptq import QuantLayer
 from exporter.recipe import QuantizationSpec
 from exporter.runtime import backends, ort_fusion
+from exporter.runtime.ort_integer import ENV
 
 
 def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_dir, tiny_unet_calib, tmp_path):
@@ -95,6 +96,18 @@ def test_the_runtimes_rewritten_sessions_are_checked_and_a_broken_rewrite_is_cau
         assert min(s for s, _ in r.outputs.values()) >= r.threshold > min(s for s, _ in r.runtime_outputs.values())
         assert r.first_diverging_layer is None and not r.polygraphy_passed
     assert "FAIL: the runtime's rewrite of a passing graph" in format_parity(results)
+
+
+def test_without_integer_products_parity_and_its_replay_leave_out_onnx_runtimes_qdq_fusions(tiny_int8_graphs,
+                                                                                              monkeypatch):
+    monkeypatch.setenv(ENV, "0")  # as on a CPU without int8 dot products
+    results, _ = check_parity(tiny_int8_graphs, end_to_end_check=False, blocks_to_check=["head"])
+    assert [r.graph for r in results] == ["head.onnx"] and results[0].passed
+    line = (tiny_int8_graphs / "parity" / "COMMANDS.txt").read_text().splitlines()[-1]
+    assert line.startswith("polygraphy run head.onnx --onnxrt --graph-optimization-level ORT_ENABLE_BASIC ")
+    replay = subprocess.run(line.split(), cwd=tiny_int8_graphs, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr
 
 
 def test_bf16_graphs_are_checked_by_the_onnx_reference_implementation(tiny_unet_dir, tiny_unet_calib, tmp_path):
