@@ -41,7 +41,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
-    from exporter.parity.check import worst_runtime_sqnr
+    from exporter.parity.report import worst_runtime_sqnr
     from exporter.recipe import resolve_recipe
     from exporter.runtime import Runtime
     from exporter.sampling.pytorch import sample_pytorch

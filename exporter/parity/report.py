@@ -1,0 +1,81 @@
+"""What ``exporter parity`` writes: the result table, and next to the graphs the golden outputs,
+data loaders and ``polygraphy run`` commands that repeat each check without this package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from exporter.parity.check import GraphParity
+
+
+def save_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float, basic: bool = False) -> None:
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    out = folder / "parity"
+    out.mkdir(exist_ok=True)
+    stem = graph.removesuffix(".onnx")
+    save_json([feed], str(out / f"{stem}.inputs.json"))
+    RunResults([("pytorch", torch_results[1])]).save(str(out / f"{stem}.golden.json"))
+    # polygraphy imports the script by file name: no dots in it
+    (out / f"{stem.replace('.', '_')}_data_loader.py").write_text(
+        "# polygraphy data loader: the recorded inputs PyTorch's golden outputs were computed from\n"
+        "from pathlib import Path\n\nfrom polygraphy.json import load_json\n\n\n"
+        "def load_data():\n"
+        f"    yield from load_json(str(Path(__file__).with_name('{stem}.inputs.json')))\n")
+    commands = out / "COMMANDS.txt"
+    # bf16 graphs: ONNX Runtime's CPU provider has no kernels for them, TensorRT runs them
+    bf16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in feed.values())
+    backend = "--trt --strongly-typed" if bf16 else "--onnxrt" + (" --graph-optimization-level ORT_ENABLE_BASIC"
+                                                                    if basic else "")
+    line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
+            f"--load-outputs parity/{stem}.golden.json --check-error-stat mean --atol {atol:.3g} --rtol 0\n")
+    existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
+        if commands.is_file() else [("# run from the graphs folder; add --trt --strongly-typed on a GPU machine (bf16 "
+                                     "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
+    commands.write_text("".join(existing) + line)
+
+
+def format_parity(results: list[GraphParity]) -> str:
+    lines = ["| block | graph | output | SQNR | max abs | threshold | polygraphy mean error | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name, (sqnr, max_abs) in r.outputs.items():
+            if r.passed:
+                verdict = "ok"
+            elif sqnr < r.threshold:
+                verdict = (f"FAIL (first diverging layer: {r.first_diverging_layer}; "
+                           f"PyTorch vs itself under float-level noise: {r.self_sqnr:.1f} dB)")
+            else:
+                verdict = "FAIL (the graph passes; the rows below do not)"
+            lines.append(f"| {r.block} | {r.graph} | {name} | {sqnr:.1f} dB | {max_abs:.2e} | {r.threshold:.0f} dB "
+                         f"| {'pass' if r.polygraphy_passed else 'fail'} | {verdict} |")
+        for name, (sqnr, max_abs) in (r.engine_outputs or {}).items():
+            lines.append(f"| {r.block} | {r.engine} (TensorRT) | {name} | {sqnr:.1f} dB | {max_abs:.2e} | "
+                         f"{r.threshold:.0f} dB | — | {'ok' if sqnr >= r.threshold else 'FAIL'} |")
+        for name, (sqnr, max_abs) in (r.runtime_outputs or {}).items():
+            verdict = "ok" if sqnr >= r.threshold else "FAIL"
+            if sqnr < r.threshold and min(s for s, _ in r.outputs.values()) >= r.threshold:
+                verdict += ": the runtime's rewrite of a passing graph" + (
+                    " (EXPORTER_ORT_INTEGER_MATMUL=0 turns the integer MatMuls off)" if "integer" in r.runtime else "")
+            lines.append(f"| {r.block} | {r.graph} as the runtime runs it ({r.runtime}) | {name} | {sqnr:.1f} dB | "
+                         f"{max_abs:.2e} | {r.threshold:.0f} dB | — | {verdict} |")
+    failed = [r.graph for r in results if not r.passed]
+    worst = min((s for r in results for s, _ in r.outputs.values()), default=float("nan"))
+    summary = f"{len(results)} graph(s) checked, worst SQNR {worst:.1f} dB"
+    rewritten = [r for r in results if r.runtime_outputs]
+    if rewritten:
+        summary += (f" (as the runtime runs them: {len(rewritten)} rewritten, worst "
+                    f"{worst_runtime_sqnr(results):.1f} dB)")
+    lines.append(summary + "; " + (f"{len(failed)} below threshold: {', '.join(failed)}" if failed
+                                   else "all above threshold"))
+    return "\n".join(lines)
+
+
+def worst_runtime_sqnr(results: list[GraphParity]) -> float | None:
+    """The lowest SQNR of the runtime's rewritten sessions against PyTorch (None: none rewritten)."""
+    return min((s for r in results for s, _ in (r.runtime_outputs or {}).values()), default=None)
