@@ -220,10 +220,11 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             runners = [torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []) \
                 + ([OnnxrtRunner(runtime_session, name="runtime-session")] if rewritten else [])
             run = Comparator.run(runners, data_loader=[feed])
+            del runners, runtime_session  # one runtime session alive at a time (a real-size block's weights)
             (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
             atol = mean_error_tolerance(torch_out, threshold)
             accuracy = Comparator.compare_accuracy(  # every runner against PyTorch
-                run, comparisons=[(0, i) for i in range(1, len(runners))],
+                run, comparisons=[(0, i) for i in range(1, len(run))],
                 compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="mean"))
             result = GraphParity(entry["name"], graph, group, _against(torch_out, ort_out), threshold,
                                  bool(accuracy), engine=plan, runtime=rewritten or None)
