@@ -41,7 +41,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
-    from exporter.parity.report import worst_runtime_sqnr
+    from exporter.parity.report import worst_runtime_sqnr, worst_sqnr
     from exporter.recipe import resolve_recipe
     from exporter.runtime import Runtime
     from exporter.sampling.pytorch import sample_pytorch
@@ -104,7 +104,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
         results, e2e = check_parity(folder, calib=calib)
         print(format_parity(results).splitlines()[-1])
         parity[key] = {"graphs_passed": sum(r.passed for r in results), "graphs": len(results),
-                       "worst_sqnr_db": min((s for r in results for s, _ in r.outputs.values()), default=None),
+                       "worst_sqnr_db": worst_sqnr(results),
                        "runtime_rewritten": sum(bool(r.runtime_outputs) for r in results),
                        "worst_runtime_sqnr_db": worst_runtime_sqnr(results),
                        "end_to_end": e2e}

@@ -50,9 +50,10 @@ class OnnxRuntimeBackend:
             self._sessions[graph] = self.open(graph)
         return self._sessions[graph]
 
-    def open(self, graph: str):
+    def open(self, graph: str, rewritten_only: bool = False):
         """A new session for ``graph``, configured and rewritten as the runtime runs it (``session``
-        keeps one per graph; parity opens its own to compare it with PyTorch)."""
+        keeps one per graph; parity opens its own to compare it with PyTorch). ``rewritten_only``:
+        None instead of a session when nothing is rewritten (the file's own session would do)."""
         import onnx
         import onnxruntime as ort
 
@@ -63,6 +64,8 @@ class OnnxRuntimeBackend:
         self.fused_attention[graph] = fuse_attention(model)
         weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
         self.integer_matmuls[graph] = len(weights)
+        if rewritten_only and not self.rewrites(graph):
+            return None
         options = ort.SessionOptions()
         options.graph_optimization_level = self.level
         _quiet_thread_pool(options, self.threads)
