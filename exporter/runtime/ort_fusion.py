@@ -30,7 +30,10 @@ from onnx import helper, numpy_helper
 MS_DOMAIN = "com.microsoft"
 
 
-class _Graph:
+class GraphIndex:
+    """Producer, consumers and inline constant of each tensor of a graph, for pattern matching
+    (shared by the session rewrites of this module and ``ort_integer``)."""
+
     def __init__(self, graph: onnx.GraphProto):
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = defaultdict(list)
@@ -62,7 +65,7 @@ def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
-def _heads_split(g: _Graph, tensor: str, perm: list[int]) -> tuple[str, int, int | None] | None:
+def _heads_split(g: GraphIndex, tensor: str, perm: list[int]) -> tuple[str, int, int | None] | None:
     """``tensor`` = Transpose(perm)(Reshape(x, [B, -1, H, D])): (x, H, D). The target is a constant
     (exports since the static-reshape pass: ``[0, 0, H, D]``) or computed (``Concat(B, -1, H, D)``)."""
     transpose = g.op(tensor, "Transpose")
@@ -85,7 +88,7 @@ def _heads_split(g: _Graph, tensor: str, perm: list[int]) -> tuple[str, int, int
     return reshape.input[0], int(heads.reshape(())), int(dim.reshape(())) if dim is not None and dim.size == 1 else None
 
 
-def _default_scale(g: _Graph, q_mul, k_mul, q: str, k: str, head_dim: int | None) -> bool:
+def _default_scale(g: GraphIndex, q_mul, k_mul, q: str, k: str, head_dim: int | None) -> bool:
     """Both halves multiplied by sqrt(1 / sqrt(D)): SDPA's default, as a constant (folded at export)
     or computed from the query's shape."""
     others = [n.input[1] if n.input[0] == x else n.input[0] for n, x in ((q_mul, q), (k_mul, k))]
@@ -103,7 +106,7 @@ def _default_scale(g: _Graph, q_mul, k_mul, q: str, k: str, head_dim: int | None
     return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and g.op(div.input[1], "Sqrt") is not None
 
 
-def _match(g: _Graph, softmax) -> tuple[list[str], str, int] | None:
+def _match(g: GraphIndex, softmax) -> tuple[list[str], str, int] | None:
     """(inputs [q, k, v], output tensor, heads) of the attention around ``softmax``, or None."""
     axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
     scores = g.op(softmax.input[0], "MatMul")
@@ -133,7 +136,7 @@ def _match(g: _Graph, softmax) -> tuple[list[str], str, int] | None:
 
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Rewrite every recognised float attention of ``model`` in place; returns how many."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     fused = []
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         found = _match(g, softmax)

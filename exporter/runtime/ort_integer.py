@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.runtime.ort_fusion import _Graph
+from exporter.runtime.ort_fusion import GraphIndex
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # the forced-on warning, once per process
@@ -75,7 +75,7 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
     groups, which share the block's weight file."""
     cache = {} if cache is None else cache
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     initializers = {t.name: t for t in graph.initializer}
     new_weights: dict[str, object] = {}  # name -> OrtValue
     dropped = []
