@@ -16,8 +16,9 @@ perturbed by a few float32 ulps, which tells a block that is numerically that se
 (quantizer rounding flips cascading) from a graph that computes something else. With ``engines``
 (an ``exporter build`` folder, GPU machines), each graph's TensorRT engine joins the same
 polygraphy comparison as a third runner. Where the runtime's ONNX Runtime backend runs a graph as a
-rewritten copy (fused attention, integer MatMuls: ``exporter.runtime``), that session joins it too,
-so the check covers what ``exporter run`` executes as well as the file TensorRT builds from.
+rewritten copy (fused attention, integer MatMuls, float conv weights: ``exporter.runtime``), that
+session joins it too, so the check covers what ``exporter run`` executes as well as the file
+TensorRT builds from.
 Every runner is compared with PyTorch.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.runtime.ort_conv import float_conv_weights_budget, foldable_conv_weights
 from exporter.runtime.ort_integer import integer_matmul_enabled, integer_matmuls
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ class OnnxRuntimeBackend:
         # without them, ORT's own QDQ fusions are off as well (``cpu_disabled_optimizers``)
         self.disabled = [] if cuda or self.integer_matmul else cpu_disabled_optimizers(self.level, integer=False)
         self._transposed: dict = {}  # in-memory weights the sessions read, one per weight for all groups
+        # Quantized convolutions on float weights folded once (exporter.runtime.ort_conv): the CPU
+        # provider would dequantize them at every call and skip its blocked-layout convolution.
+        # Only up to a budget of bytes per session: small graphs gain speed, large ones mostly memory.
+        self.float_conv_budget = 0 if cuda else float_conv_weights_budget()
+        self.folded_conv_weights: dict[str, int] = {}  # graph -> conv weights folded to float
 
     def session(self, graph: str):
         if graph not in self._sessions:
@@ -64,6 +70,7 @@ class OnnxRuntimeBackend:
         self.fused_attention[graph] = fuse_attention(model)
         weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
         self.integer_matmuls[graph] = len(weights)
+        self.folded_conv_weights[graph] = foldable_conv_weights(model, self.folder, self.float_conv_budget)
         if rewritten_only and not self.rewrites(graph):
             return None
         options = ort.SessionOptions()
@@ -88,7 +95,9 @@ class OnnxRuntimeBackend:
     def rewrites(self, graph: str) -> str:
         """What the opened session of ``graph`` runs differently from the file ("" when nothing)."""
         done = [f"{n} {what}" for n, what in ((self.fused_attention.get(graph, 0), "fused attention"),
-                                              (self.integer_matmuls.get(graph, 0), "integer MatMul")) if n]
+                                              (self.integer_matmuls.get(graph, 0), "integer MatMul"),
+                                              (self.folded_conv_weights.get(graph, 0), "float conv weights"))
+                if n]
         return ", ".join(done)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:

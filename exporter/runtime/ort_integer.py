@@ -84,9 +84,9 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
         weight = initializers.get(dq.input[0]) if dq is not None else None
         if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(weight.dims) != 2:
             continue
-        if _attr(transpose, "perm", [1, 0]) != [1, 0] or len(g.consumers[dq.output[0]]) != 1:
+        if attribute(transpose, "perm", [1, 0]) != [1, 0] or len(g.consumers[dq.output[0]]) != 1:
             continue
-        if len(dq.input) > 2 and dq.input[2] and _nonzero(initializers.get(dq.input[2]), folder):
+        if len(dq.input) > 2 and dq.input[2] and nonzero_zero_point(initializers.get(dq.input[2]), folder):
             continue
         matmuls = g.consumers[transpose.output[0]]
         if not matmuls or not all(m.op_type == "MatMul" and m.input[1] == transpose.output[0] and
@@ -104,7 +104,7 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
         new_weights[name] = value
         graph.initializer.append(_declared(name, value.shape()))
         dq.input[0] = name
-        axis = _attr(dq, "axis", 1)
+        axis = attribute(dq, "axis", 1)
         for a in [a for a in dq.attribute if a.name == "axis"]:
             dq.attribute.remove(a)
         dq.attribute.append(helper.make_attribute("axis", 1 - axis))  # per-tensor scales ignore it
@@ -134,7 +134,8 @@ def _declared(name: str, shape: list[int]) -> onnx.TensorProto:
     return tensor
 
 
-def _attr(node, name: str, default):
+def attribute(node, name: str, default):
+    """The value of ``node``'s attribute ``name`` (a list for repeated values), else ``default``."""
     for a in node.attribute:
         if a.name == name:
             value = helper.get_attribute_value(a)
@@ -142,6 +143,6 @@ def _attr(node, name: str, default):
     return default
 
 
-def _nonzero(tensor, folder: Path) -> bool:
+def nonzero_zero_point(tensor, folder: Path) -> bool:
     """A zero point that is not a known all-zero initializer counts as nonzero (the layer is left)."""
     return tensor is None or bool(numpy_helper.to_array(tensor, base_dir=str(folder)).any())
