@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.runtime.ort_conv import float_conv_weights_budget, foldable_conv_weights
+from exporter.runtime.ort_conv import float_conv_weights_budget, fold_conv_weights
 from exporter.runtime.ort_integer import integer_matmul_enabled, integer_matmuls
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class OnnxRuntimeBackend:
         self.fused_attention[graph] = fuse_attention(model)
         weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
         self.integer_matmuls[graph] = len(weights)
-        self.folded_conv_weights[graph] = foldable_conv_weights(model, self.folder, self.float_conv_budget)
+        self.folded_conv_weights[graph] = fold_conv_weights(model, self.folder, self.float_conv_budget)
         if rewritten_only and not self.rewrites(graph):
             return None
         options = ort.SessionOptions()

@@ -58,7 +58,7 @@ def float_conv_weights_budget() -> int:
         raise UsageError(f"{ENV}={value!r}: expected a number of MiB (0 turns the float conv weights off)") from None
 
 
-def foldable_conv_weights(model: onnx.ModelProto, folder: Path, budget: int | None = None) -> int:
+def fold_conv_weights(model: onnx.ModelProto, folder: Path, budget: int | None = None) -> int:
     """Rewrite, in place, the DequantizeLinear of each Conv's int8 weight (an initializer, zero zero
     point, per tensor or per channel) as Cast and Mul, which ONNX Runtime folds into a constant;
     returns how many weights were rewritten. Nothing is rewritten when those weights, in float32,

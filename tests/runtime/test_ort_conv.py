@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from exporter.errors import UsageError
 from exporter.export.manifest import read_manifest
 from exporter.runtime.backends import OnnxRuntimeBackend
-from exporter.runtime.ort_conv import ENV, float_conv_weights_budget, foldable_conv_weights
+from exporter.runtime.ort_conv import ENV, float_conv_weights_budget, fold_conv_weights
 from exporter.runtime.ort_integer import attribute
 
 from .test_ort_fusion import feeds_for
@@ -43,7 +43,7 @@ def test_quantized_convolutions_run_on_folded_float_weights(tiny_int8_graphs, tm
                 assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(b).max())), graph
             if backend.folded_conv_weights[graph]:  # ONNX Runtime folds them: no dequantization per call
                 copy = onnx.load(str(tiny_int8_graphs / graph), load_external_data=False)
-                assert foldable_conv_weights(copy, tiny_int8_graphs) == backend.folded_conv_weights[graph]
+                assert fold_conv_weights(copy, tiny_int8_graphs) == backend.folded_conv_weights[graph]
                 assert not quantized_conv_weights(copy), graph
                 kept = optimized_ops(copy, tiny_int8_graphs, {}, tmp_path / "a.onnx")
                 written = optimized_ops(as_written, tiny_int8_graphs, {}, tmp_path / "b.onnx")
@@ -72,7 +72,7 @@ def test_the_folded_weights_are_what_dequantize_linear_computes(tiny_int8_graphs
             [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s")])
         mini = helper.make_model(mini, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
         expected = run_weight(mini, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)  # DequantizeLinear itself
-        assert foldable_conv_weights(mini, tiny_int8_graphs) == 1
+        assert fold_conv_weights(mini, tiny_int8_graphs) == 1
         assert [n.op_type for n in mini.graph.node][-2:] == ["Mul", "Conv"]
         folded = run_weight(mini, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)  # folded into a constant
         assert np.array_equal(folded.view(np.int32), expected.view(np.int32)), conv.name
@@ -94,7 +94,7 @@ def test_graphs_over_the_budget_and_unquantized_graphs_are_left_as_written(tiny_
                  if quantized_conv_weights(onnx.load(str(f), load_external_data=False)))
     model = onnx.load(str(graph), load_external_data=False)
     before = model.SerializeToString()
-    assert foldable_conv_weights(model, tiny_int8_graphs, budget=1024) == 0
+    assert fold_conv_weights(model, tiny_int8_graphs, budget=1024) == 0
     assert model.SerializeToString() == before
     monkeypatch.setenv(ENV, "0")
     manifest = read_manifest(tiny_int8_graphs)
