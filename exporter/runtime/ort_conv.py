@@ -33,6 +33,7 @@ blocks at 64 x 64 latents (3.5-16 MiB each; peak 3.0 GiB and 22 s for 2 steps, a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,10 +53,15 @@ def float_conv_weights_budget() -> int:
     """Bytes of float convolution weights one session may hold: ``EXPORTER_ORT_FLOAT_CONV_WEIGHTS_MB``
     (0: none), default 16 MiB."""
     value = os.environ.get(ENV, "").strip()
+    if not value:
+        return DEFAULT_BUDGET_MB * 2**20
     try:
-        return int(float(value) * 2**20) if value else DEFAULT_BUDGET_MB * 2**20
+        mib = float(value)
     except ValueError:
-        raise UsageError(f"{ENV}={value!r}: expected a number of MiB (0 turns the float conv weights off)") from None
+        mib = math.nan
+    if not 0 <= mib < math.inf:  # also refuses nan
+        raise UsageError(f"{ENV}={value!r}: expected a number of MiB >= 0 (0 turns the float conv weights off)")
+    return int(mib * 2**20)
 
 
 def fold_conv_weights(model: onnx.ModelProto, folder: Path, budget: int | None = None) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporter.errors import UsageError
 from exporter.runtime.ort_fusion import GraphIndex
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,17 @@ _WARNED: set[str] = set()  # the forced-on warning, once per process
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # /proc/cpuinfo flags of 32-bit int8 dot products
 ENV = "EXPORTER_ORT_INTEGER_MATMUL"
+_ON, _OFF = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def integer_matmul_enabled(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """The environment's override, else whether this CPU has int8 dot products."""
-    forced = os.environ.get(ENV)
-    if forced is None:
+    forced = os.environ.get(ENV, "").strip()
+    if not forced:
         return cpu_has_int8_dot_products(cpuinfo)
-    on = forced.strip().lower() not in ("0", "false", "no", "off", "")
+    if forced.lower() not in _ON | _OFF:
+        raise UsageError(f"{ENV}={forced!r}: expected 1 (on) or 0 (off); unset, the CPU decides")
+    on = forced.lower() in _ON
     if on and not cpu_has_int8_dot_products(cpuinfo) and forced not in _WARNED:
         _WARNED.add(forced)
         log.warning("%s=%s on a CPU without int8 dot products: ONNX Runtime's integer kernel can saturate here "

@@ -103,9 +103,10 @@ def test_graphs_over_the_budget_and_unquantized_graphs_are_left_as_written(tiny_
     assert backend.folded_conv_weights[graph.name] == 0 and "conv" not in backend.rewrites(graph.name)
     monkeypatch.setenv(ENV, "1.5")
     assert float_conv_weights_budget() == 3 << 19
-    monkeypatch.setenv(ENV, "lots")
-    with pytest.raises(UsageError, match=ENV):
-        float_conv_weights_budget()
+    for bad in ("lots", "-1", "inf", "nan"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(UsageError, match=ENV):
+            float_conv_weights_budget()
     monkeypatch.delenv(ENV)
     out = tmp_path / "fp32"
     export_graphs(str(tiny_unet_dir), out, progress=False)

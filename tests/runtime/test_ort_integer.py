@@ -6,8 +6,10 @@ import hashlib
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
+from exporter.errors import UsageError
 from exporter.export import export_graphs
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
@@ -103,6 +105,11 @@ def test_only_cpus_with_int8_dot_products(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(ENV, "0")
     cpuinfo.write_text("flags\t\t: avx512_vnni\n")
     assert not integer_matmul_enabled(cpuinfo)
+    monkeypatch.setenv(ENV, " ")  # set but empty: the CPU decides, as when unset
+    assert integer_matmul_enabled(cpuinfo)
+    monkeypatch.setenv(ENV, "O")  # a typo is not silently "on"
+    with pytest.raises(UsageError, match=ENV):
+        integer_matmul_enabled(cpuinfo)
 
 
 def test_without_integer_products_onnx_runtimes_own_qdq_fusions_are_off_too(tiny_unet_dir, tiny_unet_calib,
