@@ -254,6 +254,15 @@ def cmd_pipeline(args) -> int:
     return 0 if parity_ok and not summary["lint_violations"] else 1
 
 
+# Read where the ONNX Runtime backend opens its sessions (exporter.runtime.ort_integer / ort_conv); named
+# here so that --help shows them without importing ONNX.
+ORT_ENVIRONMENT = """environment (ONNX Runtime backend; the graph files are never changed, only the sessions' copies):
+  EXPORTER_ORT_INTEGER_MATMUL=1|0         quantized Linear layers as integer MatMuls on / off
+                                          (unset: on where the CPU has int8 dot products)
+  EXPORTER_ORT_FLOAT_CONV_WEIGHTS_MB=N    fold a graph's quantized conv weights to float once when they
+                                          take at most N MiB in float32 (unset: 16; 0: never)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exporter",
@@ -313,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="engines folder (must not exist or be empty)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("run", parents=[common],
+    p = sub.add_parser("run", parents=[common], epilog=ORT_ENVIRONMENT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="denoise with exported graphs (ONNX Runtime) or built engines (TensorRT), optional DeepCache")
     p.add_argument("graphs", type=Path, help="folder written by exporter export or exporter build")
     add_sampling_options(p, model=False)
@@ -325,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", parents=[common],
+    p = sub.add_parser("bench", parents=[common], epilog=ORT_ENVIRONMENT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="PyTorch, the DeepCache package and the runtime (FP32, quantized, cached), side by side")
     p.add_argument("--quick", action="store_true",
                    help="16 images, one round, INT8 only, cache interval 3 (a few minutes on 2 cores)")
@@ -343,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("parity", parents=[common], help="PyTorch vs ONNX Runtime (and TensorRT) per block and group (polygraphy)")
+    p = sub.add_parser("parity", parents=[common], epilog=ORT_ENVIRONMENT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="PyTorch vs ONNX Runtime (and TensorRT) per block and group (polygraphy)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
@@ -360,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("pipeline", parents=[common],
+    p = sub.add_parser("pipeline", parents=[common], epilog=ORT_ENVIRONMENT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)

@@ -14,6 +14,16 @@ def test_help_lists_the_subcommands(run_cli):
         assert command in result.stdout
 
 
+def test_help_of_the_commands_running_graphs_names_the_backends_environment(run_cli):
+    from exporter.runtime import ort_conv, ort_integer
+
+    for command in ("run", "parity", "pipeline", "bench"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert ort_integer.ENV in result.stdout and ort_conv.ENV in result.stdout, command
+        assert f"unset: {ort_conv.DEFAULT_BUDGET_MB}" in result.stdout
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
