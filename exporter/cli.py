@@ -261,6 +261,8 @@ ORT_ENVIRONMENT = """environment (ONNX Runtime backend; the graph files are neve
                                           (unset: on where the CPU has int8 dot products)
   EXPORTER_ORT_FLOAT_CONV_WEIGHTS_MB=N    fold a graph's quantized conv weights to float once when they
                                           take at most N MiB in float32 (unset: 16; 0: never)"""
+# The subcommands that open ONNX Runtime sessions show it under their options, line breaks kept.
+RUNS_GRAPHS = {"epilog": ORT_ENVIRONMENT, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,8 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="engines folder (must not exist or be empty)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("run", parents=[common], epilog=ORT_ENVIRONMENT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("run", parents=[common], **RUNS_GRAPHS,
                        help="denoise with exported graphs (ONNX Runtime) or built engines (TensorRT), optional DeepCache")
     p.add_argument("graphs", type=Path, help="folder written by exporter export or exporter build")
     add_sampling_options(p, model=False)
@@ -335,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", parents=[common], epilog=ORT_ENVIRONMENT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("bench", parents=[common], **RUNS_GRAPHS,
                        help="PyTorch, the DeepCache package and the runtime (FP32, quantized, cached), side by side")
     p.add_argument("--quick", action="store_true",
                    help="16 images, one round, INT8 only, cache interval 3 (a few minutes on 2 cores)")
@@ -354,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("parity", parents=[common], epilog=ORT_ENVIRONMENT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("parity", parents=[common], **RUNS_GRAPHS,
                        help="PyTorch vs ONNX Runtime (and TensorRT) per block and group (polygraphy)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
@@ -373,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("pipeline", parents=[common], epilog=ORT_ENVIRONMENT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("pipeline", parents=[common], **RUNS_GRAPHS,
                        help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
