@@ -34,12 +34,29 @@ def parse_rows(text: str) -> list[int]:
     return rows
 
 
+def parse_latent(text: str) -> tuple[int, int]:
+    """``HxW`` (``24x32``) or one number for a square latent."""
+    try:
+        sizes = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"invalid latent size {text!r}: use HxW (e.g. 24x32) or N for NxN")
+    return sizes
+
+
 def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model's or graphs' own)")
     add_image_options(p)
     p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+    p.add_argument("--latent", type=parse_latent, metavar="HxW",
+                   help="size of the sample the model denoises (the latent; the image itself for pixel-space models "
+                   "like the reference ones), default the model's sample_size; UNets take multiples of 2 per "
+                   "downsampling, transformer graphs only their export size")
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
@@ -89,7 +106,7 @@ def cmd_sample(args) -> None:
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
     record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
-                            finetuned=args.finetuned, **sampling_kwargs(args))
+                            finetuned=args.finetuned, latent=args.latent, **sampling_kwargs(args))
     print(f"wrote {record['precision']} images to {args.out}")
 
 
@@ -183,12 +200,13 @@ def cmd_run(args) -> None:
                               scheduler=args.scheduler, guidance=args.guidance, seed=args.seed,
                               cache_interval=args.cache_interval, cache_branch=args.cache_branch,
                               cache_schedule=args.cache_schedule, batch_size=args.batch_size,
-                              progress=not args.quiet)
+                              latent=args.latent, progress=not args.quiet)
     write_image_folder(args.out, {key: img.numpy() for key, img in images.items()})
     record = {"graphs": str(args.graphs), "backend": runtime.backend.name, "rows": sorted({r for r, _ in images}),
               "per_row": args.per_row or 8, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
               "seed": args.seed, "cache_interval": args.cache_interval, "cache_branch": args.cache_branch,
-              "cache_schedule": args.cache_schedule, "seconds": round(time.perf_counter() - start, 2),
+              "cache_schedule": args.cache_schedule, "latent": [int(d) for d in next(iter(images.values())).shape[1:]],
+              "seconds": round(time.perf_counter() - start, 2),
               "block_seconds": {k: round(v, 3) for k, v in runtime.seconds.items()}}
     atomic_write_json(Path(args.out) / "samples.json", record)
     print(f"wrote {len(images)} images to {args.out}")

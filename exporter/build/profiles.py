@@ -9,12 +9,9 @@ So each input's (min, opt, max) shape follows from three numbers per axis, for a
 
 from __future__ import annotations
 
-import math
-
 from exporter.errors import UsageError
+from exporter.export.manifest import SPATIAL_CLASSES, scaled_size
 from exporter.recipe import BuildSpec
-
-SPATIAL_CLASSES = ("UNet2DConditionModel", "UNet2DModel")  # graphs whose spatial axes are truly dynamic
 
 
 def latent_sizes(manifest: dict, spec: BuildSpec) -> list[tuple[int, int]]:
@@ -50,13 +47,7 @@ def input_profile(tensor: dict, batches: list[int], latents: list[tuple[int, int
             elif dim == "batch":
                 shape.append(batches[level])
             else:
-                axis = 0 if dim.endswith("_height") else 1
-                size, scaled = latents[level][axis], traced * latents[level][axis]
-                if scaled % native[axis]:
-                    raise UsageError(f"latent {'height' if axis == 0 else 'width'} {size} does not divide into "
-                                     f"{tensor['name']}'s {dim} (traced {traced} at {native[axis]}); use a multiple "
-                                     f"of {native[axis] // math.gcd(traced, native[axis])}")
-                shape.append(scaled // native[axis])
+                shape.append(scaled_size(tensor, dim, traced, latents[level], native))
         shapes.append(tuple(shape))
     return shapes
 

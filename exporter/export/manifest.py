@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
 from exporter import __version__
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_write_json
 from exporter.models.blocks import blocks_to_run_with_cache
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
 CONDITIONING = "conditioning.safetensors"
+# graphs whose spatial axes are truly dynamic; a transformer's token count and position embedding are
+# fixed at export
+SPATIAL_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 
 
 class ManifestError(ExporterError):
@@ -47,6 +51,42 @@ def _tensor_info(name: str, tensor, axes: dict[int, str]) -> dict:
     # latent size (TensorRT optimization profiles are computed from them)
     return {"name": name, "shape": shape, "trace_shape": [int(d) for d in tensor.shape],
             "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def scaled_size(tensor: dict, dim: str, traced: int, latent: tuple[int, int], native: tuple[int, int]) -> int:
+    """The size of ``tensor``'s dynamic spatial dimension ``dim`` (``<name>_height`` or ``_width``,
+    ``traced`` at the model's own latent ``native``) when the latent is ``latent``; a latent that
+    does not divide into it (a UNet level's feature map of a fractional size) is refused."""
+    axis = 0 if dim.endswith("_height") else 1
+    scaled = traced * latent[axis]
+    if scaled % native[axis]:
+        raise UsageError(f"latent {'height' if axis == 0 else 'width'} {latent[axis]} does not divide into "
+                         f"{tensor['name']}'s {dim} (traced {traced} at {native[axis]}); use a multiple "
+                         f"of {native[axis] // math.gcd(traced, native[axis])}")
+    return scaled // native[axis]
+
+
+def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
+    """Refuse a latent (height, width) the folder's graphs or engines cannot run, saying why."""
+    native = tuple(manifest["sample_shape"][1:])
+    if tuple(latent) == native:
+        return
+    if min(latent) < 1:
+        raise UsageError(f"latent {latent[0]}x{latent[1]}: height and width must be positive")
+    if manifest["source"]["model_class"] not in SPATIAL_CLASSES:
+        raise UsageError(f"{manifest['source']['model_class']} graphs are exported for latent "
+                         f"{native[0]}x{native[1]} only (their token count and position embedding are fixed)")
+    for block in manifest["blocks"]:
+        for tensor in block["inputs"]:
+            for dim, traced in zip(tensor["shape"], tensor["trace_shape"]):
+                if isinstance(dim, str) and dim.endswith(("_height", "_width")):
+                    scaled_size(tensor, dim, traced, latent, native)
+    if manifest.get("kind") == "tensorrt":
+        low, _, high = manifest["tensorrt"]["latent"]
+        if not all(low[a] <= latent[a] <= high[a] for a in (0, 1)):
+            raise UsageError(f"latent {latent[0]}x{latent[1]} lies outside the engines' optimization profile "
+                             f"({low[0]}x{low[1]} to {high[0]}x{high[1]}); rebuild with a wider build.latent "
+                             "in the recipe")
 
 
 def layer_formats(manifest: dict) -> dict[str, list]:

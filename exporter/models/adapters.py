@@ -68,6 +68,12 @@ class ArchitectureAdapter:
         token count or position embedding is fixed at export (transformers)."""
         return self.sample_shape
 
+    def latent_multiple(self, model: torch.nn.Module) -> int | None:
+        """What a latent's height and width must be multiples of for this model; None: its own size
+        only (transformers: their graphs fix the token count and position embedding, and diffusers'
+        DiT turns its tokens back into a square image)."""
+        return None
+
     def denoise(self, model: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """The model's noise prediction for ``sample`` at timesteps ``t`` (one per batch item)."""
         raise NotImplementedError
@@ -156,9 +162,13 @@ class UNetFamily(ArchitectureAdapter):
         # fraction of the cost: tracing runs each block once in the graph's type, and PyTorch's
         # float16 CPU convolutions are slow (a 320-channel 3x3 one over 2 x 32 x 32: 4.1 s, 0.02 s in
         # float32), more so the larger the image (README, "Tracing at the smallest latent").
-        smallest = 2 * 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+        smallest = 2 * self.latent_multiple(model)
         channels, h, w = self.sample_shape
         return (channels, min(h, smallest), min(w, smallest))
+
+    def latent_multiple(self, model):
+        # each downsampling halves the feature map, and the up path must meet every skip's size
+        return 2 ** sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
 
     def cache_split(self, model):
         # DeepCache's shallowest branch keeps only the first down layer and the last up layer live

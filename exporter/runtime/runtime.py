@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from exporter.errors import NonFiniteError, UsageError
-from exporter.export.manifest import read_manifest
+from exporter.export.manifest import check_latent, read_manifest
 from exporter.models import adapter_for, load_conditioning
 from exporter.quant.timestep_groups import TimestepGroups
 from exporter.runtime.backends import BACKENDS, default_backend
@@ -154,8 +154,11 @@ class Runtime:
     def generate(self, cond: str | Path | None = None, rows: list[int] | None = None, per_row: int = 8,
                  steps: int | None = None, scheduler: str | None = None, guidance: float | None = None,
                  seed: int = 0, cache_interval: int = 1, cache_branch: str | None = None,
-                 cache_schedule: str = "uniform", batch_size: int = 40, progress: bool = True) -> dict:
-        """Images {(row, k): tensor [C, H, W]}, seeded exactly as ``exporter sample`` seeds them."""
+                 cache_schedule: str = "uniform", batch_size: int = 40, latent: tuple[int, int] | None = None,
+                 progress: bool = True) -> dict:
+        """Images {(row, k): tensor [C, H, W]}, seeded exactly as ``exporter sample`` seeds them.
+        ``latent``: (height, width) of the sample the graphs denoise, default the model's own; UNet
+        graphs take any size their downsamplings divide (engines: any inside their profile)."""
         defaults = {"steps": 20, "scheduler": "ddim", "guidance": 1.0, **self.manifest["sampling_defaults"]}
         cond_path = Path(cond) if cond else (self.folder / self.manifest["conditioning"]
                                              if self.manifest["conditioning"] else None)
@@ -168,6 +171,10 @@ class Runtime:
             settings = dataclasses.replace(settings, batch_size=min(settings.batch_size,
                                                                     self.manifest["tensorrt"]["images"][2]))
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
+        channels, *native = self.adapter.sample_shape
+        if latent is not None:
+            check_latent(self.manifest, latent)
+        sample_shape = (channels, *(latent or native))
         cache: dict = {}
 
         def denoise(x, t, c, step):
@@ -175,7 +182,7 @@ class Runtime:
                 cache.clear()  # a new batch: nothing cached yet
             return self.denoise(x, t, c, step, plan, cache)
 
-        log.info("running %s with %s%s", self.folder, settings,
+        log.info("running %s with %s at latent %dx%d%s", self.folder, settings, *sample_shape[1:],
                  f", caching {plan.feature} (full steps {sorted(plan.full_steps)})" if plan.feature else "")
-        return generate(denoise, self.adapter.sample_shape, self.manifest["scheduler_config"], conditioning,
+        return generate(denoise, sample_shape, self.manifest["scheduler_config"], conditioning,
                         settings, progress)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from exporter import __version__
-from exporter.errors import NonFiniteError
+from exporter.errors import NonFiniteError, UsageError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
@@ -40,14 +40,24 @@ def sample_pytorch(
     calib: str | Path | None = None,
     quantization: QuantizationSpec | None = None,
     finetuned: str | Path | None = None,
+    latent: tuple[int, int] | None = None,
 ) -> dict:
     """Sample images with the PyTorch model into ``out``; returns the run record (also saved as
     ``out/samples.json``). Unset options come from the model directory's ``sampling.json``, then
     from built-in defaults; all rows of the conditioning file are used when ``rows`` is None.
     With ``quantization`` the model is fake-quantized first (PTQ from the calibration folder ``calib``;
-    weight-only formats need none), and with ``finetuned`` an ``exporter finetune`` run merged in."""
+    weight-only formats need none), and with ``finetuned`` an ``exporter finetune`` run merged in.
+    ``latent``: (height, width) of the sample to denoise, default the model's own."""
     start = time.perf_counter()
     loaded = load_model(resolve(model))
+    if latent is not None and tuple(latent) != loaded.adapter.sample_shape[1:]:
+        multiple, (h, w) = loaded.adapter.latent_multiple(loaded.model), loaded.adapter.sample_shape[1:]
+        if multiple is None:
+            raise UsageError(f"latent {latent[0]}x{latent[1]}: {loaded.adapter.class_name} models run at their own "
+                             f"latent size only ({h}x{w})")
+        if min(latent) < 1 or latent[0] % multiple or latent[1] % multiple:
+            raise UsageError(f"latent {latent[0]}x{latent[1]}: {loaded.adapter.class_name} {loaded.directory} takes "
+                             f"positive heights and widths that are multiples of {multiple}")
     quant_summary = None
     if quantization is not None:
         quant_summary = quantize_model(loaded, quantization, calib)
@@ -83,7 +93,9 @@ def sample_pytorch(
             raise NonFiniteError(f"{where}: {found}")
         return eps
 
-    images = generate(denoise, loaded.adapter.sample_shape, loaded.scheduler_config, conditioning, settings, progress)
+    channels, *native = loaded.adapter.sample_shape
+    sample_shape = (channels, *(latent or native))
+    images = generate(denoise, sample_shape, loaded.scheduler_config, conditioning, settings, progress)
     out = Path(out)
     write_image_folder(out, {key: img.numpy() for key, img in images.items()})
     record = {
@@ -100,6 +112,7 @@ def sample_pytorch(
         "scheduler": settings.scheduler,
         "guidance": settings.guidance,
         "seed": settings.seed,
+        "latent": list(sample_shape[1:]),
         "seconds": round(time.perf_counter() - start, 2),
         "exporter_version": __version__,
         "torch_version": torch.__version__,

@@ -3,6 +3,7 @@ import pytest
 from exporter.build.profiles import block_profiles
 from exporter.errors import UsageError
 from exporter.export import read_manifest
+from exporter.export.manifest import check_latent
 from exporter.recipe import BuildSpec
 
 
@@ -41,3 +42,15 @@ def test_transformer_graphs_keep_their_resolution(tiny_dit_dir, tmp_path):
     assert block_profiles(manifest, BuildSpec())  # its own size is fine
     with pytest.raises(UsageError, match="exported for latent"):
         block_profiles(manifest, BuildSpec(latent=[[8, 8], [16, 16], [16, 16]]))
+
+
+def test_engines_run_latents_inside_their_profile_only(tiny_int8_graphs):
+    manifest = read_manifest(tiny_int8_graphs)
+    manifest.update(kind="tensorrt", tensorrt={"latent": [[8, 8], [8, 8], [16, 12]]})
+    check_latent(manifest, (8, 8))
+    check_latent(manifest, (16, 10))
+    with pytest.raises(UsageError, match=r"latent 16x14 lies outside the engines' optimization profile "
+                                         r"\(8x8 to 16x12\); rebuild with a wider build.latent"):
+        check_latent(manifest, (16, 14))
+    with pytest.raises(UsageError, match="does not divide"):  # inside the profile, but no UNet can take it
+        check_latent(manifest, (9, 9))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.errors import NonFiniteError
+from exporter.errors import NonFiniteError, UsageError
 from exporter.export import export_graphs
 from exporter.models import load_conditioning, load_model
 from exporter.recipe import QuantizationSpec
@@ -15,11 +15,12 @@ from exporter.runtime.backends import _quiet_thread_pool, _shared_cpu_arena
 from exporter.sampling.loop import SampleSettings, generate
 
 
-def pytorch_latents(model_dir, rows, steps, scheduler, guidance):
+def pytorch_latents(model_dir, rows, steps, scheduler, guidance, latent=None):
     loaded = load_model(model_dir)
     cond = load_conditioning(loaded.default_conditioning, loaded.adapter)
     settings = SampleSettings(rows=tuple(rows), per_row=2, steps=steps, scheduler=scheduler, guidance=guidance, seed=3)
-    return generate(lambda x, t, c, s: loaded.adapter.denoise(loaded.model, x, t, c), loaded.adapter.sample_shape,
+    channels, *native = loaded.adapter.sample_shape
+    return generate(lambda x, t, c, s: loaded.adapter.denoise(loaded.model, x, t, c), (channels, *(latent or native)),
                     loaded.scheduler_config, cond, settings, False)
 
 
@@ -39,12 +40,30 @@ def test_fp32_graphs_reproduce_the_pytorch_loop(tiny_unet_dir, unet_graphs, sche
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
 
 
+def test_unet_graphs_run_at_another_latent_size(tiny_unet_dir, unet_graphs):
+    """The graphs are traced at one size but dynamic in height and width: a non-square latent the
+    tiny UNet's one downsampling divides gives PyTorch's latents at that size, cached or not."""
+    runtime = Runtime.load(unet_graphs)
+    ours = runtime.generate(rows=[0, 2], per_row=2, steps=8, guidance=2.0, seed=3, latent=(10, 14), progress=False)
+    theirs = pytorch_latents(tiny_unet_dir, [0, 2], 8, "ddim", 2.0, latent=(10, 14))
+    assert {tuple(v.shape) for v in ours.values()} == {(1, 10, 14)}
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
+    cached = runtime.generate(rows=[0], per_row=1, steps=6, guidance=2.0, latent=(6, 12), cache_interval=3,
+                              progress=False)
+    assert tuple(cached[(0, 0)].shape) == (1, 6, 12) and torch.isfinite(cached[(0, 0)]).all()
+    with pytest.raises(UsageError, match=r"latent height 9 does not divide into .* use a multiple of 2"):
+        runtime.generate(rows=[0], per_row=1, steps=2, latent=(9, 8), progress=False)
+
+
 def test_dit_graphs_with_class_labels(tiny_dit_dir, tmp_path):
     export_graphs(str(tiny_dit_dir), tmp_path / "g", progress=False)
-    ours = Runtime.load(tmp_path / "g").generate(rows=[1, 3], per_row=2, steps=6, scheduler="ddim", guidance=2.0,
-                                                 seed=3, progress=False)
+    runtime = Runtime.load(tmp_path / "g")
+    ours = runtime.generate(rows=[1, 3], per_row=2, steps=6, scheduler="ddim", guidance=2.0, seed=3, progress=False)
     theirs = pytorch_latents(tiny_dit_dir, [1, 3], 6, "ddim", 2.0)
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
+    assert runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 8), progress=False)  # its own size
+    with pytest.raises(UsageError, match=r"DiTTransformer2DModel graphs are exported for latent 8x8 only"):
+        runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 12), progress=False)
 
 
 class CountingBackend:
@@ -99,7 +118,19 @@ def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "o").glob("*_*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
     record = json.loads((tmp_path / "o" / "samples.json").read_text())
-    assert record["cache_interval"] == 2 and record["block_seconds"]
+    assert record["cache_interval"] == 2 and record["block_seconds"] and record["latent"] == [8, 8]
+    result = run_cli("-q", "run", unet_graphs, "--rows", "0", "--per-row", "1", "--steps", "2", "--latent", "6x10",
+                     "--out", tmp_path / "wide")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "wide" / "samples.json").read_text())["latent"] == [6, 10]
+    from PIL import Image
+
+    with Image.open(tmp_path / "wide" / "0_0.png") as image:
+        assert image.size == (10, 6)  # width x height
+    result = run_cli("-q", "run", unet_graphs, "--latent", "7", "--out", tmp_path / "odd")
+    assert result.returncode == 2 and "use a multiple of 2" in result.stderr
+    result = run_cli("-q", "run", unet_graphs, "--latent", "6x", "--out", tmp_path / "bad")
+    assert result.returncode == 2 and "invalid latent size '6x'" in result.stderr
 
 
 def test_fp16_overflow_stops_the_run_and_names_the_block(tiny_unet_dir, tmp_path):

@@ -31,6 +31,18 @@ def test_cli_sample_on_random_init_unet_writes_named_images_and_grid(tiny_unet_d
         assert grid.size == (3 * (32 + 2) + 2, 2 * (32 + 2) + 2)
 
 
+def test_sample_at_another_latent_size(tiny_unet_dir, tiny_dit_dir, tmp_path):
+    images = run(tiny_unet_dir, tmp_path / "unet", rows=[0], latent=(6, 12))
+    assert {v.shape for v in images.values()} == {(6, 12)}
+    assert json.loads((tmp_path / "unet" / "samples.json").read_text())["latent"] == [6, 12]
+    assert {v.shape for v in run(tiny_dit_dir, tmp_path / "dit", rows=[0], latent=(8, 8)).values()} == {(8, 8)}
+    with pytest.raises(UsageError, match=r"latent 7x8: UNet2DConditionModel .* multiples of 2"):
+        run(tiny_unet_dir, tmp_path / "odd", latent=(7, 8))
+    with pytest.raises(UsageError, match=r"latent 12x8: DiTTransformer2DModel models run at their own latent size "
+                                         r"only \(8x8\)"):
+        run(tiny_dit_dir, tmp_path / "wide", latent=(12, 8))
+
+
 def run(model_dir, out, **kw):
     options = {"rows": [0, 1, 2], "per_row": 2, "steps": 3, "seed": 0, "progress": False}
     options.update(kw)
