@@ -1,6 +1,9 @@
 """What a user's shell sees: the command list, exit codes, one-line errors without tracebacks."""
 
+import argparse
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,33 @@ def test_help_of_the_commands_running_graphs_names_the_backends_environment(run_
         assert result.returncode == 0
         assert ort_integer.ENV in result.stdout and ort_conv.ENV in result.stdout, command
         assert f"unset: {ort_conv.DEFAULT_BUDGET_MB}" in result.stdout
+
+
+def test_the_readme_lists_every_option_of_every_command():
+    """README "Commands" names each subcommand with exactly the long options its parser takes, so the
+    two cannot drift apart (-h, -v, -q, common to all, are left out there)."""
+    from exporter.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("\n## Commands\n", 1)[1].split("```", 2)[1]
+    listed: dict[str, set[str]] = {}
+    command = None
+    for line in block.splitlines():
+        if match := re.match(r"exporter (\w+)", line):
+            command = match.group(1)
+        if command is not None:  # a command's line, or one continuing it
+            listed.setdefault(command, set()).update(re.findall(r"--[\w-]+", line.split("#")[0]))
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(listed) == set(subparsers.choices)
+    options = {name: {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+               for name, parser in subparsers.choices.items()}
+    for name, taken in options.items():
+        assert listed[name] == taken - {"--help", "--verbose", "--quiet"}, name
+    # and every command line elsewhere in the README (code spans and blocks) uses options that exist
+    for match in re.finditer(r"exporter (?:-[qv] )?(\w+)([^`\n]*)", readme):
+        if match.group(1) in options:
+            used = set(re.findall(r"(?<![\w-])--[\w-]+", match.group(2).split("#")[0]))
+            assert used <= options[match.group(1)], match.group(0)
 
 
 def one_line_error(result, *fragments):
