@@ -78,6 +78,9 @@ def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
                          f"{native[0]}x{native[1]} only (their token count and position embedding are fixed)")
     for block in manifest["blocks"]:
         for tensor in block["inputs"]:
+            if "trace_shape" not in tensor:  # manifests written before sizes were recorded
+                raise UsageError(f"the manifest has no traced shape for {tensor['name']}: re-export the graphs with "
+                                 "this version of the exporter to run other latent sizes")
             for dim, traced in zip(tensor["shape"], tensor["trace_shape"]):
                 if isinstance(dim, str) and dim.endswith(("_height", "_width")):
                     scaled_size(tensor, dim, traced, latent, native)

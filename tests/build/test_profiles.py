@@ -54,3 +54,9 @@ def test_engines_run_latents_inside_their_profile_only(tiny_int8_graphs):
         check_latent(manifest, (16, 14))
     with pytest.raises(UsageError, match="does not divide"):  # inside the profile, but no UNet can take it
         check_latent(manifest, (9, 9))
+    for block in manifest["blocks"]:
+        for tensor in block["inputs"]:
+            del tensor["trace_shape"]
+    check_latent(manifest, (8, 8))  # the model's own size needs no traced shapes
+    with pytest.raises(UsageError, match="re-export the graphs with this version of the exporter to run other"):
+        check_latent(manifest, (16, 8))
