@@ -239,7 +239,7 @@ def cmd_parity(args) -> int:
 
     results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
                                 engines=args.engines, blocks_to_check=args.blocks,
-                                samples=args.samples)
+                                samples=args.samples, latent=args.latent)
     print(format_parity(results))
     if e2e is not None:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8,
                    help="recorded inputs per graph, run as one batch (default 8; fewer for real-size models)")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
+    p.add_argument("--latent", type=parse_latent, metavar="HxW",
+                   help="compare the blocks at this latent size (the recorded latents resized; e.g. the largest of "
+                   "the engines' profile); the end-to-end check stays at the model's own size")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("eval", parents=[common],

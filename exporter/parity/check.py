@@ -40,7 +40,7 @@ import torch
 
 from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
-from exporter.export.manifest import layer_formats, node_scope, read_manifest
+from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest
 from exporter.parity.report import save_golden
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
-def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES) -> dict[int, dict]:
-    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples."""
+def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES,
+                  latent: tuple[int, int] | None = None) -> dict[int, dict]:
+    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples; with
+    ``latent``, the recorded latents resized to it (bilinear) before the blocks run on them."""
     from exporter.calibrate import CalibrationData
     from exporter.models.blocks import run_blocks
 
@@ -115,6 +117,9 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, sample
         index = (shard["t"] == t).nonzero().flatten()[:samples]
         env = {n: shard[n][index] for n in manifest["model_inputs"]}
         env["timestep"] = env["timestep"].to(torch.float32)
+        if latent is not None and tuple(latent) != tuple(env["sample"].shape[2:]):
+            env["sample"] = torch.nn.functional.interpolate(env["sample"].float(), size=tuple(latent), mode="bilinear",
+                                                            align_corners=False).to(env["sample"].dtype)
         if context is not None:
             context.t = t
         with torch.no_grad():
@@ -123,8 +128,9 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, sample
     return per_group
 
 
-def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
-    """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``."""
+def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None) -> dict:
+    """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``
+    (whose profile must take ``latent``)."""
     if engines is None:
         return {}
     from polygraphy.backend.trt import TrtRunner
@@ -135,6 +141,8 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
     engine_manifest = read_manifest(engines)
     if engine_manifest.get("kind") != "tensorrt":
         raise UsageError(f"{engines} is not an engines folder (exporter build writes one)")
+    if latent is not None:
+        check_latent(engine_manifest, latent)
     check_engines_compatible(engine_manifest, device_info())
     runtime = folder_runtime(engines, engine_manifest)  # version-compatible engines: their lean runtime
     runners = {}
@@ -149,14 +157,16 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict) -> dict:
 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
                  end_to_end_check: bool = True, engines: str | Path | None = None,
-                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES
-                 ) -> tuple[list[GraphParity], dict | None]:
+                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES,
+                 latent: tuple[int, int] | None = None) -> tuple[list[GraphParity], dict | None]:
     """Per-graph parity results, and the end-to-end comparison (None when skipped). With
     ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
     runs in the same polygraphy comparison and is held to the same threshold. ``blocks_to_check``
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
     their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
-    (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores."""
+    (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores.
+    ``latent`` (height, width): the per-block comparison at that size (the recorded latents resized),
+    e.g. the largest an engine's profile takes; the end-to-end one stays at the model's own size."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -173,7 +183,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         G_LOGGER.module_severity = G_LOGGER.WARNING
     folder = Path(folder)
     manifest = read_manifest(folder)
-    trt_runners = _engine_runners(Path(engines) if engines else None, folder, manifest)  # checked before work
+    if latent is not None:
+        check_latent(manifest, latent)
+    # checked before work
+    trt_runners = _engine_runners(Path(engines) if engines else None, folder, manifest, latent)
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
@@ -201,7 +214,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     unknown = sorted(set(blocks_to_check or ()) - set(blocks))
     if unknown:
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
-    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples)
+    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
     disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU

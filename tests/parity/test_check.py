@@ -2,6 +2,7 @@
 and a broken graph traced to its layer."""
 
 import json
+import shutil
 import subprocess
 from types import SimpleNamespace
 
@@ -108,6 +109,22 @@ def test_without_integer_products_parity_and_its_replay_leave_out_onnx_runtimes_
     replay = subprocess.run(line.split(), cwd=tiny_int8_graphs, capture_output=True, text=True, timeout=300,
                             check=False)
     assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr
+
+
+def test_blocks_are_compared_at_another_latent_size(tiny_int8_graphs, tmp_path, run_cli):
+    """``latent``: the recorded latents resized, every block's inputs (and so the golden files the
+    replay commands read) at that size; sizes the graphs cannot take are refused before any work."""
+    folder = tmp_path / "g"
+    shutil.copytree(tiny_int8_graphs, folder)
+    results, _ = check_parity(folder, end_to_end_check=False, latent=(10, 14))
+    assert len(results) == sum(len(b["graphs"]) for b in read_manifest(folder)["blocks"])
+    assert all(r.passed and r.polygraphy_passed for r in results), [(r.graph, r.outputs) for r in results]
+    inputs = load_json(str(folder / "parity" / "stem.inputs.json"))[0]
+    assert inputs["sample"].shape[2:] == (10, 14)
+    deep = [v.shape[2:] for v in load_json(str(folder / "parity" / "up0.g0.inputs.json"))[0].values() if v.ndim == 4]
+    assert deep and set(deep) == {(5, 7)}  # the tiny UNet's one downsampling: half the latent
+    result = run_cli("-q", "parity", folder, "--blocks-only", "--latent", "9x8")
+    assert result.returncode == 2 and "latent height 9 does not divide" in result.stderr
 
 
 def test_bf16_graphs_are_checked_by_the_onnx_reference_implementation(tiny_unet_dir, tiny_unet_calib, tmp_path):
