@@ -37,14 +37,20 @@ def evaluate(images_dir: str | Path, reference_dir: str | Path | None = None, di
     start = time.perf_counter()
     images = read_image_folder(images_dir)
     keys = sorted(images)
-    if not digits:
+    batch = _stack(images, keys) if digits else None
+    if batch is not None and batch.shape[1:] != (16, 16):  # e.g. exporter run --latent
+        if reference_dir is None:
+            raise ImageFolderError(f"{images_dir}: the digits yardstick needs 16x16 images, got "
+                                   f"{batch.shape[1]}x{batch.shape[2]}; pass --reference to compare them with "
+                                   "images of the same seeds and size")
+        log.warning("%s: %dx%d images; the digits yardstick (accuracy, FD-digits) needs 16x16, so only the "
+                    "comparison with %s is made", images_dir, batch.shape[1], batch.shape[2], reference_dir)
+        batch = None
+    if batch is None:
         result = {"images": str(images_dir), "n_images": len(keys)}
         if reference_dir is not None:
             result.update(compare(images, read_image_folder(reference_dir), images_dir, reference_dir))
         return result
-    batch = _stack(images, keys)
-    if batch.shape[1:] != (16, 16):
-        raise ImageFolderError(f"{images_dir}: the digits yardstick needs 16x16 images, got {batch.shape[1:]}")
     clf = get_classifier()
     result: dict = {"images": str(images_dir), "n_images": len(keys), "classifier_test_accuracy": clf.test_accuracy}
 
@@ -72,6 +78,11 @@ def compare(images: dict, reference: dict, images_dir, reference_dir) -> dict:
     common = sorted(set(images) & set(reference))
     if not common:
         raise ImageFolderError(f"{images_dir} and {reference_dir} share no <row>_<k>.png names to compare")
+    sizes = {images[common[0]].shape, reference[common[0]].shape}
+    if len(sizes) > 1:
+        raise ImageFolderError(f"{images_dir} holds {'x'.join(map(str, images[common[0]].shape))} images and "
+                               f"{reference_dir} {'x'.join(map(str, reference[common[0]].shape))}: compare images "
+                               "of the same size (the same --latent)")
     missing = len(images) - len(common)
     if missing:
         log.warning("%d image(s) in %s have no counterpart in %s", missing, images_dir, reference_dir)
@@ -103,8 +114,9 @@ def format_table(result: dict) -> str:
     rows = [("images", str(result["n_images"]))]
     if "accuracy" in result:
         rows.append(("accuracy", f"{100 * result['accuracy']:.1f} %"))
-    rows.append(("FD-digits", (f"{result['fd_digits']:.2f}  (real-digit floor at this N: "
-                               f"{result['fd_digits_real_floor']:.2f})")))
+    if "fd_digits" in result:
+        rows.append(("FD-digits", (f"{result['fd_digits']:.2f}  (real-digit floor at this N: "
+                                   f"{result['fd_digits_real_floor']:.2f})")))
     if "n_compared" in result:
         psnr_mean = result["psnr_mean"]
         rows.append(("PSNR vs reference", "identical" if psnr_mean is None else f"{psnr_mean:.2f} dB mean, "

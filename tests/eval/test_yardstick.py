@@ -77,3 +77,24 @@ def test_corrupted_png_and_unrelated_reference(tmp_path):
     write_image_folder(tmp_path / "c", {(11, 5): np.zeros((1, 16, 16))})
     with pytest.raises(ImageFolderError, match="share no <row>_<k>.png names"):
         evaluate(tmp_path / "b", tmp_path / "c")
+
+
+def test_images_of_another_size_are_compared_but_not_scored_as_digits(tmp_path):
+    """``exporter run --latent`` writes images the digits classifier cannot read: with a reference of
+    the same size only PSNR/SSIM are reported, without one it is an error saying what to pass, and a
+    reference of another size is refused instead of crashing in the comparison."""
+    from exporter.eval import format_table
+
+    rng = np.random.default_rng(0)
+    wide = {(r, 0): rng.uniform(-1, 1, (1, 24, 32)).astype(np.float32) for r in range(3)}
+    write_image_folder(tmp_path / "wide", wide)
+    write_image_folder(tmp_path / "wide_ref", {k: np.clip(v + 0.05, -1, 1) for k, v in wide.items()})
+    with pytest.raises(ImageFolderError, match="needs 16x16 images, got 24x32; pass --reference"):
+        evaluate(tmp_path / "wide")
+    result = evaluate(tmp_path / "wide", tmp_path / "wide_ref")
+    assert "accuracy" not in result and "fd_digits" not in result
+    assert result["n_compared"] == 3 and 20 < result["psnr_mean"] < 40
+    assert "FD-digits" not in format_table(result) and "PSNR vs reference" in format_table(result)
+    real_digit_folder(tmp_path / "digits", per_row=1)
+    with pytest.raises(ImageFolderError, match="holds 24x32 images and .* 16x16: compare images of the same size"):
+        evaluate(tmp_path / "wide", tmp_path / "digits")
