@@ -34,6 +34,17 @@ def parse_rows(text: str) -> list[int]:
     return rows
 
 
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (images, steps, batch sizes, intervals, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number >= 1")
+    return value
+
+
 def parse_latent(text: str) -> tuple[int, int]:
     """``HxW`` (``24x32``) or one number for a square latent."""
     try:
@@ -52,7 +63,7 @@ def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None
         p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model's or graphs' own)")
     add_image_options(p)
-    p.add_argument("--batch-size", type=int, default=40, help="images per denoiser call")
+    p.add_argument("--batch-size", type=positive_int, default=40, help="images per denoiser call")
     p.add_argument("--latent", type=parse_latent, metavar="HxW",
                    help="size of the sample the model denoises (the latent; the image itself for pixel-space models "
                    "like the reference ones), default the model's sample_size; UNets take multiples of 2 per "
@@ -64,8 +75,8 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     from exporter.sampling import SCHEDULERS
 
     p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 or 0,3,7 (default: all)")
-    p.add_argument("--per-row", type=int, help="images per row (default 8)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: model's sampling.json, else 20)")
+    p.add_argument("--per-row", type=positive_int, help="images per row (default 8)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: model's sampling.json, else 20)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: model's, else ddim)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=0)
@@ -311,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
-    p.add_argument("--trajectories", type=int, help="override the recipe's trajectory count")
+    p.add_argument("--trajectories", type=positive_int, help="override the recipe's trajectory count")
     p.add_argument("--out", type=Path, required=True, help="calibration folder (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -346,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="denoise with exported graphs (ONNX Runtime) or built engines (TensorRT), optional DeepCache")
     p.add_argument("graphs", type=Path, help="folder written by exporter export or exporter build")
     add_sampling_options(p, model=False)
-    p.add_argument("--cache-interval", type=int, default=1, help="DeepCache: a full step every N steps (1: off)")
+    p.add_argument("--cache-interval", type=positive_int, default=1, help="DeepCache: a full step every N steps (1: off)")
     p.add_argument("--cache-branch", help="cached feature (default: the shallowest branch)")
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "quadratic"],
                    help="which steps are full: every N-th, or denser early (same count)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_run)
 
@@ -378,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
     p.add_argument("--blocks", type=lambda s: s.split(","), help="check only these blocks, e.g. up3.layer2,head")
-    p.add_argument("--samples", type=int, default=8,
+    p.add_argument("--samples", type=positive_int, default=8,
                    help="recorded inputs per graph, run as one batch (default 8; fewer for real-size models)")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
     p.add_argument("--latent", type=parse_latent, metavar="HxW",

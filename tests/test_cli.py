@@ -54,6 +54,18 @@ def test_the_readme_lists_every_option_of_every_command():
             assert used <= options[match.group(1)], match.group(0)
 
 
+@pytest.mark.parametrize("option", ["--per-row", "--steps", "--batch-size", "--cache-interval", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_counts_below_one_are_refused_by_the_parser(option, value, capsys):
+    """0 images per row, 0 steps or a batch of 0 used to mean "the default", or crash deep in the loop."""
+    from exporter.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "graphs", option, value, "--out", "o"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: invalid value '{value}': a whole number >= 1" in capsys.readouterr().err
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -82,7 +82,9 @@ class Runtime:
         return self.manifest["cache"]["features"]
 
     def cache_plan(self, steps: int, interval: int, branch: str | None, schedule: str) -> CachePlan:
-        if interval <= 1:
+        if interval < 1:
+            raise UsageError(f"cache interval must be >= 1 (1: no caching), got {interval}")
+        if interval == 1:
             return CachePlan(None, set(range(steps)), [b["name"] for b in self.blocks])
         features = self.cache_features
         if not features:
@@ -165,7 +167,7 @@ class Runtime:
         conditioning = load_conditioning(cond_path, self.adapter)
         settings = SampleSettings(
             rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)), per_row=per_row,
-            steps=steps or defaults["steps"], scheduler=scheduler or defaults["scheduler"],
+            steps=steps if steps is not None else defaults["steps"], scheduler=scheduler or defaults["scheduler"],
             guidance=guidance if guidance is not None else defaults["guidance"], seed=seed, batch_size=batch_size)
         if self.manifest.get("kind") == "tensorrt":  # stay inside the engines' optimization profile
             settings = dataclasses.replace(settings, batch_size=min(settings.batch_size,

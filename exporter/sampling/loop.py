@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exporter.errors import UsageError
 from exporter.models.conditioning import Conditioning, cfg_batch
 from exporter.sampling.schedulers import make_scheduler
 
@@ -32,6 +33,12 @@ class SampleSettings:
     guidance: float = 1.0  # <= 1 disables classifier-free guidance (no null-conditioning pass)
     seed: int = 0
     batch_size: int = 40  # images per denoiser call (doubled when guidance is on)
+
+    def __post_init__(self):
+        for name in ("per_row", "steps", "batch_size"):  # 0 would silently make no images or no steps
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive whole number, got {value!r}")
 
     def image_keys(self) -> list[tuple[int, int]]:
         return [(row, k) for row in self.rows for k in range(self.per_row)]

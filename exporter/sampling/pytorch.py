@@ -70,8 +70,8 @@ def sample_pytorch(
     defaults = {**BUILTIN_DEFAULTS, **loaded.sampling_defaults}
     settings = SampleSettings(
         rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)),
-        per_row=per_row or defaults["per_row"],
-        steps=steps or defaults["steps"],
+        per_row=per_row if per_row is not None else defaults["per_row"],
+        steps=steps if steps is not None else defaults["steps"],
         scheduler=scheduler or defaults["scheduler"],
         guidance=guidance if guidance is not None else defaults["guidance"],
         seed=seed,

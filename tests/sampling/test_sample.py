@@ -43,6 +43,12 @@ def test_sample_at_another_latent_size(tiny_unet_dir, tiny_dit_dir, tmp_path):
         run(tiny_dit_dir, tmp_path / "wide", latent=(12, 8))
 
 
+def test_no_images_no_steps_and_empty_batches_are_usage_errors(tiny_unet_dir, tmp_path):
+    for option in ("per_row", "steps", "batch_size"):
+        with pytest.raises(UsageError, match=f"{option} must be a positive whole number, got 0"):
+            run(tiny_unet_dir, tmp_path / option, **{option: 0})
+
+
 def run(model_dir, out, **kw):
     options = {"rows": [0, 1, 2], "per_row": 2, "steps": 3, "seed": 0, "progress": False}
     options.update(kw)
