@@ -8,6 +8,7 @@ the kept feature. The shallowest branch (the default) skips the most.
 
     from exporter.runtime import Runtime
     images = Runtime.load("graphs/x").generate(rows=[0, 1], per_row=4, steps=20, cache_interval=3, seed=0)
+    wider = Runtime.load("graphs/x").generate(rows=[0], latent=(48, 80))  # UNet graphs: any size they divide
 """
 
 from __future__ import annotations
