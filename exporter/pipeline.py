@@ -56,8 +56,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     name = fmt if recipe_path is None else Path(recipe_path).stem
     quantization = recipe.quantization
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
-    sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": per_row if per_row is not None else 8, "steps": steps,
-                "scheduler": scheduler, "guidance": guidance, "seed": seed}
+    sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": 8 if per_row is None else per_row,
+                "steps": steps, "scheduler": scheduler, "guidance": guidance, "seed": seed}
     started = time.perf_counter()
 
     calib = None
