@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="denoise with exported graphs (ONNX Runtime) or built engines (TensorRT), optional DeepCache")
     p.add_argument("graphs", type=Path, help="folder written by exporter export or exporter build")
     add_sampling_options(p, model=False)
-    p.add_argument("--cache-interval", type=positive_int, default=1, help="DeepCache: a full step every N steps (1: off)")
+    p.add_argument("--cache-interval", type=positive_int, default=1,
+                   help="DeepCache: a full step every N steps (1: off)")
     p.add_argument("--cache-branch", help="cached feature (default: the shallowest branch)")
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "quadratic"],
                    help="which steps are full: every N-th, or denser early (same count)")
