@@ -132,6 +132,8 @@ def cmd_calibrate(args) -> None:
     if args.trajectories is not None:
         spec = dataclasses.replace(spec, trajectories=args.trajectories)
         spec.validate("--trajectories")
+    if args.latent is not None:
+        spec = dataclasses.replace(spec, latent=list(args.latent))
     model = args.model or recipe.model
     if model is None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
@@ -323,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_options(p)
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model dir's own)")
     p.add_argument("--trajectories", type=positive_int, help="override the recipe's trajectory count")
+    p.add_argument("--latent", type=parse_latent, metavar="HxW",
+                   help="denoise latents of this size (default: the recipe's calibration.latent, else the model's "
+                   "own): calibrate at the size the UNet graphs will run at")
     p.add_argument("--out", type=Path, required=True, help="calibration folder (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
 

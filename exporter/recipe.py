@@ -38,6 +38,9 @@ class CalibrationSpec:
     steps_per_trajectory: int | None = None  # recorded steps per trajectory (None: every step)
     batch_trajectories: int = 8  # trajectories per batch: one shard each, the unit of resuming
     split: list[str] = field(default_factory=list)  # blocks recorded layer by layer ("*": all)
+    # [h, w] of the latents the trajectories denoise (None: the model's own size): calibrate at the size
+    # the graphs will run at (UNets; README "Other latent sizes")
+    latent: list[int] | None = None
 
     def validate(self, where: str) -> None:
         if self.timestep_sampling not in ("uniform", "normal"):
@@ -47,6 +50,8 @@ class CalibrationSpec:
                 raise RecipeError(f"{where}.{name} must be >= 1")
         if self.steps_per_trajectory is not None and not 1 <= self.steps_per_trajectory <= self.steps:
             raise RecipeError(f"{where}.steps_per_trajectory must lie in [1, steps]")
+        if self.latent is not None and (len(self.latent) != 2 or min(self.latent) < 1):
+            raise RecipeError(f"{where}.latent must be [height, width], both >= 1")
 
 
 @dataclass

@@ -86,6 +86,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
     conditioning = load_conditioning(Path(cond) if cond else loaded.default_conditioning, adapter)
     rows = spec.rows if spec.rows is not None else list(range(conditioning.num_rows or 1))
     conditioning.check_rows(rows)
+    adapter.sample_shape_at(loaded.model, spec.latent)  # a latent the model cannot take: refused before any work
     blocks = adapter.blocks(loaded.model, split=spec.split)
     read = {n for b in blocks for n in b.inputs}
     produced_in_order = [n for b in blocks for n in (*b.inputs, *b.outputs)]  # model inputs come first
@@ -140,7 +141,8 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
     train_steps = scheduler.config.num_train_timesteps
     chosen = {i: set(recorded_steps(spec, timesteps, i, train_steps)) for i in ids}
     traj_rows = [rows[i % len(rows)] for i in ids]
-    noise = torch.stack([initial_noise(adapter.sample_shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
+    shape = adapter.sample_shape_at(loaded.model, spec.latent)
+    noise = torch.stack([initial_noise(shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
     cond, uncond = conditioning.batch(traj_rows)
     records: dict[str, list[torch.Tensor]] = {n: [] for n in names + ["t", "trajectory", "null_condition"]}
 
@@ -178,6 +180,8 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     if not spec_file.is_file():
         return {}
     old = read_json(spec_file, "calibration spec")
+    # spec fields added since that run was written take their defaults (e.g. latent: the model's own size)
+    old["spec"] = {**dataclasses.asdict(CalibrationSpec()), **old.get("spec", {})}
     keys = ("schema", "model_class", "spec", "tensors")
     if any(old.get(k) != state[k] for k in keys) or Path(old.get("model", "")).resolve() != Path(state["model"]).resolve():
         raise CalibrationError(f"{out} holds calibration data of another model or spec; "

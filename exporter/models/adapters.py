@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from exporter.errors import ModelError
+from exporter.errors import ModelError, UsageError
 
 ConditioningKind = Literal["embeddings", "class_labels", "none"]
 
@@ -73,6 +73,21 @@ class ArchitectureAdapter:
         only (transformers: their graphs fix the token count and position embedding, and diffusers'
         DiT turns its tokens back into a square image)."""
         return None
+
+    def sample_shape_at(self, model: torch.nn.Module, latent) -> tuple[int, int, int]:
+        """The sample shape for a latent (height, width) (None: the model's own), or a UsageError
+        saying which sizes this model takes."""
+        channels, h, w = self.sample_shape
+        if latent is None or tuple(latent) == (h, w):
+            return (channels, h, w)
+        multiple = self.latent_multiple(model)
+        if multiple is None:
+            raise UsageError(f"latent {latent[0]}x{latent[1]}: {self.class_name} models run at their own latent "
+                             f"size only ({h}x{w})")
+        if min(latent) < 1 or latent[0] % multiple or latent[1] % multiple:
+            raise UsageError(f"latent {latent[0]}x{latent[1]}: this {self.class_name} takes positive heights and "
+                             f"widths that are multiples of {multiple}")
+        return (channels, int(latent[0]), int(latent[1]))
 
     def denoise(self, model: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """The model's noise prediction for ``sample`` at timesteps ``t`` (one per batch item)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from exporter import __version__
-from exporter.errors import NonFiniteError, UsageError
+from exporter.errors import NonFiniteError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.models import load_conditioning, load_model
@@ -50,14 +50,7 @@ def sample_pytorch(
     ``latent``: (height, width) of the sample to denoise, default the model's own."""
     start = time.perf_counter()
     loaded = load_model(resolve(model))
-    if latent is not None and tuple(latent) != loaded.adapter.sample_shape[1:]:
-        multiple, (h, w) = loaded.adapter.latent_multiple(loaded.model), loaded.adapter.sample_shape[1:]
-        if multiple is None:
-            raise UsageError(f"latent {latent[0]}x{latent[1]}: {loaded.adapter.class_name} models run at their own "
-                             f"latent size only ({h}x{w})")
-        if min(latent) < 1 or latent[0] % multiple or latent[1] % multiple:
-            raise UsageError(f"latent {latent[0]}x{latent[1]}: {loaded.adapter.class_name} {loaded.directory} takes "
-                             f"positive heights and widths that are multiples of {multiple}")
+    sample_shape = loaded.adapter.sample_shape_at(loaded.model, latent)  # refused here, before any work
     quant_summary = None
     if quantization is not None:
         quant_summary = quantize_model(loaded, quantization, calib)
@@ -93,8 +86,6 @@ def sample_pytorch(
             raise NonFiniteError(f"{where}: {found}")
         return eps
 
-    channels, *native = loaded.adapter.sample_shape
-    sample_shape = (channels, *(latent or native))
     images = generate(denoise, sample_shape, loaded.scheduler_config, conditioning, settings, progress)
     out = Path(out)
     write_image_folder(out, {key: img.numpy() for key, img in images.items()})

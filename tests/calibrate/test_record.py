@@ -71,6 +71,40 @@ def test_other_spec_in_same_folder_and_tampered_shard_are_refused(tiny_unet_dir,
         CalibrationData(tmp_path)
 
 
+def test_calibration_at_another_latent_size_and_the_graphs_checked_there(tiny_unet_dir, tiny_dit_dir, tmp_path):
+    """``latent``: trajectories at the size the graphs will run at; export and per-block parity
+    take the recorded inputs as they are, so parity runs at that size too."""
+    from polygraphy.json import load_json
+
+    from exporter.export import export_graphs
+    from exporter.parity import check_parity
+    from exporter.recipe import QuantizationSpec
+
+    spec = CalibrationSpec(trajectories=2, steps=4, batch_trajectories=2, guidance=2.0, latent=[10, 14])
+    calibrate(str(tiny_unet_dir), tmp_path / "calib", spec, progress=False)
+    first = next(iter(CalibrationData(tmp_path / "calib")))
+    assert first["sample"].shape[2:] == (10, 14) and first["skip3"].shape[2:] == (5, 7)  # after the downsampling
+    export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tmp_path / "calib",
+                  quantization=QuantizationSpec(groups=2), progress=False)
+    results, _ = check_parity(tmp_path / "g", end_to_end_check=False, blocks_to_check=["stem", "mid"])
+    assert results and all(r.passed for r in results), [(r.graph, r.outputs) for r in results]
+    assert load_json(str(tmp_path / "g" / "parity" / "stem.inputs.json"))[0]["sample"].shape[2:] == (10, 14)
+    # a folder written before latent existed (at the model's own size) lacks the key, and still resumes
+    native = CalibrationSpec(trajectories=1, steps=2)
+    calibrate(str(tiny_unet_dir), tmp_path / "old", native, progress=False)
+    state = json.loads((tmp_path / "old" / "spec.json").read_text())
+    del state["spec"]["latent"]
+    (tmp_path / "old" / "spec.json").write_text(json.dumps(state))
+    assert calibrate(str(tiny_unet_dir), tmp_path / "old", native, progress=False)["complete"]
+    for model, latent, message in ((tiny_unet_dir, [9, 8], "multiples of 2"), (tiny_dit_dir, [8, 10], "own latent")):
+        with pytest.raises(Exception, match=message):
+            calibrate(str(model), tmp_path / "refused", CalibrationSpec(trajectories=1, steps=2, latent=latent),
+                      progress=False)
+    assert not list((tmp_path / "refused").glob("shard-*"))  # refused before any work
+    with pytest.raises(RecipeError, match="latent must be \\[height, width\\]"):
+        CalibrationSpec(latent=[8]).validate("calibration")
+
+
 def test_normal_timestep_sampling_centres_on_0_4_T(tiny_dit_dir, tmp_path):
     spec = CalibrationSpec(trajectories=12, steps=20, steps_per_trajectory=3, timestep_sampling="normal",
                            batch_trajectories=12, guidance=1.0)

@@ -36,7 +36,7 @@ def test_sample_at_another_latent_size(tiny_unet_dir, tiny_dit_dir, tmp_path):
     assert {v.shape for v in images.values()} == {(6, 12)}
     assert json.loads((tmp_path / "unet" / "samples.json").read_text())["latent"] == [6, 12]
     assert {v.shape for v in run(tiny_dit_dir, tmp_path / "dit", rows=[0], latent=(8, 8)).values()} == {(8, 8)}
-    with pytest.raises(UsageError, match=r"latent 7x8: UNet2DConditionModel .* multiples of 2"):
+    with pytest.raises(UsageError, match=r"latent 7x8: this UNet2DConditionModel takes .* multiples of 2"):
         run(tiny_unet_dir, tmp_path / "odd", latent=(7, 8))
     with pytest.raises(UsageError, match=r"latent 12x8: DiTTransformer2DModel models run at their own latent size "
                                          r"only \(8x8\)"):
