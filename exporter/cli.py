@@ -141,8 +141,9 @@ def cmd_calibrate(args) -> None:
     samples = sum(s["samples"] for s in state["shards"].values())
     t, counts = [float(k) for k in state["coverage"]], list(state["coverage"].values())
     per_t = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    at = f" at latent {spec.latent[0]}x{spec.latent[1]}" if spec.latent else ""
     print(f"recorded {samples} samples of {len(state['tensors'])} tensors over {len(t)} timesteps "
-          f"(t {min(t):g} to {max(t):g}, {per_t} samples each) into {args.out}")
+          f"(t {min(t):g} to {max(t):g}, {per_t} samples each){at} into {args.out}")
 
 
 def cmd_finetune(args) -> None:
