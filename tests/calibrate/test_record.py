@@ -8,6 +8,7 @@ import torch
 
 from exporter.calibrate import CalibrationData, CalibrationError, calibrate
 from exporter.cli import main
+from exporter.errors import UsageError
 from exporter.models import load_model
 from exporter.recipe import CalibrationSpec, RecipeError
 
@@ -97,7 +98,7 @@ def test_calibration_at_another_latent_size_and_the_graphs_checked_there(tiny_un
     (tmp_path / "old" / "spec.json").write_text(json.dumps(state))
     assert calibrate(str(tiny_unet_dir), tmp_path / "old", native, progress=False)["complete"]
     for model, latent, message in ((tiny_unet_dir, [9, 8], "multiples of 2"), (tiny_dit_dir, [8, 10], "own latent")):
-        with pytest.raises(Exception, match=message):
+        with pytest.raises(UsageError, match=message):
             calibrate(str(model), tmp_path / "refused", CalibrationSpec(trajectories=1, steps=2, latent=latent),
                       progress=False)
     assert not list((tmp_path / "refused").glob("shard-*"))  # refused before any work
