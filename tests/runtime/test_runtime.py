@@ -19,9 +19,8 @@ def pytorch_latents(model_dir, rows, steps, scheduler, guidance, latent=None):
     loaded = load_model(model_dir)
     cond = load_conditioning(loaded.default_conditioning, loaded.adapter)
     settings = SampleSettings(rows=tuple(rows), per_row=2, steps=steps, scheduler=scheduler, guidance=guidance, seed=3)
-    channels, *native = loaded.adapter.sample_shape
-    return generate(lambda x, t, c, s: loaded.adapter.denoise(loaded.model, x, t, c), (channels, *(latent or native)),
-                    loaded.scheduler_config, cond, settings, False)
+    return generate(lambda x, t, c, s: loaded.adapter.denoise(loaded.model, x, t, c),
+                    loaded.adapter.sample_shape_at(loaded.model, latent), loaded.scheduler_config, cond, settings, False)
 
 
 @pytest.fixture(scope="module")
