@@ -86,7 +86,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
     conditioning = load_conditioning(Path(cond) if cond else loaded.default_conditioning, adapter)
     rows = spec.rows if spec.rows is not None else list(range(conditioning.num_rows or 1))
     conditioning.check_rows(rows)
-    adapter.sample_shape_at(loaded.model, spec.latent)  # a latent the model cannot take: refused before any work
+    shape = adapter.sample_shape_at(loaded.model, spec.latent)  # a latent the model cannot take: refused here
     blocks = adapter.blocks(loaded.model, split=spec.split)
     read = {n for b in blocks for n in b.inputs}
     produced_in_order = [n for b in blocks for n in (*b.inputs, *b.outputs)]  # model inputs come first
@@ -115,7 +115,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
             continue
         first = batch_index * spec.batch_trajectories
         ids = list(range(first, min(first + spec.batch_trajectories, spec.trajectories)))
-        tensors = _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar)
+        tensors = _record_batch(loaded, conditioning, blocks, names, spec, shape, rows, ids, use_cfg, bar)
         meta = {"trajectories": f"{ids[0]}-{ids[-1]}"}
         data = save(tensors, metadata=meta)
         atomic_write_bytes(out / shard_name, data)
@@ -130,7 +130,8 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
     return state
 
 
-def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg, bar) -> dict[str, torch.Tensor]:
+def _record_batch(loaded, conditioning, blocks, names, spec, shape, rows, ids, use_cfg,
+                  bar) -> dict[str, torch.Tensor]:
     from exporter.models.blocks import run_blocks
     from exporter.models.non_finite import all_finite, first_non_finite_module
 
@@ -141,7 +142,6 @@ def _record_batch(loaded, conditioning, blocks, names, spec, rows, ids, use_cfg,
     train_steps = scheduler.config.num_train_timesteps
     chosen = {i: set(recorded_steps(spec, timesteps, i, train_steps)) for i in ids}
     traj_rows = [rows[i % len(rows)] for i in ids]
-    shape = adapter.sample_shape_at(loaded.model, spec.latent)
     noise = torch.stack([initial_noise(shape, spec.seed, r, i) for r, i in zip(traj_rows, ids)])
     cond, uncond = conditioning.batch(traj_rows)
     records: dict[str, list[torch.Tensor]] = {n: [] for n in names + ["t", "trajectory", "null_condition"]}
