@@ -42,8 +42,12 @@ def refresh_steps(steps: int, interval: int, schedule: str = "uniform") -> list[
     if schedule == "uniform":
         return list(range(0, steps, interval))
     if schedule == "quadratic":
-        chosen = sorted({round((i / max(full - 1, 1)) ** 2 * (steps - 1)) for i in range(full)})
-        return chosen
+        chosen = [round((i / max(full - 1, 1)) ** 2 * (steps - 1)) for i in range(full)]
+        # Early positions round to the same step (20 steps, interval 2: 0 and 0.23); keep them
+        # distinct so the schedule costs exactly as many full steps as the uniform one.
+        for i in range(1, full):
+            chosen[i] = max(chosen[i], chosen[i - 1] + 1)
+        return [min(c, steps - full + i) for i, c in enumerate(chosen)]
     raise UsageError(f"unknown cache schedule {schedule!r}; choose uniform or quadratic")
 
 

@@ -95,6 +95,13 @@ def test_refresh_schedules():
     assert refresh_steps(20, 5) == [0, 5, 10, 15]
     quadratic = refresh_steps(20, 5, "quadratic")
     assert len(quadratic) == 4 and quadratic[0] == 0 and quadratic[1] - quadratic[0] < quadratic[-1] - quadratic[-2]
+    # as many full steps as uniform, all distinct, also where early positions round alike
+    assert refresh_steps(20, 2, "quadratic") == [0, 1, 2, 3, 4, 6, 8, 11, 15, 19]
+    for steps in range(1, 60):
+        for interval in range(1, 8):
+            quadratic = refresh_steps(steps, interval, "quadratic")
+            assert len(quadratic) == len(refresh_steps(steps, interval)), (steps, interval)
+            assert quadratic[0] == 0 and quadratic == sorted(set(quadratic)) and quadratic[-1] < steps
 
 
 def test_each_step_uses_the_graph_of_its_timestep_group(tiny_unet_dir, tiny_unet_calib, tmp_path):
