@@ -15,10 +15,10 @@
   emits means the same at 22, which only added types). ONNX Runtime's CPU provider, which folds
   constants for graphsurgeon, has no bfloat16 kernels for some of the constant arithmetic (the
   attention scale's Sqrt): what it cannot fold, ONNX's reference implementation folds.
-* INT4: PyTorch has no int4 dtype, so INT4 weights and zero points are exported as int8 buffers
-  whose names carry ``int4`` (``exporter.quant.onnx_ops.INT4_MARK``) and retyped here; INT4
-  blocked DequantizeLinear needs opset 21 (the TorchScript exporter stops at 20; the ops it emits
-  mean the same at 21).
+* INT4: PyTorch has no int4 dtype, so INT4 weights and zero points are exported as int8 (zero
+  points: uint8) buffers whose names carry ``int4`` (``exporter.quant.onnx_ops.INT4_MARK``) and
+  retyped here; INT4 blocked DequantizeLinear needs opset 21 (the TorchScript exporter stops at 20;
+  the ops it emits mean the same at 21).
 * External weights: every initializer of at least ``EXTERNAL_MIN_BYTES`` (weights, biases,
   per-channel scales) goes to one weight file per block. They are out of the graph from the trace
   on (in a scratch folder while the passes run): the passes serialize the graph (ONNX Runtime
@@ -55,7 +55,7 @@ def retype_int4(model: onnx.ModelProto, base_dir: Path | None = None) -> bool:
 
     found = False
     for init in model.graph.initializer:
-        if INT4_MARK in init.name and init.data_type == TensorProto.INT8:
+        if INT4_MARK in init.name and init.data_type in (TensorProto.INT8, TensorProto.UINT8):  # uint8: zero points
             values = _array(init, base_dir)
             if values.min(initial=0) < -8 or values.max(initial=0) > 7:
                 raise ValueError(f"initializer {init.name} holds values outside INT4's [-8, 7]")
@@ -258,7 +258,9 @@ def _share_small_constants(graph: onnx.GraphProto) -> None:
         if not init.HasField("raw_data"):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
         if len(init.raw_data) <= 16:
-            key = (init.data_type, tuple(init.dims), init.raw_data)
+            # an INT4 zero point is still an int8 buffer here (retyped by name later): sharing one
+            # with an INT8 zero point of the same bytes would give both layers one type
+            key = (init.data_type, INT4_MARK in init.name, tuple(init.dims), init.raw_data)
             if key in first:
                 renamed[init.name] = first[key]
                 continue

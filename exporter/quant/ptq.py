@@ -160,9 +160,12 @@ class QuantLayer(torch.nn.Module):
         if self.afmt is not None:
             for i, scale in enumerate(self.act_scale[group]):  # in the graph's float type, like the weight scale
                 self.register_buffer(f"onnx_act_scale{i}", scale.clone().to(self.weight_scale.dtype))
-            zmark = f"_{INT4_MARK}" if self.afmt.name == "int4" else ""
-            self._zero_point_name = f"onnx_zero_point{zmark}"
-            self.register_buffer(self._zero_point_name, torch.zeros((), dtype=storage_dtype(self.afmt)))
+            int4 = self.afmt.name == "int4"
+            self._zero_point_name = f"onnx_zero_point_{INT4_MARK}" if int4 else "onnx_zero_point"
+            # An INT4 zero point is uint8 until retyped: torch's exporter merges equal buffers of one
+            # dtype, and an int8 0 would merge with INT8 layers' zero points under one name and type.
+            dtype = torch.uint8 if int4 else storage_dtype(self.afmt)
+            self.register_buffer(self._zero_point_name, torch.zeros((), dtype=dtype))
 
     def _onnx_forward(self, x):
         from exporter.quant.onnx_ops import DequantizeWeight, QuantizeDequantize

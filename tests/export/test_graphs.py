@@ -14,7 +14,7 @@ from exporter.models import load_model
 from exporter.models.blocks import run_blocks
 from exporter.parity.runners import ReferenceRunner
 from exporter.quant.ptq import quantize_model
-from exporter.recipe import QuantizationSpec
+from exporter.recipe import PrecisionOverride, QuantizationSpec
 
 
 def block_outputs_in_ort(folder, manifest, env, group=0):
@@ -118,6 +118,35 @@ def test_w4a16_weights_are_int4_blocked_and_exact(tiny_unet_dir, tmp_path):
     env = reference_tensors(loaded)
     for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
         np.testing.assert_allclose(out, env[name].numpy(), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_int4_and_int8_activations_in_one_graph_keep_their_own_zero_point_types(tiny_unet_dir, tiny_unet_calib,
+                                                                                 tmp_path):
+    # W4A4 with the attention projections at A8: torch's exporter merges equal buffers of one dtype,
+    # which once gave every QuantizeLinear of such a block one zero point, so one of the two formats
+    # saturated to the other's range
+    spec = QuantizationSpec(weights="int4", activations="int4", block_size=16, groups=1, precision=[
+        PrecisionOverride(pattern="*.to_q", weights="int8", activations="int8")])
+    manifest = export_graphs(str(tiny_unet_dir), tmp_path / "g", calib=tiny_unet_calib, quantization=spec,
+                             progress=False)
+    mixed = 0
+    for block in manifest["blocks"]:
+        graph = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False).graph
+        types = {i.name: i.data_type for i in graph.initializer}
+        found = {}
+        for node in graph.node:
+            if node.op_type == "QuantizeLinear":
+                found[block["modules"][node_scope(node)]] = types[node.input[2]]
+        expected = {n: {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4}[formats[1]]
+                    for n, formats in block["quantized_layers"].items() if formats[1]}
+        assert found == {n: expected[n] for n in found} and set(found) == set(expected), block["name"]
+        mixed += len(set(found.values())) == 2
+    assert mixed  # some block holds both formats
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, spec, tiny_unet_calib)
+    env = reference_tensors(loaded)
+    for name, out in block_outputs_in_ort(tmp_path / "g", manifest, env).items():
+        assert sqnr_db(env[name].numpy(), out) > 40, name
 
 
 def test_fp8_graphs_keep_float8_types_through_the_graph_passes(tiny_unet_dir, tiny_unet_calib, tmp_path):
