@@ -8,7 +8,8 @@ Two layouts, picked by the model's adapter:
 
 SDXL-style UNets (``addition_embed_type: text_time``) also read ``text_embeds`` [N, P] with
 ``uncond_text_embeds`` [1, P] (the pooled text embedding) and ``time_ids`` [N or 1, k] (original
-size, crop, target size); their batches are dicts of the three model inputs.
+size, crop, target size; the null half of guidance uses the same row's); their batches are dicts of
+the three model inputs.
 
 Row ``i`` of the file is what ``--rows i`` selects. Unconditional models need no file.
 """
@@ -103,8 +104,10 @@ def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Condit
                     f"{path}: 'text_embeds' must be [N, P], 'uncond_text_embeds' [1, P] and 'time_ids' [N or 1, k] "
                     f"with N = {cond.shape[0]}; got {tuple(text.shape)}, {tuple(null_text.shape)}, "
                     f"{tuple(time_ids.shape)}")
+            # the null half keeps each row's own sizes, as diffusers' SDXL pipeline does
+            # (negative_add_time_ids = add_time_ids): guidance then amplifies only the text
             extra = {"text_embeds": (text.float(), null_text.float()),
-                     "time_ids": (time_ids.float(), time_ids[:1].float())}
+                     "time_ids": (time_ids.float(), time_ids.float())}
         return Conditioning(kind, cond.float(), uncond.float(), Path(path), extra)
     labels, null = _require(tensors, path, "class_labels", "null_class")
     if labels.ndim != 1 or null.shape != (1,) or labels.is_floating_point() or null.is_floating_point():

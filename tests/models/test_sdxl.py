@@ -58,3 +58,17 @@ def test_added_conditioning_is_required(tiny_sdxl_dir, tmp_path):
     save_file({"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(ConditioningError, match="text_embeds"):
         load_conditioning(tmp_path / "c.safetensors", load_model(tiny_sdxl_dir).adapter)
+
+
+def test_the_null_half_of_guidance_keeps_each_rows_time_ids(tiny_sdxl_dir, tmp_path):
+    # diffusers' SDXL pipeline: negative_add_time_ids = add_time_ids, so guidance amplifies the text
+    # alone; a null half with another row's sizes would amplify a size difference too
+    from safetensors.torch import save_file
+
+    sizes = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0], [24.0, 24.0, 0.0, 0.0, 24.0, 24.0],
+                          [32.0, 32.0, 4.0, 4.0, 32.0, 32.0]])
+    save_file({"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8), "text_embeds": torch.randn(3, 6),
+               "uncond_text_embeds": torch.zeros(1, 6), "time_ids": sizes}, str(tmp_path / "c.safetensors"))
+    cond, uncond = load_conditioning(tmp_path / "c.safetensors", load_model(tiny_sdxl_dir).adapter).batch([2, 0, 2])
+    assert torch.equal(cond["time_ids"], sizes[[2, 0, 2]]) and torch.equal(uncond["time_ids"], sizes[[2, 0, 2]])
+    assert torch.equal(uncond["text_embeds"], torch.zeros(3, 6))
