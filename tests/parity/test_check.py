@@ -17,7 +17,7 @@ from exporter.errors import UsageError
 from exporter.export import export_graphs
 from exporter.export.manifest import read_manifest, sha256_file
 from exporter.parity import check_parity, format_parity
-from exporter.parity.check import self_sensitivity
+from exporter.parity.check import GraphParity, self_sensitivity
 from exporter.parity.runners import TorchBlockRunner
 from exporter.quant.formats import FORMATS
 from exporter.quant.ptq import QuantLayer
@@ -187,3 +187,12 @@ def test_sensitivity_reaches_rounding_decisions_inside_the_block():
     # and the hooks are gone afterwards: the block is deterministic again
     with runner:
         assert np.array_equal(runner.infer(feed)["y"], out["y"])
+
+
+def test_the_table_names_the_failing_output_of_a_graph_and_not_its_passing_ones():
+    failing = GraphParity("down1", "down1.g0.onnx", 0, {"skip4": (31.0, 0.1), "skip5": (55.0, 1e-3)}, 40.0, False,
+                          first_diverging_layer="/layers.0/conv1/Conv", self_sqnr=70.0)
+    rows = {line.split(" | ")[2]: line for line in format_parity([failing]).splitlines() if line.startswith("| down1 ")}
+    assert "FAIL (first diverging layer: /layers.0/conv1/Conv" in rows["skip4"]
+    assert rows["skip5"].endswith("| ok (another output of this graph fails) |")
+    assert "1 below threshold: down1.g0.onnx" in format_parity([failing])
