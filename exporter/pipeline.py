@@ -53,8 +53,9 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     model = model or recipe.model
     if model is None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
-    name = fmt if recipe_path is None else Path(recipe_path).stem
     quantization = recipe.quantization
+    # the quantized graphs' folder and variant name; a recipe without quantization is the FP32 run
+    name = "fp32" if quantization is None else fmt if recipe_path is None else Path(recipe_path).stem
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
     sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": 8 if per_row is None else per_row,
                 "steps": steps, "scheduler": scheduler, "guidance": guidance, "seed": seed}

@@ -24,3 +24,15 @@ def test_pipeline_runs_every_stage_and_summarises(tiny_unet_dir, tmp_path, run_c
     assert "| w8a8-cache3 |" in result.stdout
     again = run_cli("pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--out", out)
     assert again.returncode == 2 and "earlier pipeline run" in again.stderr
+
+
+def test_a_recipe_without_quantization_runs_the_fp32_pipeline(tiny_unet_dir, tmp_path, run_cli):
+    recipe = tmp_path / "baseline.yaml"
+    recipe.write_text("quantization: null\n")
+    out = tmp_path / "run"
+    result = run_cli("-q", "pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--rows", "0", "--per-row", "2",
+                     "--steps", "4", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == "fp32" and set(summary["metrics"]) == {"pytorch-fp32", "fp32"}
+    assert "parity skipped" in result.stdout and not summary["lint_violations"]
