@@ -43,6 +43,12 @@ class CalibrationSpec:
     latent: list[int] | None = None
 
     def validate(self, where: str) -> None:
+        from exporter.sampling.schedulers import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise RecipeError(f"{where}.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.rows is not None and (not self.rows or min(self.rows) < 0):
+            raise RecipeError(f"{where}.rows must be a non-empty list of rows >= 0 (or absent: all rows)")
         if self.timestep_sampling not in ("uniform", "normal"):
             raise RecipeError(f"{where}.timestep_sampling: {self.timestep_sampling!r} is not uniform or normal")
         for name in ("trajectories", "steps", "batch_trajectories"):

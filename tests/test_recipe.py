@@ -125,3 +125,14 @@ def test_finetune_section_is_typed_checked_and_needs_quantization():
                          ({"quantization": None, "finetune": {}}, "needs a quantization section")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict(bad)
+
+
+def test_calibration_values_are_checked_where_the_recipe_is_read():
+    from exporter.recipe import recipe_from_dict
+
+    assert recipe_from_dict({"calibration": {"scheduler": "euler", "rows": [0, 3]}}).calibration.rows == [0, 3]
+    for bad, message in (({"scheduler": "ddmi"}, r"r.yaml.calibration.scheduler: 'ddmi' is not one of ddim"),
+                         ({"rows": [-1]}, r"r.yaml.calibration.rows must be"),
+                         ({"rows": []}, r"r.yaml.calibration.rows must be")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict({"calibration": bad}, "r.yaml")
