@@ -216,9 +216,11 @@ def cmd_run(args) -> None:
                               cache_schedule=args.cache_schedule, batch_size=args.batch_size,
                               latent=args.latent, progress=not args.quiet)
     write_image_folder(args.out, {key: img.numpy() for key, img in images.items()})
-    record = {"graphs": str(args.graphs), "backend": runtime.backend.name, "rows": sorted({r for r, _ in images}),
-              "per_row": args.per_row or 8, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
-              "seed": args.seed, "cache_interval": args.cache_interval, "cache_branch": args.cache_branch,
+    settings = runtime.settings  # what ran: the manifest's sampling defaults where options were left out
+    record = {"graphs": str(args.graphs), "backend": runtime.backend.name, "threads": args.threads,
+              "rows": list(settings.rows), "per_row": settings.per_row, "steps": settings.steps,
+              "scheduler": settings.scheduler, "guidance": settings.guidance, "seed": settings.seed,
+              "batch_size": settings.batch_size, "cache_interval": args.cache_interval, "cache_branch": args.cache_branch,
               "cache_schedule": args.cache_schedule, "latent": [int(d) for d in next(iter(images.values())).shape[1:]],
               "seconds": round(time.perf_counter() - start, 2),
               "block_seconds": {k: round(v, 3) for k, v in runtime.seconds.items()}}

@@ -75,6 +75,7 @@ class Runtime:
         self.blocks = manifest["blocks"]
         self.dtypes = {t["name"]: t["dtype"] for b in self.blocks for t in b["inputs"]}
         self.seconds: dict[str, float] = {}  # time spent per block, for benchmarks
+        self.settings: SampleSettings | None = None  # the last generate's, the manifest's defaults filled in
 
     @classmethod
     def load(cls, folder: str | Path, backend: str | None = None, threads: int | None = None) -> Runtime:
@@ -178,6 +179,7 @@ class Runtime:
             settings = dataclasses.replace(settings, batch_size=min(settings.batch_size,
                                                                     self.manifest["tensorrt"]["images"][2]))
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
+        self.settings = settings
         channels, *native = self.adapter.sample_shape
         if latent is not None:
             check_latent(self.manifest, latent)

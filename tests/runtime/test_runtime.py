@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from exporter.errors import NonFiniteError, UsageError
-from exporter.export import export_graphs
+from exporter.export import export_graphs, read_manifest
 from exporter.models import load_conditioning, load_model
 from exporter.recipe import QuantizationSpec
 from exporter.runtime import Runtime, refresh_steps
@@ -130,7 +130,12 @@ def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
     result = run_cli("-q", "run", unet_graphs, "--rows", "0", "--per-row", "1", "--steps", "2", "--latent", "6x10",
                      "--out", tmp_path / "wide")
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "wide" / "samples.json").read_text())["latent"] == [6, 10]
+    record = json.loads((tmp_path / "wide" / "samples.json").read_text())
+    assert record["latent"] == [6, 10]
+    # what ran, where options were left out: the manifest's sampling defaults, not null
+    defaults = {"scheduler": "ddim", "guidance": 1.0, **read_manifest(unet_graphs)["sampling_defaults"]}
+    assert (record["scheduler"], record["guidance"], record["batch_size"]) == (defaults["scheduler"],
+                                                                               defaults["guidance"], 40)
     from PIL import Image
 
     with Image.open(tmp_path / "wide" / "0_0.png") as image:
