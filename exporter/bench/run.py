@@ -321,6 +321,8 @@ def format_bench(result: dict) -> str:
                   f"variants take turns row by row (min-max); throughput: {r['throughput_batch']} images per "
                   f"call; peak RSS of a process generating one latency call's images; backend {r['backend']}"
                   f"{_integer_note(r.get('integer_matmul'))}. "
+                  "Quantized graphs: the bundled recipes' PTQ (a recipe's finetune: section, which exporter "
+                  "pipeline runs, is not run here). "
                   "Cache, graphs only: the time in graphs against the uncached run's (% of the same ideal); "
                   "loop ms / step: the time outside graphs (scheduler, guidance, conversions)."), "",
                   ("| variant | latency ms / image | vs PyTorch | vs ORT FP32 | cache: vs uncached (ideal) "
