@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 
 def bin_costs(amax: np.ndarray) -> np.ndarray:
     """cost[i, j] for the bin of sorted timesteps i..j (inclusive); inf where j < i."""
-    a = np.maximum(np.asarray(amax, dtype=np.float64), 1e-12)
+    a = np.maximum(np.asarray(amax, dtype=np.float64), 0.0)
     if a.ndim == 1:
         a = a[None]
     n_layers, n_t = a.shape
-    inv_sq_prefix = np.concatenate([np.zeros((n_layers, 1)), np.cumsum(1.0 / a**2, axis=1)], axis=1)
+    # an all-zero input is exact at any scale: it costs nothing (not (m / 0)^2, which would let that
+    # one timestep decide the whole partition)
+    inv_sq = np.divide(1.0, a**2, out=np.zeros_like(a), where=a > 0)
+    inv_sq_prefix = np.concatenate([np.zeros((n_layers, 1)), np.cumsum(inv_sq, axis=1)], axis=1)
     cost = np.full((n_t, n_t), np.inf)
     for i in range(n_t):
         running_max = np.zeros(n_layers)

@@ -39,6 +39,13 @@ def test_groups_separate_a_range_jump_and_cover_every_t():
     assert choose_groups(t, amax, 1).ranges == [(0.0, 950.0)]
 
 
+def test_a_layer_whose_input_is_zero_at_one_t_does_not_decide_the_groups():
+    # layer 0 is exactly zero at t=0 (exact at any scale: no cost); layer 1 jumps tenfold at t=500
+    amax = np.array([[0.0, 1, 1, 1], [1, 1, 10, 10]])
+    assert choose_groups([0, 250, 500, 750], amax, 2).ranges == [(0.0, 250.0), (500.0, 750.0)]
+    assert np.isfinite(bin_costs(amax)[np.triu_indices(4)]).all()
+
+
 def test_outside_coverage_uses_nearest_group_and_warns_once(caplog):
     groups = TimestepGroups([(1.0, 300.0), (301.0, 951.0)])
     with caplog.at_level(logging.WARNING):
