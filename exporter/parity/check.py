@@ -177,7 +177,13 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from exporter.quant.ptq import quantize_model
     from exporter.quant.timestep_groups import TimestepGroups
     from exporter.recipe import quantization_from_dict
-    from exporter.runtime.backends import OnnxRuntimeBackend, cpu_disabled_optimizers, optimization_level
+    from exporter.runtime.backends import (
+        QDQ_FUSIONS,
+        OnnxRuntimeBackend,
+        cpu_disabled_optimizers,
+        holds_int4_weights,
+        optimization_level,
+    )
 
     if not log.isEnabledFor(logging.DEBUG):  # polygraphy's per-run INFO lines would drown the table
         G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -232,7 +238,13 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             t, env = per_group[group]["t"], per_group[group]["env"]
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
-            onnx_runner = graph_runner(folder / graph, manifest, level, disabled=disabled)
+            # polygraphy's sessions (and `polygraphy run --onnxrt`) cannot set the accuracy level of
+            # ORT's INT4 MatMul fusion (exact_int4_matmuls): graphs with INT4 weights run without it
+            file_disabled = disabled
+            if (level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL and QDQ_FUSIONS not in disabled
+                    and manifest.get("dtype") != "bf16" and holds_int4_weights(folder / graph)):
+                file_disabled = [*disabled, QDQ_FUSIONS]
+            onnx_runner = graph_runner(folder / graph, manifest, level, disabled=file_disabled)
             plan, trt_runner = trt_runners.get(graph, (None, None))
             runtime_session = runtime.open(graph, rewritten_only=True) if runtime else None  # None: as written
             rewritten = runtime.rewrites(graph) if runtime_session is not None else ""
@@ -253,13 +265,13 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 result.runtime_outputs = _against(torch_out, run[-1][1][0])
             if not result.file_passed:  # the file itself: find the layer
                 result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold, level, manifest, disabled)
+                                                      threshold, level, manifest, file_disabled)
             if not result.passed:
                 result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
                 # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
                 save_golden(folder, graph, feed, run[0], atol,
-                            basic=bool(disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+                            basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             results.append(result)
     if end_to_end_check and manifest.get("dtype") == "bf16":
         log.warning("end to end not checked: the runtime runs bf16 graphs on TensorRT only (ONNX Runtime's CPU "

@@ -138,3 +138,29 @@ def test_without_integer_products_onnx_runtimes_own_qdq_fusions_are_off_too(tiny
     assert "MatMulIntegerToFloat" not in optimized(backend.disabled)
     monkeypatch.setenv(ENV, "1")
     assert OnnxRuntimeBackend(folder, manifest).disabled == []
+
+
+def test_weight_only_int4_layers_keep_float_activations(tiny_unet_dir, tiny_unet_calib, monkeypatch, tmp_path):
+    """W4A16: ONNX Runtime's QDQ fusion makes MatMulNBits of an INT4 weight feeding a MatMul with a
+    float input, and its default accuracy level quantizes that input to int8 (the tiny UNet's mid:
+    59 dB against the graph as written). The backend's sessions and parity's run the graph's floats."""
+    monkeypatch.setenv(ENV, "1")  # ONNX Runtime's QDQ fusions on, whatever this CPU
+    folder = tmp_path / "w4a16"
+    export_graphs(str(tiny_unet_dir), folder, progress=False,
+                  quantization=QuantizationSpec(weights="int4", activations=None, block_size=16, groups=1))
+    manifest = read_manifest(folder)
+    block = next(b for b in manifest["blocks"] if b["name"] == "mid")
+    feeds, names = feeds_for(block), [o["name"] for o in block["outputs"]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    as_written = ort.InferenceSession(str(folder / "mid.onnx"), options, providers=["CPUExecutionProvider"],
+                                      disabled_optimizers=[QDQ_FUSIONS]).run(names, feeds)
+    fused = ort.InferenceSession(str(folder / "mid.onnx"), options, providers=["CPUExecutionProvider"])
+    assert sqnr_db(as_written[0], fused.run(names, feeds)[0]) < 80  # ONNX Runtime's default: int8 activations
+    ours = OnnxRuntimeBackend(folder, manifest).run("mid.onnx", feeds, names)
+    np.testing.assert_allclose(ours[0], as_written[0], rtol=0, atol=1e-5)
+    from exporter.parity import check_parity
+
+    results, _ = check_parity(folder, calib=tiny_unet_calib, end_to_end_check=False, blocks_to_check=["mid"],
+                              samples=2)
+    assert min(s for s, _ in results[0].outputs.values()) > 80  # the file's session in floats too
