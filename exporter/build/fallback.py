@@ -71,7 +71,9 @@ def fp8_to_int8(model: onnx.ModelProto) -> int:
                 node.input[2] = add(f"{data}.int8_zero_point", np.zeros(new_scale.shape, np.int8))
             converted += 1
         elif zero in inits and inits[zero].data_type == fp8:  # an activation's Q or DQ
-            node.input[1] = add(f"{scale}.int8", numpy_helper.to_array(inits[scale]) * np.float32(FP8_MAX / INT8_MAX))
+            fp8_scale = numpy_helper.to_array(inits[scale])  # in the graph's float type (fp16 / bf16 / fp32)
+            int8_scale = (fp8_scale.astype(np.float32) * np.float32(FP8_MAX / INT8_MAX)).astype(fp8_scale.dtype)
+            node.input[1] = add(f"{scale}.int8", int8_scale)
             node.input[2] = add(f"{zero}.int8", np.zeros(numpy_helper.to_array(inits[zero]).shape, np.int8))
             converted += 1
     used = {name for node in model.graph.node for name in node.input}

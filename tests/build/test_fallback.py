@@ -39,3 +39,25 @@ def test_fp8_graphs_become_lint_clean_int8_graphs_computing_nearly_the_same(tiny
             assert 20 < sqnr < 80, (graph, sqnr)
         checked += 1
     assert checked >= 3
+
+
+def test_fp16_graphs_keep_their_scale_type_through_the_fallback(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    # graphs for TensorRT are fp16 or bf16: a float32 scale beside an fp16 input is an invalid
+    # QuantizeLinear (NumPy 2 promoted fp16 x float32 scalar to float32 here once)
+    from exporter.export import export_graphs
+    from exporter.recipe import QuantizationSpec
+
+    spec = QuantizationSpec(weights="fp8", activations="fp8", weight_observer="max", act_observer="max", groups=1)
+    export_graphs(str(tiny_unet_dir), tmp_path / "fp8", calib=tiny_unet_calib, quantization=spec, dtype="fp16",
+                  progress=False)
+    manifest = read_manifest(tmp_path / "fp8")
+    convert_folder(tmp_path / "fp8", manifest, tmp_path / "int8")
+    for block in manifest["blocks"]:
+        path = tmp_path / "int8" / block["graphs"][0]
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        inits = {i.name: i for i in model.graph.initializer}
+        scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert all(s.data_type == onnx.TensorProto.FLOAT16 for s in scales), block["name"]
+    feed = random_feed(next(b for b in manifest["blocks"] if b["name"] == "mid"))
+    assert all(np.isfinite(out).all() for out in run(tmp_path / "int8" / "mid.onnx", feed))
