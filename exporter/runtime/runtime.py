@@ -51,6 +51,24 @@ def refresh_steps(steps: int, interval: int, schedule: str = "uniform") -> list[
     raise UsageError(f"unknown cache schedule {schedule!r}; choose uniform or quadratic")
 
 
+def engine_batch_size(manifest: dict, settings: SampleSettings, guided: bool) -> int:
+    """Images per call that keep every model call inside the engines' batch range (``batch``: the
+    profile's min, opt, max per call, doubled at build time by the recipe's ``cfg``) whatever
+    ``cfg`` said: the loop doubles a call whenever guidance runs (``guided``)."""
+    built = manifest["tensorrt"]
+    low, _, high = built.get("batch") or [n * (2 if built.get("cfg") else 1) for n in built["images"]]
+    factor = 2 if guided else 1
+    per_call = min(settings.batch_size, high // factor)
+    images = len(settings.rows) * settings.per_row
+    smallest = factor * min(per_call, images % per_call or per_call) if per_call else factor
+    if per_call == 0 or smallest < low:
+        what = "with classifier-free guidance (2 per image)" if guided else "without guidance (1 per image)"
+        raise UsageError(f"the engines take {low} to {high} samples per model call and this run {what} would "
+                         f"call them with {smallest}; rebuild with build.images and build.cfg (recipe) "
+                         "covering it, or change --guidance or --batch-size")
+    return per_call
+
+
 @dataclass
 class CachePlan:
     feature: str | None  # None: no caching
@@ -176,8 +194,8 @@ class Runtime:
             steps=steps if steps is not None else defaults["steps"], scheduler=scheduler or defaults["scheduler"],
             guidance=guidance if guidance is not None else defaults["guidance"], seed=seed, batch_size=batch_size)
         if self.manifest.get("kind") == "tensorrt":  # stay inside the engines' optimization profile
-            settings = dataclasses.replace(settings, batch_size=min(settings.batch_size,
-                                                                    self.manifest["tensorrt"]["images"][2]))
+            guided = settings.guidance > 1.0 and conditioning.cond is not None  # as the loop decides
+            settings = dataclasses.replace(settings, batch_size=engine_batch_size(self.manifest, settings, guided))
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
         self.settings = settings
         channels, *native = self.adapter.sample_shape

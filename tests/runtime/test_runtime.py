@@ -218,3 +218,25 @@ def test_sessions_share_one_cpu_arena_and_compute_the_same(unet_graphs):
             outputs.append(session.run(names, feeds))
         for own, on_shared in zip(*outputs):
             np.testing.assert_array_equal(on_shared, own)
+
+
+def test_engine_batches_stay_inside_the_profile_whatever_the_recipe_said_of_guidance():
+    from exporter.runtime.runtime import engine_batch_size
+
+    def engines(images, cfg):
+        return {"tensorrt": {"images": images, "cfg": cfg, "batch": [n * (2 if cfg else 1) for n in images]}}
+
+    twenty = SampleSettings(rows=(0, 1), per_row=10, batch_size=40)
+    assert engine_batch_size(engines([1, 4, 16], True), twenty, guided=True) == 16  # 32 samples per call
+    assert engine_batch_size(engines([1, 4, 16], False), twenty, guided=False) == 16
+    # built without cfg, run with guidance: half the images per call, not 16 (32 samples, past the max)
+    assert engine_batch_size(engines([1, 4, 16], False), twenty, guided=True) == 8
+    with pytest.raises(UsageError, match="take 1 to 1 samples per model call .* would call them with 2"):
+        engine_batch_size(engines([1, 1, 1], False), twenty, guided=True)
+    # built with cfg (at least 2 samples per call), run without guidance one image at a time
+    with pytest.raises(UsageError, match="take 2 to 32 samples .* without guidance .* with 1"):
+        engine_batch_size(engines([1, 4, 16], True), SampleSettings(rows=(0,), per_row=1), guided=False)
+    # the last call's remainder counts too: 20 images at 8 per call end with 4
+    assert engine_batch_size(engines([4, 8, 8], False), twenty, guided=False) == 8
+    with pytest.raises(UsageError, match="with 3"):
+        engine_batch_size(engines([4, 8, 8], False), SampleSettings(rows=(0,), per_row=11), guided=False)
