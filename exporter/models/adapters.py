@@ -128,10 +128,10 @@ class ArchitectureAdapter:
 
     def postprocess(self, noise_pred: torch.Tensor) -> torch.Tensor:
         """From the model's raw output (the blocks' ``noise_pred``) to the epsilon samplers use."""
-        return noise_pred
+        return self._drop_learned_sigma(noise_pred)
 
     def _drop_learned_sigma(self, out: torch.Tensor) -> torch.Tensor:
-        # DiT-style models may predict [epsilon, variance]; samplers here use epsilon only.
+        # DiTs and some UNets (learned variance) predict [epsilon, variance]; samplers here use epsilon.
         channels = self.config["in_channels"]
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 
@@ -164,6 +164,11 @@ class UNetFamily(ArchitectureAdapter):
     def units(self, model):
         from exporter.models.units import unet_units
 
+        _, h, w = self.sample_shape
+        multiple = self.latent_multiple(model)
+        if h % multiple or w % multiple:  # diffusers pads such sizes through upsample_size; the blocks do not
+            raise ModelError(f"{self.class_name} of sample size {h}x{w}: the block partition needs sizes its "
+                             f"{multiple.bit_length() - 1} downsamplings halve exactly (multiples of {multiple})")
         return unet_units(model, cross_attention=self.cross_attention)
 
     def split_shortcut_sites(self, model):
@@ -195,12 +200,9 @@ class UNetFamily(ArchitectureAdapter):
 
 
 class TransformerFamily(ArchitectureAdapter):
-    """What DiT-style transformers share: learned-sigma outputs, token-stream caching."""
+    """What DiT-style transformers share: token-stream caching."""
 
     subfolder = "transformer"
-
-    def postprocess(self, noise_pred):
-        return self._drop_learned_sigma(noise_pred)
 
     def cacheable_features(self, blocks):
         # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
@@ -229,9 +231,9 @@ class UNet2DConditionAdapter(UNetFamily):
     def denoise(self, model, sample, t, cond):
         if isinstance(cond, dict):  # SDXL: the pooled text and the size ids ride along
             added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
-            return model(sample, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
-                         return_dict=False)[0]
-        return model(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.postprocess(model(sample, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                                          added_cond_kwargs=added, return_dict=False)[0])
+        return self.postprocess(model(sample, t, encoder_hidden_states=cond, return_dict=False)[0])
 
     def named_inputs(self, sample, t, cond):
         if isinstance(cond, dict):
@@ -247,6 +249,12 @@ class UNet2DAdapter(UNetFamily):
         ("class_embedding", "class embedding: a table lookup, nothing to accelerate"),
     )
 
+    def __init__(self, config: dict):
+        super().__init__(config)
+        if config.get("class_embed_type") is not None:  # labels projected as timesteps, or given as vectors
+            raise ModelError(f"UNet2DModel with class_embed_type {config['class_embed_type']!r} is not supported: "
+                             "class conditioning here is integer labels into a num_class_embeds table")
+
     @property
     def conditioning(self) -> ConditioningKind:
         return "class_labels" if self.config.get("num_class_embeds") else "none"
@@ -256,7 +264,7 @@ class UNet2DAdapter(UNetFamily):
         return self.config.get("num_class_embeds")
 
     def denoise(self, model, sample, t, cond):
-        return model(sample, t, class_labels=cond, return_dict=False)[0]
+        return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])
 
     def named_inputs(self, sample, t, cond):
         inputs = {"sample": sample, "timestep": t}

@@ -113,6 +113,10 @@ class UNetHead(torch.nn.Module):
         return (self.conv_out(hidden),)
 
 
+KNOWN_UNET_BLOCKS = {"DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D",
+                     "AttnUpBlock2D", "UNetMidBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2DSimpleCrossAttn"}
+
+
 def unet_units(unet, cross_attention: bool) -> list[Unit]:
     """Units of a diffusers UNet: ``UNet2DConditionModel`` (``cross_attention=True``: its
     transformers read ``encoder_hidden_states``) or ``UNet2DModel`` (self-attention blocks, optional
@@ -134,17 +138,28 @@ def unet_units(unet, cross_attention: bool) -> list[Unit]:
             unsupported["skip blocks"] = skip_blocks
         labels = ("class_labels",) if unet.class_embedding is not None else ()
         stem = Unit("stem", "stem", UNet2DStem(unet), ("sample", "timestep") + labels, ("skip0", "temb"))
+    # block classes whose forward the layers below reproduce (others, e.g. ResnetDownsampleBlock2D, whose
+    # resamplers read temb, or KDownBlock2D, are refused rather than run differently)
+    other = [type(b).__name__ for b in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
+             if b is not None and type(b).__name__ not in KNOWN_UNET_BLOCKS]
+    if other:
+        unsupported["block types"] = other
     if unsupported or cfg.get("center_input_sample"):
         raise ModelError(f"block partition does not support these UNet options yet: {unsupported or 'center_input_sample'}")
+
+    def reads_text(block) -> bool:  # as diffusers decides: self-attention blocks (AttnDownBlock2D) do not
+        return cross_attention and getattr(block, "has_cross_attention", False)
+
     enc = ("encoder_hidden_states",) if cross_attention else ()
     units = [stem]
     skips = ["skip0"]
     for b, block in enumerate(unet.down_blocks):
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        text = reads_text(block)
         for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
             name = f"skip{len(skips)}"
-            units.append(Unit(f"down{b}.layer{i}", f"down{b}", ResnetLayer(resnet, attn, cross_attention=cross_attention),
-                              (skips[-1], "temb") + (enc if attn is not None else ()), (name,)))
+            units.append(Unit(f"down{b}.layer{i}", f"down{b}", ResnetLayer(resnet, attn, cross_attention=text),
+                              (skips[-1], "temb") + (enc if attn is not None and text else ()), (name,)))
             skips.append(name)
         for downsampler in block.downsamplers or []:
             name = f"skip{len(skips)}"
@@ -152,17 +167,18 @@ def unet_units(unet, cross_attention: bool) -> list[Unit]:
             skips.append(name)
     hidden = skips[-1]
     if unet.mid_block is not None:
-        mid_attn = hasattr(unet.mid_block, "attentions") and cross_attention
+        mid_attn = reads_text(unet.mid_block)
         units.append(Unit("mid", "mid", UNetMid(unet.mid_block, mid_attn),
                           (hidden, "temb") + (enc if mid_attn else ()), ("mid",)))
         hidden = "mid"
     for b, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        text = reads_text(block)
         for i, (resnet, attn) in enumerate(zip(block.resnets, attentions)):
             skip = skips.pop()
             units.append(Unit(f"up{b}.layer{i}", f"up{b}",
-                              ResnetLayer(resnet, attn, concat_skip=True, cross_attention=cross_attention),
-                              (hidden, skip, "temb") + (enc if attn is not None else ()), (f"up{b}_{i}",)))
+                              ResnetLayer(resnet, attn, concat_skip=True, cross_attention=text),
+                              (hidden, skip, "temb") + (enc if attn is not None and text else ()), (f"up{b}_{i}",)))
             hidden = f"up{b}_{i}"
         for upsampler in block.upsamplers or []:
             units.append(Unit(f"up{b}.upsample", f"up{b}", Resample(upsampler), (hidden,), (f"up{b}_upsample",)))

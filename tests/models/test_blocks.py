@@ -175,3 +175,49 @@ def test_default_layer_patterns_name_real_layers(tiny_unet2d_dirs, tiny_pixart_d
     for adapter in {a for a, _ in matched}:
         defaults = {p for p, _ in adapter.default_exclusions + adapter.default_weight_only}
         assert defaults <= {p for a, p in matched if a is adapter}, adapter
+
+
+def tiny_conditioned_unet(**changes):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+              "block_out_channels": (8, 16), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 8,
+              "attention_head_dim": 4, "norm_num_groups": 4}
+    return UNet2DConditionModel(**{**config, **changes}).eval()
+
+
+@pytest.mark.parametrize("changes", [{"mid_block_type": "UNetMidBlock2D"},
+                                     {"down_block_types": ("AttnDownBlock2D", "DownBlock2D"),
+                                      "up_block_types": ("UpBlock2D", "AttnUpBlock2D")},
+                                     {"out_channels": 2}])  # learned variance: [epsilon, variance]
+def test_conditioned_unet_layouts_reproduce_diffusers(changes):
+    # self-attention blocks and a plain mid block read no text, as diffusers decides (has_cross_attention)
+    from exporter.models.adapters import adapter_for
+
+    model = tiny_conditioned_unet(**changes)
+    adapter = adapter_for("UNet2DConditionModel", dict(model.config))
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = adapter.denoise(model, x, t, c)
+        (got,) = run_blocks(adapter.blocks(model, split=("*",)), adapter.named_inputs(x, t, c), ("noise_pred",))
+    assert expected.shape == x.shape  # the samplers get epsilon only
+    assert (adapter.postprocess(got) - expected).abs().max() <= 1e-5
+
+
+def test_unet_layouts_the_blocks_cannot_run_are_refused_by_name():
+    from exporter.errors import ModelError
+    from exporter.models.adapters import adapter_for
+
+    resnet_resampling = tiny_conditioned_unet(down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
+                                              up_block_types=("UpBlock2D", "ResnetUpsampleBlock2D"))
+    with pytest.raises(ModelError, match="'block types': \\['ResnetDownsampleBlock2D', 'ResnetUpsampleBlock2D'\\]"):
+        adapter_for("UNet2DConditionModel", dict(resnet_resampling.config)).blocks(resnet_resampling)
+    odd = tiny_conditioned_unet(sample_size=6, block_out_channels=(8, 16, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"))
+    with pytest.raises(ModelError, match="sample size 6x6: .* 2 downsamplings halve exactly \\(multiples of 4\\)"):
+        adapter_for("UNet2DConditionModel", dict(odd.config)).blocks(odd)
+    with pytest.raises(ModelError, match="class_embed_type 'timestep' is not supported"):
+        adapter_for("UNet2DModel", {"class_embed_type": "timestep", "in_channels": 1, "sample_size": 8})
