@@ -98,6 +98,8 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
         "model": str(loaded.directory),
         "model_class": adapter.class_name,
         "conditioning": str(conditioning.source) if conditioning.source else None,
+        # what the rows were, not only where: another file under the same name must not resume
+        "conditioning_sha256": _sha256(conditioning.source) if conditioning.source else None,
         "spec": dataclasses.asdict(spec),
         "blocks": [{"name": b.name, "inputs": list(b.inputs), "outputs": list(b.outputs)} for b in blocks],
         "tensors": names,
@@ -183,14 +185,24 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     # spec fields added since that run was written take their defaults (e.g. latent: the model's own size)
     old["spec"] = {**dataclasses.asdict(CalibrationSpec()), **old.get("spec", {})}
     keys = ("schema", "model_class", "spec", "tensors")
-    if any(old.get(k) != state[k] for k in keys) or Path(old.get("model", "")).resolve() != Path(state["model"]).resolve():
+    # folders written before conditioning_sha256 existed: the conditioning file's path at least
+    same_conditioning = (old["conditioning_sha256"] == state["conditioning_sha256"] if "conditioning_sha256" in old
+                         else _same_path(old.get("conditioning"), state["conditioning"]))
+    if any(old.get(k) != state[k] for k in keys) or not _same_path(old.get("model"), state["model"]):
         raise CalibrationError(f"{out} holds calibration data of another model or spec; "
                                "choose another --out or delete it")
+    if not same_conditioning:
+        raise CalibrationError(f"{out} holds calibration data recorded with another conditioning file "
+                               f"({old.get('conditioning')}); choose another --out or delete it")
     kept = {name: info for name, info in old.get("shards", {}).items()
             if (out / name).is_file() and _sha256(out / name) == info.get("sha256")}
     if kept:
         log.info("resuming: %d of the shards in %s are complete and verified", len(kept), out)
     return kept
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    return (a is None) == (b is None) and (a is None or Path(a).resolve() == Path(b).resolve())
 
 
 def _write_state(out: Path, state: dict, complete: bool) -> None:

@@ -72,6 +72,26 @@ def test_other_spec_in_same_folder_and_tampered_shard_are_refused(tiny_unet_dir,
         CalibrationData(tmp_path)
 
 
+def test_resuming_with_other_conditioning_rows_is_refused(tiny_unet_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    cond = tmp_path / "cond.safetensors"
+    save_file({"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8)}, str(cond))
+    out = tmp_path / "calib"
+    calibrate(str(tiny_unet_dir), out, SPEC, cond=cond, progress=False)
+    (out / "shard-00001.safetensors").unlink()  # interrupted
+    state = json.loads((out / "spec.json").read_text())
+    (out / "spec.json").write_text(json.dumps({**state, "complete": False}))
+    save_file({"cond": 100 * torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8)}, str(cond))  # same name
+    with pytest.raises(CalibrationError, match="recorded with another conditioning file"):
+        calibrate(str(tiny_unet_dir), out, SPEC, cond=cond, progress=False)
+    del state["conditioning_sha256"]  # a folder from before the hash: its path decides
+    (out / "spec.json").write_text(json.dumps({**state, "complete": False}))
+    assert calibrate(str(tiny_unet_dir), out, SPEC, cond=cond, progress=False)["complete"]
+    with pytest.raises(CalibrationError, match="another conditioning file"):
+        calibrate(str(tiny_unet_dir), out, SPEC, progress=False)  # the model's own conditioning
+
+
 def test_calibration_at_another_latent_size_and_the_graphs_checked_there(tiny_unet_dir, tiny_dit_dir, tmp_path):
     """``latent``: trajectories at the size the graphs will run at; export and per-block parity
     take the recorded inputs as they are, so parity runs at that size too."""
