@@ -39,8 +39,8 @@ class OnnxRuntimeBackend:
         self.fused_attention: dict[str, int] = {}  # graph -> attentions run as ORT's fused kernel
         # Integer GEMMs for quantized Linear layers (exporter.runtime.ort_integer): the CPU provider's
         # QDQ fusions run at the extended level and up: not for FP8 graphs, which get the basic level.
-        self.integer_matmul = (not cuda and self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                               and integer_matmul_enabled())
+        enabled = integer_matmul_enabled()  # read (and a bad value refused) whatever the graphs and device
+        self.integer_matmul = not cuda and self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL and enabled
         self.integer_matmuls: dict[str, int] = {}  # graph -> Linear layers run as MatMulIntegerToFloat
         # without them, ORT's own QDQ fusions are off as well (``cpu_disabled_optimizers``)
         self.disabled = [] if cuda or self.integer_matmul else cpu_disabled_optimizers(self.level, integer=False)
@@ -48,7 +48,8 @@ class OnnxRuntimeBackend:
         # Quantized convolutions on float weights folded once (exporter.runtime.ort_conv): the CPU
         # provider would dequantize them at every call and skip its blocked-layout convolution.
         # Only up to a budget of bytes per session: small graphs gain speed, large ones mostly memory.
-        self.float_conv_budget = 0 if cuda else float_conv_weights_budget()
+        budget = float_conv_weights_budget()
+        self.float_conv_budget = 0 if cuda else budget
         self.folded_conv_weights: dict[str, int] = {}  # graph -> conv weights folded to float
 
     def session(self, graph: str):

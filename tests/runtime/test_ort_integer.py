@@ -164,3 +164,13 @@ def test_weight_only_int4_layers_keep_float_activations(tiny_unet_dir, tiny_unet
     results, _ = check_parity(folder, calib=tiny_unet_calib, end_to_end_check=False, blocks_to_check=["mid"],
                               samples=2)
     assert min(s for s, _ in results[0].outputs.values()) > 80  # the file's session in floats too
+
+
+def test_a_bad_switch_is_refused_for_every_folder(tiny_int8_graphs, monkeypatch):
+    # FP8 graphs run at the basic level, where integer products never apply: the value is still read
+    from exporter.runtime import backends
+
+    monkeypatch.setattr(backends, "optimization_level", lambda manifest: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    monkeypatch.setenv(ENV, "banana")
+    with pytest.raises(UsageError, match=ENV):
+        OnnxRuntimeBackend(tiny_int8_graphs, read_manifest(tiny_int8_graphs))
