@@ -92,6 +92,10 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
             continue
         if len(dq.input) > 2 and dq.input[2] and nonzero_zero_point(initializers.get(dq.input[2]), folder):
             continue
+        scale = initializers.get(dq.input[1])
+        per_channel = scale is None or int(np.prod(scale.dims)) > 1
+        if per_channel and attribute(dq, "axis", 1) % 2 != 0:  # scales along the input features (not ours)
+            continue
         matmuls = g.consumers[transpose.output[0]]
         if not matmuls or not all(m.op_type == "MatMul" and m.input[1] == transpose.output[0] and
                                   g.op(m.input[0], "DequantizeLinear") is not None for m in matmuls):
@@ -105,13 +109,14 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
             value = _in_memory(np.ascontiguousarray(numpy_helper.to_array(weight, base_dir=str(folder)).T))
             if where:
                 cache[where] = value
-        new_weights[name] = value
-        graph.initializer.append(_declared(name, value.shape()))
+        if name not in new_weights:  # one weight read by two layers: declared once
+            new_weights[name] = value
+            graph.initializer.append(_declared(name, value.shape()))
         dq.input[0] = name
         axis = attribute(dq, "axis", 1)
         for a in [a for a in dq.attribute if a.name == "axis"]:
             dq.attribute.remove(a)
-        dq.attribute.append(helper.make_attribute("axis", 1 - axis))  # per-tensor scales ignore it
+        dq.attribute.append(helper.make_attribute("axis", 1 - axis % 2))  # per-tensor scales ignore it
         for m in matmuls:
             m.input[1] = dq.output[0]
         dropped.append(transpose)

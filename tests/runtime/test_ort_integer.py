@@ -174,3 +174,44 @@ def test_a_bad_switch_is_refused_for_every_folder(tiny_int8_graphs, monkeypatch)
     monkeypatch.setenv(ENV, "banana")
     with pytest.raises(UsageError, match=ENV):
         OnnxRuntimeBackend(tiny_int8_graphs, read_manifest(tiny_int8_graphs))
+
+
+def linear_layers(axis: int, shared: bool) -> tuple[onnx.ModelProto, dict]:
+    """x -> Q/DQ -> MatMul with Transpose(DQ(int8 W [8, 16])), as the exporter writes a Linear layer
+    (per-channel scales along ``axis`` of W); ``shared``: a second layer reading the same W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (8, 16)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.02, weight.shape[axis % 2]).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.int8), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    outputs = []
+    for i in range(2 if shared else 1):
+        nodes += [helper.make_node("DequantizeLinear", ["w", "s"], [f"wd{i}"], axis=axis),
+                  helper.make_node("Transpose", [f"wd{i}"], [f"wt{i}"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["xd", f"wt{i}"], [f"y{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    return model, {"x": rng.standard_normal((2, 3, 16)).astype(np.float32)}
+
+
+@pytest.mark.parametrize(("axis", "shared", "rewritten"), [(0, True, 1), (-2, False, 1), (1, False, 0), (-1, False, 0)])
+def test_integer_rewrite_of_shared_weights_and_scale_axes(axis, shared, rewritten, tmp_path):
+    # a weight read by two layers is declared once (twice made a model ONNX Runtime refuses); scales
+    # along the input features are left as written (ONNX Runtime's integer kernel cannot take them)
+    model, feeds = linear_layers(axis, shared)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    weights = integer_matmuls(model, tmp_path)
+    assert len(weights) == rewritten
+    options = ort.SessionOptions()
+    if weights:
+        options.add_external_initializers(list(weights), list(weights.values()))
+    got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
