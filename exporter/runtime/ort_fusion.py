@@ -106,9 +106,10 @@ def _default_scale(g: GraphIndex, q_mul, k_mul, q: str, k: str, head_dim: int | 
     return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and g.op(div.input[1], "Sqrt") is not None
 
 
-def _match(g: GraphIndex, softmax) -> tuple[list[str], str, int] | None:
-    """(inputs [q, k, v], output tensor, heads) of the attention around ``softmax``, or None."""
-    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+def _match(g: GraphIndex, softmax, default_axis: int = -1) -> tuple[list[str], str, int] | None:
+    """(inputs [q, k, v], output tensor, heads) of the attention around ``softmax``, or None.
+    ``default_axis``: Softmax's axis when the node has none (1 before opset 13, -1 from it)."""
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), default_axis)
     scores = g.op(softmax.input[0], "MatMul")
     out_matmul = g.only_consumer(softmax.output[0], "MatMul")
     if axis not in (-1, 3) or scores is None or out_matmul is None or out_matmul.input[0] != softmax.output[0]:
@@ -129,17 +130,27 @@ def _match(g: GraphIndex, softmax) -> tuple[list[str], str, int] | None:
     if merge is None or _perm(merge) != [0, 2, 1, 3]:
         return None
     reshape = g.only_consumer(merge.output[0], "Reshape")
-    if reshape is None:
+    if reshape is None or not _three_dims(g, reshape.input[1]):  # MultiHeadAttention gives [B, S, heads * D]
         return None
     return [x for x, _, _ in splits], reshape.output[0], splits[0][1]
+
+
+def _three_dims(g: GraphIndex, target: str) -> bool:
+    """Whether a Reshape target has three entries (a constant, or a Concat of three parts)."""
+    value = g.const(target)
+    if value is not None:
+        return value.size == 3
+    concat = g.op(target, "Concat")
+    return concat is not None and len(concat.input) == 3
 
 
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Rewrite every recognised float attention of ``model`` in place; returns how many."""
     g = GraphIndex(model.graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     fused = []
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
-        found = _match(g, softmax)
+        found = _match(g, softmax, default_axis=-1 if opset >= 13 else 1)
         if found is not None:
             inputs, output, heads = found
             fused.append(helper.make_node("MultiHeadAttention", inputs, [output], domain=MS_DOMAIN,

@@ -75,3 +75,46 @@ def test_attention_with_something_between_matmul_and_softmax_is_left_alone(graph
         assert fuse_attention(model) == 0
         return
     pytest.fail("no graph with attention")
+
+
+def attention(out_target, opset=17, softmax_axis=-1):
+    """diffusers' attention as the exporter writes it: heads split, both sides scaled by D^-1/4,
+    Softmax, heads merged by a Reshape to ``out_target``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    heads, dim = 4, 8
+    inits = []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    split, scale = const("split", np.array([0, 0, heads, dim])), const("scale", np.array(dim ** -0.25, np.float32))
+    axis = {"axis": softmax_axis} if softmax_axis is not None else {}
+    nodes = [helper.make_node("Reshape", [x, split], [f"{x}4"]) for x in "qkv"] + [
+        helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["qt", scale], ["qs"]), helper.make_node("Mul", ["kt", scale], ["ks"]),
+        helper.make_node("MatMul", ["qs", "ks"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"], **axis),
+        helper.make_node("MatMul", ["p", "vt"], ["o4"]), helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ot", const("merge", np.array(out_target))], ["out"])]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [2, 6, heads * dim]) for x in "qkv"]
+    graph = helper.make_graph(nodes, "a", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize(("target", "opset", "axis", "fused"), [([0, 0, 32], 17, -1, 1), ([-1, 32], 17, -1, 0),
+                                                                 ([0, 0, 32], 12, None, 0), ([0, 0, 32], 12, -1, 1)])
+def test_only_attention_the_fused_kernel_computes_is_fused(target, opset, axis, fused):
+    # MultiHeadAttention gives [B, S, heads * D] and a softmax over the keys: a merge to another
+    # shape, or Softmax's default axis before opset 13 (1, over heads), stays as written
+    import onnxruntime as ort
+
+    model = attention(target, opset, axis)
+    feeds = {x: np.random.default_rng(i).standard_normal((2, 6, 32)).astype(np.float32) for i, x in enumerate("qkv")}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert fuse_attention(model) == fused
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
