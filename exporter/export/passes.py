@@ -258,7 +258,7 @@ def _share_small_constants(graph: onnx.GraphProto) -> None:
         if not init.HasField("raw_data"):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
         if len(init.raw_data) <= 16:
-            # an INT4 zero point is still an int8 buffer here (retyped by name later): sharing one
+            # an INT4 zero point is still an 8-bit buffer here (retyped by name later): sharing one
             # with an INT8 zero point of the same bytes would give both layers one type
             key = (init.data_type, INT4_MARK in init.name, tuple(init.dims), init.raw_data)
             if key in first:

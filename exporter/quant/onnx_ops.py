@@ -6,7 +6,7 @@ During ``torch.onnx.export`` (TorchScript exporter) a quantized layer traces as
                   W_int ─ DequantizeLinear(s_w, axis) ─ Conv / Gemm / MatMul
 
 with the weight stored quantized (an int8 / float8 initializer; INT4 is written as int8 here and
-retyped to INT4 by ``exporter.export.passes``, as are INT4 zero points). The autograd functions
+retyped to INT4 by ``exporter.export.passes``, as are INT4 zero points, written as uint8). The autograd functions
 below only exist to emit those nodes: their eager ``forward`` is never used for numbers (the
 fake-quant path in ``exporter.quant.ptq`` is), so PyTorch and the graph agree by construction of
 ``exporter.quant.formats`` (bit-exact with ONNX Runtime, tested).
