@@ -123,7 +123,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     if finetuned is not None:
         from exporter.finetune import apply_finetune
 
-        apply_finetune(loaded, finetuned)
+        apply_finetune(loaded, finetuned, quantization)
     context = getattr(loaded.model, "_exporter_context", None)
     groups = context.groups if context is not None else None
     blocks = adapter.blocks(loaded.model, split=adapter.cache_split(loaded.model))

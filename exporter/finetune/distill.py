@@ -90,6 +90,10 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                     raise FinetuneError(f"{where}: {key} holds NaN/Inf (the finetuning diverged); finetune again "
                                         "with lower learning rates (lr, scale_lr in the recipe's finetune: section)")
                 t.copy_(tensors[key])
+    broken = _unusable_state(layers)
+    if broken:
+        raise FinetuneError(f"{where}: {broken} (the finetuning diverged); finetune again with lower learning "
+                            "rates (lr, scale_lr in the recipe's finetune: section)")
     if optimizer is not None:
         state = optimizer.state_dict()
         for key, value in tensors.items():
@@ -107,6 +111,20 @@ def _non_finite(loss: torch.Tensor, layers: dict[str, TrainableQuantLayer]) -> s
         for p, t in layer.named_parameters(recurse=False):
             if t.grad is not None and not all_finite(t.grad):
                 return f"the gradient of {name}.{p} holds NaN/Inf"
+    return None
+
+
+def _unusable_state(layers: dict[str, TrainableQuantLayer]) -> str | None:
+    """What an optimizer step left unusable (a parameter NaN/Inf, or an activation step that is
+    Inf or 0 once the learned log-step multiplies the PTQ scale), or None."""
+    for name, layer in layers.items():
+        for p, t in layer.named_parameters(recurse=False):
+            if not all_finite(t):
+                return f"{name}.{p} holds NaN/Inf"
+        if layer.q.afmt is not None:
+            steps = layer.q.act_scale.float() * torch.exp(layer.log_step.detach())
+            if not all_finite(steps) or not bool((steps > 0).all()):
+                return f"{name}.log_step makes activation steps Inf or 0 (|log step| up to {layer.log_step.abs().max():.3g})"
     return None
 
 
@@ -178,6 +196,9 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
             if broken:  # stop before the step: Adam would carry NaN into every later checkpoint
                 raise FinetuneError(_diverged_message(broken, b, batches, step, float(tt[0]), spec, out, record))
             optimizer.step()
+            broken = _unusable_state(layers)
+            if broken:  # the step itself diverged: nothing of it is written
+                raise FinetuneError(_diverged_message(broken, b, batches, step, float(tt[0]), spec, out, record))
             losses.append(loss.item())
         return target  # the trajectory follows the FP32 model
 
@@ -207,13 +228,15 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     return record
 
 
-def apply_finetune(loaded, folder: str | Path) -> dict:
-    """Merge a finetune run into ``loaded`` (already PTQ'd with the run's quantization and
-    calibration); returns the run's record."""
+def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -> dict:
+    """Merge a finetune run into ``loaded`` (already PTQ'd with ``quantization``, which must be the
+    run's, from the run's calibration); returns the run's record."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     record = _record(folder)
+    if Path(record["model"]).resolve() != Path(loaded.directory).resolve():
+        raise FinetuneError(f"{folder} was finetuned from {record['model']}, not {loaded.directory}")
     batches = -(-record["finetune"]["trajectories"] // record["finetune"]["batch"])
     if record["done_batches"] < batches:
         raise FinetuneError(f"{folder}: finetuning stopped after {record['done_batches']} of {batches} batches; "
@@ -223,6 +246,10 @@ def apply_finetune(loaded, folder: str | Path) -> dict:
     if json.loads(json.dumps(groups)) != record["groups"]:
         raise FinetuneError(f"{folder} was finetuned with other timestep groups than this quantized model's; "
                             "use the calibration and recipe it was finetuned from")
+    if json.loads(json.dumps(dataclasses.asdict(quantization))) != record["quantization"]:
+        # the learned steps multiply the PTQ scales of that quantization: on another one they mean nothing
+        raise FinetuneError(f"{folder} was finetuned with another quantization than this one "
+                            f"({record['quantization']}); use the recipe it was finetuned with")
     spec = FinetuneSpec(**record["finetune"])
     layers = wrap(loaded.model, spec)
     _load_state(layers, None, load_file(str(folder / CHECKPOINT)), folder / CHECKPOINT)

@@ -198,8 +198,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                                                    if manifest["source"].get("calibration") else None)
     quantization = manifest["quantization"]
     if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
-        summary = quantize_model(loaded, quantization_from_dict(quantization["spec"], "manifest.quantization.spec"),
-                                 calib, keep_float_weights=bool(manifest["source"].get("finetuned")))
+        spec = quantization_from_dict(quantization["spec"], "manifest.quantization.spec")
+        summary = quantize_model(loaded, spec, calib, keep_float_weights=bool(manifest["source"].get("finetuned")))
         rebuilt = summary["formats"]
         exported = layer_formats(manifest)
         if rebuilt != exported:  # e.g. the spec left defaults to the adapter, whose defaults changed
@@ -210,7 +210,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         if manifest["source"].get("finetuned"):
             from exporter.finetune import apply_finetune
 
-            apply_finetune(loaded, manifest["source"]["finetuned"])
+            apply_finetune(loaded, manifest["source"]["finetuned"], spec)
     context = getattr(loaded.model, "_exporter_context", None)
     groups = TimestepGroups.from_dict(manifest["groups"]) if manifest["groups"] else None
     group_of = groups.group_of if groups else (lambda t: 0)

@@ -57,7 +57,7 @@ def sample_pytorch(
     if finetuned is not None:
         from exporter.finetune import apply_finetune
 
-        apply_finetune(loaded, finetuned)
+        apply_finetune(loaded, finetuned, quantization)
     cond_path = Path(cond) if cond is not None else loaded.default_conditioning
     conditioning = load_conditioning(cond_path, loaded.adapter)
     defaults = {**BUILTIN_DEFAULTS, **loaded.sampling_defaults}

@@ -79,17 +79,25 @@ def test_the_finetuned_model_exports_like_ptq_and_keeps_parity(finetuned, tiny_u
 def test_a_finetune_is_refused_where_it_does_not_fit(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
     out, _ = finetuned
     loaded = load_model(tiny_unet_dir)
-    quantize_model(loaded, QuantizationSpec(weights="int4", activations="int8", groups=1), tiny_unet_calib)
+    other = QuantizationSpec(weights="int4", activations="int8", groups=1)
+    quantize_model(loaded, other, tiny_unet_calib)
     with pytest.raises(FinetuneError, match="other timestep groups"):
-        apply_finetune(loaded, out)
+        apply_finetune(loaded, out, other)
+    # same timestep groups (they come from the calibration), another format: the learned steps
+    # would multiply scales they were not trained on
+    fp8 = dataclasses.replace(QUANT, weights="fp8", activations="fp8")
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, fp8, tiny_unet_calib)
+    with pytest.raises(FinetuneError, match="finetuned with another quantization"):
+        apply_finetune(loaded, out, fp8)
     record = json.loads((out / "finetune.json").read_text())
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "finetune.safetensors").write_bytes((out / "finetune.safetensors").read_bytes())
     (tmp_path / "partial" / "finetune.json").write_text(json.dumps({**record, "done_batches": 1}))
     with pytest.raises(FinetuneError, match="stopped after 1 of 2 batches"):
-        apply_finetune(loaded, tmp_path / "partial")
+        apply_finetune(loaded, tmp_path / "partial", other)
     with pytest.raises(FinetuneError, match="not a finetune folder"):
-        apply_finetune(loaded, tmp_path)
+        apply_finetune(loaded, tmp_path, other)
 
 
 def test_a_diverging_finetune_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(
@@ -113,7 +121,7 @@ def test_a_diverging_finetune_stops_at_the_first_nan_and_keeps_the_last_good_che
     loaded = load_model(tiny_unet_dir)
     quantize_model(loaded, QUANT, tiny_unet_calib)
     with pytest.raises(FinetuneError, match=f"{key} holds NaN/Inf"):
-        apply_finetune(loaded, tmp_path / "nan")
+        apply_finetune(loaded, tmp_path / "nan", QUANT)
 
 
 def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, tmp_path, run_cli):
@@ -135,3 +143,25 @@ def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, 
     assert json.loads((tmp_path / "g" / "manifest.json").read_text())["source"]["finetuned"]
     result = run_cli("export", "--finetuned", tmp_path / "nothing", "--out", tmp_path / "g2")
     assert result.returncode == 2 and "not a finetune folder" in result.stderr
+
+
+def test_a_step_that_makes_activation_steps_inf_or_zero_is_never_written_or_merged(finetuned, tiny_unet_dir,
+                                                                                     tiny_unet_calib, tmp_path):
+    # finite parameters, unusable model: exp(log step) overflows (or underflows) once it multiplies
+    # the PTQ scale; the last optimizer step of a run is checked as well as the ones before
+    absurd = dataclasses.replace(SPEC, trajectories=1, batch=1, steps=1, scale_lr=90.0)
+    with pytest.raises(FinetuneError, match="log_step makes activation steps Inf or 0"):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, absurd, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "finetune.safetensors").exists()
+
+    out, _ = finetuned
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "finetune.json").write_bytes((out / "finetune.json").read_bytes())
+    tensors = load_file(str(out / "finetune.safetensors"))
+    key = min(k for k in tensors if k.endswith("log_step"))
+    tensors[key].view(-1)[0] = 90.0  # finite, exp(90) * scale is Inf in float32
+    save_file(tensors, str(tmp_path / "big" / "finetune.safetensors"))
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, QUANT, tiny_unet_calib)
+    with pytest.raises(FinetuneError, match="makes activation steps Inf or 0"):
+        apply_finetune(loaded, tmp_path / "big", QUANT)
