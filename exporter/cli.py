@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def parse_rows(text: str) -> list[int]:
             part = part.strip()
             if "-" in part:
                 lo, hi = part.split("-")
+                if int(hi) < int(lo):
+                    raise argparse.ArgumentTypeError(f"invalid rows {text!r}: range {part} runs backwards")
                 rows.extend(range(int(lo), int(hi) + 1))
             elif part:
                 rows.append(int(part))
@@ -42,6 +45,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number >= 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite (a NaN guidance scale would silently turn guidance off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a finite number")
     return value
 
 
@@ -78,7 +92,7 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-row", type=positive_int, help="images per row (default 8)")
     p.add_argument("--steps", type=positive_int, help="denoising steps (default: model's sampling.json, else 20)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: model's, else ddim)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -104,10 +118,18 @@ def finetuned_inputs(args) -> tuple[str, Path, object]:
     return args.model or model, calib, quantization
 
 
+def fresh_image_folder(out: Path) -> None:
+    """Images of two runs in one folder would read as one run (eval scores them all, samples.json
+    names the last): an --out holding anything is refused before any work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty folder; choose another --out or delete it")
+
+
 def cmd_sample(args) -> None:
     from exporter.recipe import resolve_recipe
     from exporter.sampling.pytorch import sample_pytorch
 
+    fresh_image_folder(args.out)
     quantization = None
     if args.finetuned is not None:
         args.model, args.calib, quantization = finetuned_inputs(args)
@@ -208,6 +230,7 @@ def cmd_run(args) -> None:
     from exporter.imageio import write_image_folder
     from exporter.runtime import Runtime
 
+    fresh_image_folder(args.out)
     start = time.perf_counter()
     runtime = Runtime.load(args.graphs, threads=args.threads)
     images = runtime.generate(cond=args.cond, rows=args.rows, per_row=args.per_row or 8, steps=args.steps,
@@ -320,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "this calibration folder (not needed for w4a16)")
     add_recipe_options(p)
     p.add_argument("--finetuned", type=Path, help="an exporter finetune folder: its PTQ + finetuned model")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True, help="image folder (must not exist or be empty)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("calibrate", parents=[common], help="record block inputs along FP32 trajectories")
@@ -371,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "quadratic"],
                    help="which steps are full: every N-th, or denser early (same count)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True, help="image folder (must not exist or be empty)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", parents=[common], **RUNS_GRAPHS,
@@ -430,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except ExporterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be written or read (a file where a folder goes, no permission, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ type and names the file and the key path on any mistake.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class CalibrationSpec:
 
         if self.scheduler not in SCHEDULERS:
             raise RecipeError(f"{where}.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if not math.isfinite(self.guidance):
+            raise RecipeError(f"{where}.guidance must be a finite number")
         if self.rows is not None and (not self.rows or min(self.rows) < 0):
             raise RecipeError(f"{where}.rows must be a non-empty list of rows >= 0 (or absent: all rows)")
         if self.timestep_sampling not in ("uniform", "normal"):

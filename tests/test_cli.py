@@ -136,3 +136,39 @@ def test_fake_quantized_sampling_from_a_bundled_format(run_cli, tiny_unet_dir, t
     recipe.write_text("quantization:\n  weights: int8\n  group: 4\n")
     one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--calib", calib, "--recipe", recipe,
                            "--out", tmp_path / "o"), "r.yaml.quantization: unknown key(s) ['group']")
+
+
+def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp_path):
+    """Each of these ended in a Python traceback (or, for the folder, in two runs' images read as one)."""
+    from safetensors.torch import load_file, save_file
+
+    sample = ("sample", "--model", broken_copy, "--rows", "0", "--per-row", "1", "--steps", "2")
+    (tmp_path / "a_file").write_text("")
+    one_line_error(run_cli(*sample, "--out", tmp_path / "a_file"), "a_file", "not an empty folder")
+    one_line_error(run_cli(*sample, "--steps", "1001", "--out", tmp_path / "o"), "1001 denoising steps",
+                   "at most 1000")
+    assert run_cli(*sample, "--out", tmp_path / "o").returncode == 0
+    one_line_error(run_cli(*sample, "--out", tmp_path / "o"), "not an empty folder")  # a second run's images
+    result = run_cli("eval", "--images", tmp_path / "o", "--json", tmp_path)  # a folder where the file goes
+    one_line_error(result, str(tmp_path))
+    weights = broken_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["conv_out.weight"]
+    save_file(tensors, str(weights))
+    one_line_error(run_cli(*sample, "--out", tmp_path / "o2"), "lacks 1 tensor(s)", "conv_out.weight")
+    for bad, message in ((("--rows", "2-0,1"), "runs backwards"), (("--guidance", "nan"), "a finite number")):
+        result = run_cli(*sample, *bad, "--out", tmp_path / "o3")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_edited_manifest_without_a_key_is_refused(tiny_unet_dir, run_cli, tmp_path):
+    import json
+
+    from exporter.export import ManifestError, export_graphs, read_manifest
+
+    export_graphs(str(tiny_unet_dir), tmp_path / "g", progress=False)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    del manifest["blocks"]
+    (tmp_path / "g" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="manifest.json: no blocks: the manifest was edited or cut short"):
+        read_manifest(tmp_path / "g")

@@ -32,7 +32,7 @@ from exporter.models.loading import read_json
 from exporter.recipe import CalibrationSpec
 from exporter.reference import resolve
 from exporter.sampling.loop import denoise_batch, initial_noise
-from exporter.sampling.schedulers import make_scheduler
+from exporter.sampling.schedulers import make_scheduler, set_steps
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _record_batch(loaded, conditioning, blocks, names, spec, shape, rows, ids, u
 
     adapter = loaded.adapter
     scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
-    scheduler.set_timesteps(spec.steps)
+    set_steps(scheduler, spec.steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     train_steps = scheduler.config.num_train_timesteps
     chosen = {i: set(recorded_steps(spec, timesteps, i, train_steps)) for i in ids}

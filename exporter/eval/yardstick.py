@@ -24,10 +24,14 @@ from exporter.reference.digits import NUM_CLASSES
 log = logging.getLogger(__name__)
 
 
-def _stack(images: dict, keys) -> np.ndarray:
+def _stack(images: dict, keys, folder) -> np.ndarray:
     arrays = [images[k] for k in keys]
     if arrays[0].ndim == 3:  # RGB: the digits classifier reads luminance
         arrays = [a.mean(-1) for a in arrays]
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) > 1:
+        raise ImageFolderError(f"{folder}: images of {len(sizes)} sizes ({', '.join('x'.join(map(str, s)) for s in sizes)}); "
+                               "one run's images share one size")
     return np.stack(arrays)
 
 
@@ -37,7 +41,7 @@ def evaluate(images_dir: str | Path, reference_dir: str | Path | None = None, di
     start = time.perf_counter()
     images = read_image_folder(images_dir)
     keys = sorted(images)
-    batch = _stack(images, keys) if digits else None
+    batch = _stack(images, keys, images_dir) if digits else None
     if batch is not None and batch.shape[1:] != (16, 16):  # e.g. exporter run --latent
         if reference_dir is None:
             raise ImageFolderError(f"{images_dir}: the digits yardstick needs 16x16 images, got "
@@ -62,11 +66,14 @@ def evaluate(images_dir: str | Path, reference_dir: str | Path | None = None, di
         result["accuracy_per_row"] = {
             str(r): float((predicted[rows == r] == r).mean()) for r in sorted(set(rows.tolist()))
         }
-    real = clf.features(clf.real_images)
-    result["fd_digits"] = frechet_distance(clf.features(batch), real)
-    # What a perfect generator scores with this many images (FD is biased upwards at small N).
-    subset = np.random.default_rng(0).choice(len(clf.real_images), size=len(keys), replace=len(keys) > len(real))
-    result["fd_digits_real_floor"] = frechet_distance(real[subset], real)
+    if len(keys) > 1:  # a covariance needs two images at least
+        real = clf.features(clf.real_images)
+        result["fd_digits"] = frechet_distance(clf.features(batch), real)
+        # What a perfect generator scores with this many images (FD is biased upwards at small N).
+        subset = np.random.default_rng(0).choice(len(clf.real_images), size=len(keys), replace=len(keys) > len(real))
+        result["fd_digits_real_floor"] = frechet_distance(real[subset], real)
+    else:
+        log.warning("%s: one image; FD-digits needs two at least and is left out", images_dir)
 
     if reference_dir is not None:
         result.update(compare(images, read_image_folder(reference_dir), images_dir, reference_dir))

@@ -183,6 +183,11 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
+# what the runtime, lint and parity read from every manifest of this schema
+REQUIRED_KEYS = ("source", "quantization", "sample_shape", "scheduler_config", "sampling_defaults", "conditioning",
+                 "blocks", "groups", "cache", "files")
+
+
 def read_manifest(folder: str | Path) -> dict:
     """The verified manifest of a graphs or engines folder (every file present and matching its sha256)."""
     folder = Path(folder)
@@ -196,7 +201,10 @@ def read_manifest(folder: str | Path) -> dict:
     schema = manifest.get("schema") if isinstance(manifest, dict) else None
     if schema != SCHEMA:
         raise ManifestError(f"{path}: unknown manifest schema {schema!r} (this exporter reads schema {SCHEMA})")
-    files = manifest.get("files", {})
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: no {', '.join(missing)}: the manifest was edited or cut short; re-export")
+    files = manifest["files"]
     if manifest.get("kind") == "tensorrt":  # an engines folder (exporter build): plans, not graphs
         referenced = {n for b in manifest["blocks"] for n in b["engines"]}
         if manifest.get("tensorrt", {}).get("lean_runtime"):  # version-compatible engines run on it

@@ -113,6 +113,12 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_dir}: could not load {class_name} ({reason})") from None
     model.eval().requires_grad_(False)
+    # diffusers leaves a weight the file lacks on the meta device (with a warning), where it fails
+    # only when first used
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelError(f"{model_dir}: the weights file lacks {len(missing)} tensor(s) of {class_name}, "
+                         f"first {missing[0]}; the file does not belong to this config")
     # NaN/Inf weights (a diverged training run, a bad conversion) would only show as black images or
     # garbage INT8 scales much later; one pass over the weights (0.23 s for SD 1.5 here) names them now
     broken = next((n for n, p in model.named_parameters() if not all_finite(p)), None)

@@ -17,7 +17,7 @@ import torch
 
 from exporter.errors import UsageError
 from exporter.models.conditioning import Conditioning, cfg_batch
-from exporter.sampling.schedulers import make_scheduler
+from exporter.sampling.schedulers import make_scheduler, set_steps
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def denoise_batch(
     when guidance is on, exactly as an engine would at inference.
     """
     scheduler = make_scheduler(scheduler_name, scheduler_config)
-    scheduler.set_timesteps(steps)
+    set_steps(scheduler, steps)
     latents = noise * scheduler.init_noise_sigma
     use_cfg = guidance > 1.0 and cond is not None
     cond_in = cfg_batch(uncond, cond) if use_cfg else cond

@@ -74,3 +74,13 @@ def _clipped_euler():
             return super().step(model_output, timestep, sample, *args, **kwargs)
 
     return ClippedEulerScheduler
+
+
+def set_steps(scheduler, steps: int) -> None:
+    """``scheduler.set_timesteps(steps)``, with a usage error where the model's training schedule
+    has fewer timesteps than asked (diffusers raises a ValueError deep in the loop)."""
+    trained = scheduler.config.get("num_train_timesteps")
+    if trained is not None and steps > trained:
+        raise UsageError(f"{steps} denoising steps: the model's scheduler was trained with {trained} timesteps, "
+                         f"so at most {trained} steps")
+    scheduler.set_timesteps(steps)

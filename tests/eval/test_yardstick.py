@@ -98,3 +98,16 @@ def test_images_of_another_size_are_compared_but_not_scored_as_digits(tmp_path):
     real_digit_folder(tmp_path / "digits", per_row=1)
     with pytest.raises(ImageFolderError, match="holds 24x32 images and .* 16x16: compare images of the same size"):
         evaluate(tmp_path / "wide", tmp_path / "digits")
+
+
+def test_one_image_is_scored_without_fd_and_mixed_sizes_are_refused(tmp_path):
+    import shutil
+
+    images, _labels = load_digits_16()
+    write_image_folder(tmp_path / "one", {(0, 0): images[0]})  # FD needs a covariance: two images
+    result = evaluate(tmp_path / "one")
+    assert result["n_images"] == 1 and "accuracy" in result and "fd_digits" not in result
+    write_image_folder(tmp_path / "small", {(0, 0): np.zeros((1, 8, 8), np.float32)})
+    shutil.copy(tmp_path / "small" / "0_0.png", tmp_path / "one" / "0_1.png")  # another run's image
+    with pytest.raises(ImageFolderError, match="images of 2 sizes"):
+        evaluate(tmp_path / "one")
