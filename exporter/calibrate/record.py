@@ -180,6 +180,8 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     """Shards of an earlier, interrupted run with the same spec whose sha256 still checks out."""
     spec_file = out / SPEC_FILE
     if not spec_file.is_file():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. a graphs folder: not ours to fill
+            raise CalibrationError(f"{out} exists and is not a calibration folder; choose another --out or delete it")
         return {}
     old = read_json(spec_file, "calibration spec")
     # spec fields added since that run was written take their defaults (e.g. latent: the model's own size)

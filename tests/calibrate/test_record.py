@@ -62,6 +62,10 @@ def test_other_spec_in_same_folder_and_tampered_shard_are_refused(tiny_unet_dir,
     calibrate(str(tiny_unet_dir), tmp_path, SPEC, progress=False)
     with pytest.raises(CalibrationError, match="another model or spec"):
         calibrate(str(tiny_unet_dir), tmp_path, CalibrationSpec(trajectories=1, steps=2), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text("{}")  # e.g. a graphs folder
+    with pytest.raises(CalibrationError, match="other exists and is not a calibration folder"):
+        calibrate(str(tiny_unet_dir), tmp_path / "other", SPEC, progress=False)
     shard = tmp_path / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     with pytest.raises(CalibrationError, match="shard-00000.safetensors: missing or modified"):
