@@ -7,69 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
 from exporter import __version__
+from exporter.cli_types import finite_float, parse_latent, parse_rows, positive_int
 from exporter.errors import ExporterError, UsageError
 
 log = logging.getLogger("exporter")
-
-
-def parse_rows(text: str) -> list[int]:
-    """``0,1,5`` or ``0-9`` or a mix: ``0-3,7``."""
-    rows: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-")
-                if int(hi) < int(lo):
-                    raise argparse.ArgumentTypeError(f"invalid rows {text!r}: range {part} runs backwards")
-                rows.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                rows.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rows {text!r}: use e.g. 0,1,2 or 0-9") from None
-    if not rows:
-        raise argparse.ArgumentTypeError("no rows given")
-    return rows
-
-
-def positive_int(text: str) -> int:
-    """A count that must be at least 1 (images, steps, batch sizes, intervals, threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number >= 1")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """A number that is not NaN or infinite (a NaN guidance scale would silently turn guidance off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a finite number")
-    return value
-
-
-def parse_latent(text: str) -> tuple[int, int]:
-    """``HxW`` (``24x32``) or one number for a square latent."""
-    try:
-        sizes = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        sizes = ()
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"invalid latent size {text!r}: use HxW (e.g. 24x32) or N for NxN")
-    return sizes
 
 
 def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -118,18 +63,12 @@ def finetuned_inputs(args) -> tuple[str, Path, object]:
     return args.model or model, calib, quantization
 
 
-def fresh_image_folder(out: Path) -> None:
-    """Images of two runs in one folder would read as one run (eval scores them all, samples.json
-    names the last): an --out holding anything is refused before any work."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not an empty folder; choose another --out or delete it")
-
-
 def cmd_sample(args) -> None:
+    from exporter.fileio import require_new_folder
     from exporter.recipe import resolve_recipe
     from exporter.sampling.pytorch import sample_pytorch
 
-    fresh_image_folder(args.out)
+    require_new_folder(args.out)  # before any work: two runs' images in one folder read as one run
     quantization = None
     if args.finetuned is not None:
         args.model, args.calib, quantization = finetuned_inputs(args)
@@ -226,11 +165,11 @@ def cmd_build(args) -> None:
 def cmd_run(args) -> None:
     import time
 
-    from exporter.fileio import atomic_write_json
+    from exporter.fileio import atomic_write_json, require_new_folder
     from exporter.imageio import write_image_folder
     from exporter.runtime import Runtime
 
-    fresh_image_folder(args.out)
+    require_new_folder(args.out)  # before any work: two runs' images in one folder read as one run
     start = time.perf_counter()
     runtime = Runtime.load(args.graphs, threads=args.threads)
     images = runtime.generate(cond=args.cond, rows=args.rows, per_row=args.per_row or 8, steps=args.steps,

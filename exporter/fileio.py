@@ -29,3 +29,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def occupied(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists as anything but an empty folder (an output folder must not be:
+    outputs of two runs in one folder would read as one run)."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def require_new_folder(path: str | os.PathLike) -> None:
+    """A usage error unless ``path`` is absent or an empty folder."""
+    from exporter.errors import UsageError
+
+    if occupied(path):
+        raise UsageError(f"{path} exists and is not an empty folder; choose another --out or delete it")

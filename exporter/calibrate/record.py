@@ -26,7 +26,7 @@ import torch
 
 from exporter import __version__
 from exporter.errors import ExporterError
-from exporter.fileio import atomic_write_bytes, atomic_write_json
+from exporter.fileio import atomic_write_bytes, atomic_write_json, occupied
 from exporter.models import load_conditioning, load_model
 from exporter.models.loading import read_json
 from exporter.recipe import CalibrationSpec
@@ -180,7 +180,7 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     """Shards of an earlier, interrupted run with the same spec whose sha256 still checks out."""
     spec_file = out / SPEC_FILE
     if not spec_file.is_file():
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. a graphs folder: not ours to fill
+        if occupied(out):  # e.g. a graphs folder: not ours to fill
             raise CalibrationError(f"{out} exists and is not a calibration folder; choose another --out or delete it")
         return {}
     old = read_json(spec_file, "calibration spec")

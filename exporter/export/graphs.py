@@ -29,7 +29,7 @@ import torch
 from exporter.errors import UsageError
 from exporter.export.manifest import write_manifest
 from exporter.export.passes import BF16_OPSET, WeightFile, finalize
-from exporter.fileio import atomic_write_json
+from exporter.fileio import atomic_write_json, require_new_folder
 from exporter.models import load_conditioning, load_model
 from exporter.models.blocks import run_blocks
 from exporter.quant.ptq import QuantLayer, quantize_model
@@ -114,8 +114,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose another --out or delete it")
+    require_new_folder(out)
     loaded = load_model(resolve(model))
     adapter = loaded.adapter
     summary = (quantize_model(loaded, quantization, calib, keep_float_weights=finetuned is not None)

@@ -194,7 +194,7 @@ def test_a_changed_missing_or_escaping_file_is_refused(tiny_unet_dir, tmp_path, 
     with pytest.raises(ManifestError, match="outside its folder"):
         read_manifest(folder)
     result = run_cli("export", "--model", tiny_unet_dir, "--format", "fp32", "--out", folder)
-    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert result.returncode == 2 and "exists and is not an empty folder" in result.stderr
 
 
 def test_fp16_variant_differs_only_in_the_float_type(tiny_unet_dir, tiny_unet_calib, tmp_path):
