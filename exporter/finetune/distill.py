@@ -86,11 +86,8 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                 key = f"{name}.{p}"
                 if key not in tensors or tensors[key].shape != t.shape:
                     raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe")
-                if not all_finite(tensors[key]):  # a run that diverged before runs stopped at NaN
-                    raise FinetuneError(f"{where}: {key} holds NaN/Inf (the finetuning diverged); finetune again "
-                                        "with lower learning rates (lr, scale_lr in the recipe's finetune: section)")
                 t.copy_(tensors[key])
-    broken = _unusable_state(layers)
+    broken = _unusable_state(layers)  # NaN/Inf parameters (runs before finetune stopped at NaN) or unusable steps
     if broken:
         raise FinetuneError(f"{where}: {broken} (the finetuning diverged); finetune again with lower learning "
                             "rates (lr, scale_lr in the recipe's finetune: section)")

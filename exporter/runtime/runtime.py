@@ -55,8 +55,7 @@ def engine_batch_size(manifest: dict, settings: SampleSettings, guided: bool) ->
     """Images per call that keep every model call inside the engines' batch range (``batch``: the
     profile's min, opt, max per call, doubled at build time by the recipe's ``cfg``) whatever
     ``cfg`` said: the loop doubles a call whenever guidance runs (``guided``)."""
-    built = manifest["tensorrt"]
-    low, _, high = built.get("batch") or [n * (2 if built.get("cfg") else 1) for n in built["images"]]
+    low, _, high = manifest["tensorrt"]["batch"]  # written by every build (exporter.build.profiles.batch_sizes)
     factor = 2 if guided else 1
     per_call = min(settings.batch_size, high // factor)
     images = len(settings.rows) * settings.per_row
