@@ -397,10 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that cannot be written or read (a file where a folder goes, no permission, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).strip() or type(e).__name__}); a smaller --latent or --batch-size "
+              "needs less", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     return code or 0
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """An allocation failure of torch's CPU allocator or of ONNX Runtime, which raise RuntimeError
+    (subclasses) rather than MemoryError."""
+    text = str(error)
+    return "can't allocate memory" in text or "Failed to allocate memory" in text
 
 
 if __name__ == "__main__":

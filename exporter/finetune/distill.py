@@ -147,9 +147,11 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     from exporter.sampling.loop import denoise_batch, initial_noise
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; finetuning writes a folder")
     teacher, student = load_model(resolve(model)), load_model(resolve(model))
     summary = quantize_model(student, quantization, calib)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a model or calibration refused above leaves no empty folder
     identity = {"model": str(student.directory), "calibration": str(Path(calib).resolve()),
                 "quantization": dataclasses.asdict(quantization), "finetune": dataclasses.asdict(spec),
                 "groups": summary["groups"]}

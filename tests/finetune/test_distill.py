@@ -165,3 +165,14 @@ def test_a_step_that_makes_activation_steps_inf_or_zero_is_never_written_or_merg
     quantize_model(loaded, QUANT, tiny_unet_calib)
     with pytest.raises(FinetuneError, match="makes activation steps Inf or 0"):
         apply_finetune(loaded, tmp_path / "big", QUANT)
+
+
+def test_a_refused_calibration_or_a_file_as_out_leaves_nothing_behind(tiny_unet_dir, tmp_path):
+    not_calib = tmp_path / "not-calib"
+    not_calib.mkdir()
+    with pytest.raises(Exception, match="calib"):
+        finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match="is a file"):
+        finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "file", progress=False)
