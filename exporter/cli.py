@@ -29,11 +29,11 @@ def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None
                    "downsampling, transformer graphs only their export size")
 
 
-def add_image_options(p: argparse.ArgumentParser) -> None:
+def add_image_options(p: argparse.ArgumentParser, rows_default: str = "all") -> None:
     """Which images, and how they are denoised: the same options wherever images are made."""
     from exporter.sampling import SCHEDULERS
 
-    p.add_argument("--rows", type=parse_rows, help="conditioning rows, e.g. 0-9 or 0,3,7 (default: all)")
+    p.add_argument("--rows", type=parse_rows, help=f"conditioning rows, e.g. 0-9 or 0,3,7 (default: {rows_default})")
     p.add_argument("--per-row", type=positive_int, help="images per row (default 8)")
     p.add_argument("--steps", type=positive_int, help="denoising steps (default: model's sampling.json, else 20)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: model's, else ddim)")
@@ -59,6 +59,10 @@ def finetuned_inputs(args) -> tuple[str, Path, object]:
     """(model, calibration, quantization spec) of ``--finetuned DIR``: the run brings its own."""
     from exporter.finetune import finetuned_source
 
+    given = [option for option, value in (("--calib", args.calib), ("--format", args.format),
+                                          ("--recipe", args.recipe)) if value is not None]
+    if given:  # they would be silently replaced by the run's own
+        raise UsageError(f"--finetuned brings its own calibration and quantization; leave out {', '.join(given)}")
     model, calib, quantization = finetuned_source(args.finetuned)
     return args.model or model, calib, quantization
 
@@ -379,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
-    add_image_options(p)  # rows default to 0-9 here
+    add_image_options(p, rows_default="0-9")
     p.add_argument("--out", type=Path, required=True, help="run root: ROOT/calib, graphs/, images/, summary.json")
     p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40)
     return parser

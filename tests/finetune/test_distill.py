@@ -143,6 +143,10 @@ def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, 
     assert json.loads((tmp_path / "g" / "manifest.json").read_text())["source"]["finetuned"]
     result = run_cli("export", "--finetuned", tmp_path / "nothing", "--out", tmp_path / "g2")
     assert result.returncode == 2 and "not a finetune folder" in result.stderr
+    # the run's own calibration and quantization are used; options naming others would be ignored silently
+    result = run_cli("export", "--finetuned", tmp_path / "ft", "--calib", tmp_path / "c", "--format", "int8",
+                     "--out", tmp_path / "g3")
+    assert result.returncode == 2 and "leave out --calib, --format" in result.stderr
 
 
 def test_a_step_that_makes_activation_steps_inf_or_zero_is_never_written_or_merged(finetuned, tiny_unet_dir,
