@@ -11,10 +11,13 @@ from exporter.quant.ptq import INT4_FALLBACK_REASON
 
 
 def test_help_lists_the_subcommands(run_cli):
+    import re
+
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("sample", "calibrate", "export", "lint", "parity", "run", "bench", "eval", "pipeline"):
-        assert command in result.stdout
+    listed = re.findall(r"^    (\w+) ", result.stdout, flags=re.MULTILINE)  # argparse's list of subcommands
+    assert listed == ["sample", "calibrate", "export", "finetune", "build", "run", "bench", "report", "lint",
+                      "parity", "eval", "pipeline"]
 
 
 def test_help_of_the_commands_running_graphs_names_the_backends_environment(run_cli):
@@ -101,6 +104,8 @@ def test_missing_and_corrupted_conditioning(run_cli, broken_copy, tmp_path):
 
 
 def test_unknown_reference_name_and_bad_images_folder(run_cli, tmp_path):
+    one_line_error(run_cli("sample", "--model", "digits-vae", "--out", tmp_path / "o"),
+                   "model directory not found: digits-vae (nor a reference name: digits-unet, digits-dit)")
     one_line_error(run_cli("eval", "--images", tmp_path / "nothing"), "image folder not found")
     (tmp_path / "empty").mkdir()
     one_line_error(run_cli("eval", "--images", tmp_path / "empty"), "no images named <row>_<k>.png")

@@ -55,7 +55,10 @@ def read_json(path: Path, what: str) -> dict:
 
 def find_model_dir(directory: Path) -> Path:
     if not directory.exists():
-        raise ModelError(f"model directory not found: {directory}")
+        from exporter.reference import NAMES
+
+        hint = "" if len(directory.parts) > 1 else f" (nor a reference name: {', '.join(NAMES)})"
+        raise ModelError(f"model directory not found: {directory}{hint}")
     if not directory.is_dir():
         raise ModelError(f"{directory} is not a directory (expected a diffusers model or pipeline directory)")
     for sub in ("unet", "transformer"):

@@ -39,7 +39,10 @@ def test_transformer_graphs_keep_their_resolution(tiny_dit_dir, tmp_path):
     from exporter.export import export_graphs
 
     manifest = export_graphs(str(tiny_dit_dir), tmp_path / "g", progress=False)
-    assert block_profiles(manifest, BuildSpec())  # its own size is fine
+    profiles = block_profiles(manifest, BuildSpec())  # its own size is fine
+    assert profiles.keys() == {block["name"] for block in manifest["blocks"]}
+    first = manifest["blocks"][0]["name"]
+    assert [shape[2:] for shape in profiles[first]["sample"]] == [(8, 8)] * 3  # min, opt, max: 8x8 only
     with pytest.raises(UsageError, match="exported for latent"):
         block_profiles(manifest, BuildSpec(latent=[[8, 8], [16, 16], [16, 16]]))
 

@@ -136,6 +136,7 @@ def test_normal_timestep_sampling_centres_on_0_4_T(tiny_dit_dir, tmp_path):
     state = calibrate(str(tiny_dit_dir), tmp_path, spec, progress=False)
     counts = {int(t): n for t, n in state["coverage"].items()}
     assert sum(counts.values()) == 36  # no CFG: one sample per recorded step
+    assert len(counts) > 3  # uniform sampling of 3 steps per trajectory would record only 3 distinct t
     mean_t = sum(t * n for t, n in counts.items()) / 36
     assert 250 < mean_t < 600  # PTQ4DM: N(400, 400^2) clamped to [0, 999]
 
@@ -153,7 +154,7 @@ def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_
     result = run_cli("calibrate", "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "d")
     assert result.returncode == 2 and "unknown key(s) ['trajectorys']" in result.stderr
     assert "Traceback" not in result.stderr
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="timestep_sampling"):
         CalibrationSpec(timestep_sampling="log").validate("x")
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from exporter import ImageFolderError
 from exporter.eval import evaluate, psnr_text
-from exporter.eval.classifier import get_classifier
+from exporter.eval.classifier import DigitsClassifier, get_classifier
 from exporter.imageio import read_image_folder, write_image_folder
 from exporter.reference.digits import load_digits_16
 
@@ -24,6 +24,9 @@ def test_classifier_is_deterministic_and_accurate():
     clf = get_classifier()
     assert clf.test_accuracy >= 0.95
     assert clf.features(clf.real_images[:5]).shape == (5, 64)
+    again = DigitsClassifier()  # a second training from scratch: the same network, so FD-digits is reproducible
+    assert again.test_accuracy == clf.test_accuracy
+    assert np.array_equal(again.features(clf.real_images[:50]), clf.features(clf.real_images[:50]))
 
 
 def test_real_digits_score_high_and_noise_scores_low(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from exporter.calibrate import CalibrationError
+from exporter.errors import UsageError
 from exporter.export import export_graphs
 from exporter.finetune import FinetuneError, apply_finetune, finetune
 from exporter.finetune import distill as distill_module
@@ -174,9 +176,9 @@ def test_a_step_that_makes_activation_steps_inf_or_zero_is_never_written_or_merg
 def test_a_refused_calibration_or_a_file_as_out_leaves_nothing_behind(tiny_unet_dir, tmp_path):
     not_calib = tmp_path / "not-calib"
     not_calib.mkdir()
-    with pytest.raises(Exception, match="calib"):
+    with pytest.raises(CalibrationError, match="not a calibration folder"):
         finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(Exception, match="is a file"):
+    with pytest.raises(UsageError, match=r"--out .*file is a file; finetuning writes a folder"):
         finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "file", progress=False)

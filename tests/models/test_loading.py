@@ -101,6 +101,8 @@ def test_dit_drops_learned_sigma(tiny_dit_dir):
     x = torch.randn(2, 1, 8, 8)
     eps = loaded.adapter.denoise(loaded.model, x, torch.tensor([10, 500]), cond.cond[:2])
     assert eps.shape == x.shape  # the config has out_channels=2 (epsilon + variance)
+    both = loaded.model(x, torch.tensor([10, 500]), class_labels=cond.cond[:2], return_dict=False)[0]
+    assert both.shape[1] == 2 and torch.equal(eps, both[:, :1])  # the epsilon half, not the variance
 
 
 def test_conditioning_checks(tiny_unet_dir, tmp_path):

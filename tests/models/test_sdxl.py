@@ -40,6 +40,7 @@ def test_graphs_reproduce_the_pytorch_loop_and_int8_passes_parity(tiny_sdxl_dir,
     export_graphs(str(tiny_sdxl_dir), tmp_path / "fp32", progress=False)
     ours = Runtime.load(tmp_path / "fp32").generate(rows=[0, 2], per_row=2, steps=6, guidance=2.0, seed=1,
                                                    progress=False)
+    assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
 
     calibrate(str(tiny_sdxl_dir), tmp_path / "calib", CalibrationSpec(trajectories=2, steps=4), progress=False)

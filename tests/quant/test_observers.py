@@ -47,7 +47,9 @@ def test_weight_mse_is_never_worse_than_max_per_channel_and_per_block():
             amax = weight_amax(w, f, method, block_size=block)
             axis = 1 if block else 0
             errs[method] = (fake_quant(w, scale_from_amax(amax, f), f, axis=axis, block_size=block) - w).pow(2).sum()
-        assert errs["mse"] <= errs["max"]
+        # strictly better (measured: INT8 0.99x, INT4 0.73x of max's error): an MSE search that fell
+        # back to the max would tie
+        assert errs["mse"] < errs["max"] * (0.8 if fmt == "int4" else 1.0)
     assert weight_amax(w, FORMATS["int4"], "mse", block_size=128).shape == (16, 3)
 
 

@@ -28,6 +28,9 @@ def test_dynamic_programming_finds_the_brute_force_optimum(seed):
         got = optimal_bins(amax, k)
         cost = bin_costs(amax)
         assert sum(cost[i, j] for i, j in got) == pytest.approx(total)
+        # k contiguous, non-empty bins covering every t (a cheaper "partition" could skip some)
+        assert len(got) == k and got[0][0] == 0 and got[-1][1] == amax.shape[1] - 1
+        assert all(i <= j for i, j in got) and all(a[1] + 1 == b[0] for a, b in itertools.pairwise(got))
 
 
 def test_groups_separate_a_range_jump_and_cover_every_t():

@@ -64,7 +64,7 @@ def test_quantized_linear_layers_run_as_integer_products(tiny_int8_graphs, tiny_
             plain = ort.InferenceSession(str(tiny_int8_graphs / graph), providers=["CPUExecutionProvider"]).run(names, feeds)
             for a, b in zip(rewritten, plain):  # the same int8 products, summed in int32 instead of float
                 # (without int8 dot products ONNX Runtime's kernel saturates: 22-29 dB on an AVX2-only CPU)
-                assert sqnr_db(b, a) >= 60 or not exact_kernel, graph
+                assert sqnr_db(b, a) >= (60 if exact_kernel else 20), graph
             if linear:  # ONNX Runtime fuses each of them, which it does for none of the file's
                 copy = onnx.load(str(tiny_int8_graphs / graph), load_external_data=False)
                 weights = integer_matmuls(copy, tiny_int8_graphs)

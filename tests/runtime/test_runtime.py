@@ -45,7 +45,7 @@ def test_unet_graphs_run_at_another_latent_size(tiny_unet_dir, unet_graphs):
     runtime = Runtime.load(unet_graphs)
     ours = runtime.generate(rows=[0, 2], per_row=2, steps=8, guidance=2.0, seed=3, latent=(10, 14), progress=False)
     theirs = pytorch_latents(tiny_unet_dir, [0, 2], 8, "ddim", 2.0, latent=(10, 14))
-    assert {tuple(v.shape) for v in ours.values()} == {(1, 10, 14)}
+    assert ours.keys() == theirs.keys() and {tuple(v.shape) for v in ours.values()} == {(1, 10, 14)}
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
     cached = runtime.generate(rows=[0], per_row=1, steps=6, guidance=2.0, latent=(6, 12), cache_interval=3,
                               progress=False)
@@ -59,8 +59,10 @@ def test_dit_graphs_with_class_labels(tiny_dit_dir, tmp_path):
     runtime = Runtime.load(tmp_path / "g")
     ours = runtime.generate(rows=[1, 3], per_row=2, steps=6, scheduler="ddim", guidance=2.0, seed=3, progress=False)
     theirs = pytorch_latents(tiny_dit_dir, [1, 3], 6, "ddim", 2.0)
+    assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
-    assert runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 8), progress=False)  # its own size
+    own = runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 8), progress=False)  # its own size
+    assert own.keys() == {(1, 0)} and tuple(own[(1, 0)].shape) == (1, 8, 8) and torch.isfinite(own[(1, 0)]).all()
     with pytest.raises(UsageError, match=r"DiTTransformer2DModel graphs are exported for latent 8x8 only"):
         runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 12), progress=False)
 
