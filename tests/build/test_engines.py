@@ -8,6 +8,7 @@ import torch
 
 from exporter.build.engines import build_engines
 from exporter.build.gating import BuildError
+from exporter.errors import UsageError
 from exporter.export import read_manifest
 from exporter.export.manifest import ManifestError
 from exporter.recipe import BuildSpec
@@ -51,9 +52,9 @@ def test_engines_from_another_gpu_are_refused_before_loading(tiny_int8_graphs, f
     fake_tensorrt["device"] = A10
     with pytest.raises(BuildError, match="rebuild them here with 'exporter build"):
         Runtime.load(tmp_path / "e")
-    with pytest.raises(Exception, match="holds TensorRT engines"):
+    with pytest.raises(UsageError, match="holds TensorRT engines"):
         Runtime.load(tmp_path / "e", backend="onnxruntime")
-    with pytest.raises(Exception, match="build engines first"):
+    with pytest.raises(UsageError, match="build engines first"):
         Runtime.load(tiny_int8_graphs, backend="tensorrt")
 
 

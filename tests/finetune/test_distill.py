@@ -53,7 +53,7 @@ def test_finetuning_trains_adapters_and_steps_and_an_interrupted_run_resumes_ide
     for key, value in tensors.items():
         assert (again[key] == value).all(), key
 
-    with pytest.raises(Exception, match="another model, calibration or recipe"):
+    with pytest.raises(UsageError, match="another model, calibration or recipe"):
         finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, FinetuneSpec(rank=2, trajectories=4, batch=2, steps=3),
                  tmp_path / "run", progress=False)
 

@@ -87,7 +87,7 @@ def test_cached_steps_run_only_the_branch_blocks(unet_graphs):
     graphs = [c.removesuffix(".onnx") for c in counter.calls]
     assert len(graphs) == 3 * len(all_blocks) + 4 * len(plan.shallow_blocks)
     assert graphs.count("mid") == 3 and graphs.count("head") == 7
-    with pytest.raises(Exception, match="unknown cache branch 'nope'"):
+    with pytest.raises(UsageError, match="unknown cache branch 'nope'"):
         runtime.cache_plan(7, 3, "nope", "uniform")
     with pytest.raises(UsageError, match="cache interval must be >= 1"):
         runtime.cache_plan(7, 0, None, "uniform")
