@@ -154,8 +154,9 @@ def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp
                    "at most 1000")
     assert run_cli(*sample, "--out", tmp_path / "o").returncode == 0
     one_line_error(run_cli(*sample, "--out", tmp_path / "o"), "not an empty folder")  # a second run's images
-    # a sample too large to allocate: torch's allocator raises RuntimeError, not MemoryError
-    one_line_error(run_cli(*sample, "--latent", "1000000", "--out", tmp_path / "big"), "out of memory", "--latent")
+    # a sample too large to allocate: torch's allocator raises RuntimeError, not MemoryError (10^14 values,
+    # past the 128 TiB a process can address, so it fails whatever the kernel's overcommit setting)
+    one_line_error(run_cli(*sample, "--latent", "10000000", "--out", tmp_path / "big"), "out of memory", "--latent")
     result = run_cli("eval", "--images", tmp_path / "o", "--json", tmp_path)  # a folder where the file goes
     one_line_error(result, str(tmp_path))
     weights = broken_copy / "unet" / "diffusion_pytorch_model.safetensors"
