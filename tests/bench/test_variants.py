@@ -1,5 +1,7 @@
 """The bench's variants: the DeepCache package and our runtime cache the same thing."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ from exporter.bench.variants import Variant, open_variant
 from exporter.export import export_graphs
 from exporter.sampling.loop import SampleSettings
 
-pytest.importorskip("DeepCache", reason="the DeepCache package is installed with the test extra")
+# the DeepCache package comes with the test extra; only the tests that open its variant need it
+needs_deepcache = pytest.mark.skipif(importlib.util.find_spec("DeepCache") is None,
+                                     reason="the DeepCache package is installed with the test extra")
 
 SETTINGS = SampleSettings(rows=(0, 1, 2), per_row=2, steps=10, scheduler="ddim", guidance=1.5, seed=5)
 
@@ -28,11 +32,13 @@ def max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@needs_deepcache
 def test_deepcache_every_step_is_the_plain_loop(tiny_unet_dir, graphs):
     plain = run(Variant("pytorch-fp32", "pytorch"), tiny_unet_dir, graphs)
     assert max_diff(run(Variant("deepcache-1", "deepcache", interval=1), tiny_unet_dir, graphs), plain) == 0.0
 
 
+@needs_deepcache
 def test_deepcache_package_and_runtime_cache_agree(tiny_unet_dir, graphs):
     """DeepCacheSDHelper's branch 0 and our shallowest branch reuse the same feature on the same
     steps: the images agree to float precision, and both differ from the uncached ones."""
@@ -43,6 +49,7 @@ def test_deepcache_package_and_runtime_cache_agree(tiny_unet_dir, graphs):
     assert max_diff(theirs, plain) > 1e-2  # caching really happened
 
 
+@needs_deepcache
 def test_deepcache_refuses_a_dit(tiny_dit_dir):
     from exporter.errors import UsageError
 
