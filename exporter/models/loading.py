@@ -21,6 +21,7 @@ import torch
 from exporter.errors import ModelError
 from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
 from exporter.models.non_finite import all_finite
+from exporter.reference import NAMES
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def read_json(path: Path, what: str) -> dict:
 
 def find_model_dir(directory: Path) -> Path:
     if not directory.exists():
-        from exporter.reference import NAMES
-
         hint = "" if len(directory.parts) > 1 else f" (nor a reference name: {', '.join(NAMES)})"
         raise ModelError(f"model directory not found: {directory}{hint}")
     if not directory.is_dir():

@@ -1,16 +1,14 @@
 """The bench's variants: the DeepCache package and our runtime cache the same thing."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from exporter.bench.variants import Variant, open_variant
+from exporter.bench.variants import Variant, deepcache_available, open_variant
 from exporter.export import export_graphs
 from exporter.sampling.loop import SampleSettings
 
 # the DeepCache package comes with the test extra; only the tests that open its variant need it
-needs_deepcache = pytest.mark.skipif(importlib.util.find_spec("DeepCache") is None,
+needs_deepcache = pytest.mark.skipif(not deepcache_available(),
                                      reason="the DeepCache package is installed with the test extra")
 
 SETTINGS = SampleSettings(rows=(0, 1, 2), per_row=2, steps=10, scheduler="ddim", guidance=1.5, seed=5)
