@@ -54,6 +54,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     if model is None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
     quantization = recipe.quantization
+    if quantization is not None:  # before calibrating for minutes
+        quantization.require_exportable()
     # the quantized graphs' folder and variant name; a recipe without quantization is the FP32 run
     name = "fp32" if quantization is None else fmt if recipe_path is None else Path(recipe_path).stem
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}

@@ -127,6 +127,18 @@ class QuantizationSpec:
         if self.groups < 1 or self.block_size < 1:
             raise RecipeError(f"{where}: groups and block_size must be >= 1")
 
+    def require_exportable(self, where: str = "quantization") -> None:
+        """Refuse formats that exist only as PyTorch simulation (int6): ONNX has no type to store them."""
+        from exporter.quant.formats import EXPORTABLE
+
+        used = [(where, self.weights), (where, self.activations)]
+        used += [(f"{where}.precision[{i}] ({o.pattern})", f) for i, o in enumerate(self.precision or ())
+                 for f in (o.weights, o.activations)]
+        for key, fmt in used:
+            if fmt is not None and fmt not in EXPORTABLE:
+                raise RecipeError(f"{key}: {fmt} is simulation only (no ONNX type holds it) and cannot be "
+                                  f"exported; exportable formats: {', '.join(EXPORTABLE)}")
+
 
 @dataclass
 class FinetuneSpec:

@@ -115,6 +115,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     require_new_folder(out)
+    if quantization is not None:
+        quantization.require_exportable()
     loaded = load_model(resolve(model))
     adapter = loaded.adapter
     summary = (quantize_model(loaded, quantization, calib, keep_float_weights=finetuned is not None)
@@ -139,27 +141,31 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    exported = []
-    n_graphs = sum(_group_count(b, groups) for b in blocks)
-    with tqdm(total=n_graphs, desc="exporting", unit="graph", disable=not progress or None) as bar:
-        for block in blocks:
-            weights = WeightFile(partial / f"{block.name}.weights")
-            layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
-            files = []
-            for g in range(_group_count(block, groups)):
-                for layer in layers:
-                    layer.prepare_export(g)
-                name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
-                export_graph(block, trace_env, weights, partial / name, BF16_OPSET if dtype == "bf16" else None)
-                files.append(name)
-                bar.update(1)
-            exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
-    manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype, finetuned)
-    if summary is not None:  # the whole PTQ record (per-t activation ranges, exclusions): for people and plots
-        atomic_write_json(partial / "quantization.json", summary)
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
+    try:
+        exported = []
+        n_graphs = sum(_group_count(b, groups) for b in blocks)
+        with tqdm(total=n_graphs, desc="exporting", unit="graph", disable=not progress or None) as bar:
+            for block in blocks:
+                weights = WeightFile(partial / f"{block.name}.weights")
+                layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
+                files = []
+                for g in range(_group_count(block, groups)):
+                    for layer in layers:
+                        layer.prepare_export(g)
+                    name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
+                    export_graph(block, trace_env, weights, partial / name, BF16_OPSET if dtype == "bf16" else None)
+                    files.append(name)
+                    bar.update(1)
+                exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
+        manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype, finetuned)
+        if summary is not None:  # the whole PTQ record (per-t activation ranges, exclusions): for people and plots
+            atomic_write_json(partial / "quantization.json", summary)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:  # nothing half-written stays behind (a failed trace, Ctrl-C, a full disk)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     log.info("exported %d graphs of %d blocks into %s in %.1fs", n_graphs, len(blocks), out,
              time.perf_counter() - start)
     return manifest

@@ -34,6 +34,7 @@ FORMATS = {
     # Simulation only: no 6-bit type exists in ONNX or TensorRT; used to study activation techniques.
     "int6": QuantFormat("int6", "int", -32, 31, 6),
 }
+EXPORTABLE = ("int8", "int4", "fp8")  # the formats an ONNX initializer / QuantizeLinear can hold
 
 _TINY = 1e-12  # all-zero tensors still get a valid (positive) scale
 

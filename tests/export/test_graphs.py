@@ -333,3 +333,29 @@ def test_a_block_over_2gb_exports_into_a_small_graph_and_its_weight_file(tmp_pat
     session = ort.InferenceSession(str(tmp_path / "large.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": env["x"].numpy()})
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_simulation_only_format_is_refused_before_any_work(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    from exporter.recipe import RecipeError
+
+    spec = QuantizationSpec(precision=[PrecisionOverride("*attn*", weights="int6", activations="int8")])
+    with pytest.raises(RecipeError, match=r"precision\[0\] \(\*attn\*\): int6 is simulation only"):
+        export_graphs(tiny_unet_dir, tmp_path / "g", calib=tiny_unet_calib, quantization=spec, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_leaves_nothing_half_written(tiny_unet_dir, tmp_path, monkeypatch):
+    import exporter.export.graphs as graphs
+
+    real, calls = graphs.export_graph, []
+
+    def second_graph_fails(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("trace failed")
+        return real(*args)
+
+    monkeypatch.setattr(graphs, "export_graph", second_graph_fails)
+    with pytest.raises(RuntimeError, match="trace failed"):
+        export_graphs(tiny_unet_dir, tmp_path / "g", progress=False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
