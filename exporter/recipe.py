@@ -303,8 +303,12 @@ def bundled_recipe_path(fmt: str, model: str | None = None) -> Path:
     """The bundled recipe for a format: tuned per reference model, else the generic default."""
     if fmt not in FORMATS:
         raise RecipeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    tuned = RECIPES_DIR / str(model) / f"{fmt}.yaml"
-    return tuned if model and tuned.is_file() else RECIPES_DIR / "default" / f"{fmt}.yaml"
+    from exporter.reference import name_of
+
+    # a reference model by name or by its bundled folder; a user's folder never picks a recipe from inside it
+    name = name_of(model) if model else None
+    tuned = RECIPES_DIR / name / f"{fmt}.yaml" if name else None
+    return tuned if tuned is not None and tuned.is_file() else RECIPES_DIR / "default" / f"{fmt}.yaml"
 
 
 def resolve_recipe(recipe: str | Path | None, fmt: str | None, model: str | None) -> Recipe:

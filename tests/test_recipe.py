@@ -2,6 +2,8 @@
 
 import pytest
 
+from exporter import reference
+
 from exporter.quant.formats import get_format
 from exporter.recipe import (
     FORMATS,
@@ -45,7 +47,7 @@ def test_mistakes_name_the_key(section, fragment):
     assert fragment in str(error.value)
 
 
-def test_every_bundled_recipe_loads_and_format_picks_the_tuned_one():
+def test_every_bundled_recipe_loads_and_format_picks_the_tuned_one(tmp_path):
     files = sorted(RECIPES_DIR.glob("*/*.yaml"))
     assert {f.stem for f in files if f.parent.name == "default"} == set(FORMATS)
     for path in files:
@@ -58,6 +60,12 @@ def test_every_bundled_recipe_loads_and_format_picks_the_tuned_one():
                 assert path.parent.name == model  # tuned per reference model, exclusions listed
                 assert load_recipe(path).quantization.exclude
     assert bundled_recipe_path("int8", "/some/model/dir").parent.name == "default"
+    # the bundled folder picks its tuned recipe; a user's folder never a recipe from inside itself
+    assert bundled_recipe_path("int8", str(reference.path("digits-dit"))).parent.name == "digits-dit"
+    user_model = tmp_path / "model"
+    (user_model / "int8.yaml").parent.mkdir()
+    (user_model / "int8.yaml").write_text("quantization: {}\n")
+    assert bundled_recipe_path("int8", str(user_model)) == RECIPES_DIR / "default" / "int8.yaml"
     assert resolve_recipe(None, "fp32", "digits-unet").quantization is None
     with pytest.raises(RecipeError, match="unknown format 'int2'"):
         bundled_recipe_path("int2")

@@ -36,3 +36,11 @@ def resolve(model: str) -> Path:
     if model in NAMES:
         return path(model)
     return Path(model).expanduser()
+
+
+def name_of(model: str) -> str | None:
+    """The reference name ``model`` stands for, given as a name or as its bundled directory; else None."""
+    if model in NAMES:
+        return model
+    here = Path(model).expanduser().resolve()
+    return next((n for n in NAMES if (_HERE / n).resolve() == here), None)
