@@ -186,7 +186,8 @@ def cmd_run(args) -> None:
     record = {"graphs": str(args.graphs), "backend": runtime.backend.name, "threads": args.threads,
               "rows": list(settings.rows), "per_row": settings.per_row, "steps": settings.steps,
               "scheduler": settings.scheduler, "guidance": settings.guidance, "seed": settings.seed,
-              "batch_size": settings.batch_size, "cache_interval": args.cache_interval, "cache_branch": args.cache_branch,
+              "batch_size": settings.batch_size, "cache_interval": args.cache_interval,
+              "cache_branch": runtime.plan.feature, "full_steps": sorted(runtime.plan.full_steps),
               "cache_schedule": args.cache_schedule, "latent": [int(d) for d in next(iter(images.values())).shape[1:]],
               "seconds": round(time.perf_counter() - start, 2),
               "block_seconds": {k: round(v, 3) for k, v in runtime.seconds.items()}}

@@ -3,7 +3,6 @@
 import pytest
 
 from exporter import reference
-
 from exporter.quant.formats import get_format
 from exporter.recipe import (
     FORMATS,

@@ -134,4 +134,10 @@ def _require(tensors: dict, path, *keys: str) -> list[torch.Tensor]:
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise ConditioningError(f"{path}: missing tensor(s) {missing}; found {sorted(tensors)}")
+    for key in keys:  # NaN/Inf would pass QuantizeLinear as finite numbers: wrong images, no error
+        value = tensors[key]
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            rows = sorted({int(i) for i in (~torch.isfinite(value)).nonzero()[:, 0]})
+            raise ConditioningError(f"{path}: '{key}' holds NaN/Inf (in row(s) {rows[:10]}); "
+                                    "recompute the embeddings")
     return [tensors[k] for k in keys]

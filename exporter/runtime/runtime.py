@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.errors import NonFiniteError, UsageError
+from exporter.errors import ConditioningError, NonFiniteError, UsageError
 from exporter.export.manifest import check_latent, read_manifest
 from exporter.models import adapter_for, load_conditioning
 from exporter.quant.timestep_groups import TimestepGroups
@@ -93,6 +93,7 @@ class Runtime:
         self.dtypes = {t["name"]: t["dtype"] for b in self.blocks for t in b["inputs"]}
         self.seconds: dict[str, float] = {}  # time spent per block, for benchmarks
         self.settings: SampleSettings | None = None  # the last generate's, the manifest's defaults filled in
+        self.plan: CachePlan | None = None  # the last generate's caching: the branch taken, the full steps
 
     @classmethod
     def load(cls, folder: str | Path, backend: str | None = None, threads: int | None = None) -> Runtime:
@@ -107,16 +108,19 @@ class Runtime:
     def cache_plan(self, steps: int, interval: int, branch: str | None, schedule: str) -> CachePlan:
         if interval < 1:
             raise UsageError(f"cache interval must be >= 1 (1: no caching), got {interval}")
-        if interval == 1:
-            return CachePlan(None, set(range(steps)), [b["name"] for b in self.blocks])
         features = self.cache_features
+        # a wrong branch or schedule is refused even when interval 1 would not use it: no run records
+        # an option that was never valid
+        if branch is not None and branch not in features:
+            raise UsageError(f"unknown cache branch {branch!r}; choose one of {', '.join(features) or 'none'}")
+        full_steps = set(refresh_steps(steps, interval, schedule))
+        if interval == 1:
+            return CachePlan(None, full_steps, [b["name"] for b in self.blocks])
         if not features:
             raise UsageError(f"{self.manifest['source']['model_class']} graphs declare no cacheable feature")
         if branch is None:  # the shallowest branch: the fewest blocks on cached steps
             branch = min(features, key=lambda f: len(features[f]))
-        if branch not in features:
-            raise UsageError(f"unknown cache branch {branch!r}; choose one of {', '.join(features)}")
-        return CachePlan(branch, set(refresh_steps(steps, interval, schedule)), features[branch])
+        return CachePlan(branch, full_steps, features[branch])
 
     @staticmethod
     def _file(block: dict, group: int) -> str:
@@ -134,6 +138,8 @@ class Runtime:
         inputs = self.adapter.named_inputs(x, t.to(torch.float32), cond)
         env = {n: v.numpy().astype(self.dtypes.get(n, "float32"), copy=False)
                for n, v in inputs.items() if v is not None}
+        if step == 0:
+            self._check_fixed_sizes(env)
         full = step in plan.full_steps or plan.feature not in cache
         run = [b["name"] for b in self.blocks] if full else plan.shallow_blocks
         if not full:
@@ -152,6 +158,23 @@ class Runtime:
             cache[plan.feature] = env[plan.feature]
         # fp16 / bf16 graphs: back to fp32
         return self.adapter.postprocess(torch.from_numpy(env["noise_pred"].astype(np.float32, copy=False)))
+
+    def _check_fixed_sizes(self, env: dict[str, np.ndarray]) -> None:
+        """The model inputs against the fixed (non-symbolic) sizes the graphs declare, e.g. the text
+        length of ``encoder_hidden_states``: a mismatch is the conditioning's, named here rather than
+        in a backend's shape error."""
+        for block in self.blocks:
+            for spec in block["inputs"]:
+                value = env.get(spec["name"])
+                if value is None or spec["name"] == "sample":  # sample: the latent size, checked with --latent
+                    continue
+                fixed = [(i, d) for i, d in enumerate(spec["shape"]) if isinstance(d, int)]
+                if value.ndim != len(spec["shape"]) or any(value.shape[i] != d for i, d in fixed):
+                    shown = ", ".join(str(d) for d in spec["shape"])
+                    raise ConditioningError(
+                        f"the graphs take {spec['name']} as [{shown}] but the conditioning gives "
+                        f"{list(value.shape)}: use conditioning made for this model (its manifest's "
+                        f"conditioning.safetensors shows the shapes)")
 
     def _first_non_finite(self, run: list[str], env: dict, step: int, t: float, group: int) -> str:
         """Where this step went non-finite: the first block (in run order) with NaN/Inf in an output
@@ -196,7 +219,7 @@ class Runtime:
             guided = settings.guidance > 1.0 and conditioning.cond is not None  # as the loop decides
             settings = dataclasses.replace(settings, batch_size=engine_batch_size(self.manifest, settings, guided))
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
-        self.settings = settings
+        self.settings, self.plan = settings, plan
         channels, *native = self.adapter.sample_shape
         if latent is not None:
             check_latent(self.manifest, latent)

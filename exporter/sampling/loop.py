@@ -35,6 +35,8 @@ class SampleSettings:
     batch_size: int = 40  # images per denoiser call (doubled when guidance is on)
 
     def __post_init__(self):
+        # a repeated row (--rows 0,0 or 0-3,2) would be denoised twice for one image: once, in order
+        object.__setattr__(self, "rows", tuple(dict.fromkeys(self.rows)))
         for name in ("per_row", "steps", "batch_size"):  # 0 would silently make no images or no steps
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

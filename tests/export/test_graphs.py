@@ -345,7 +345,7 @@ def test_a_simulation_only_format_is_refused_before_any_work(tiny_unet_dir, tiny
 
 
 def test_a_failed_export_leaves_nothing_half_written(tiny_unet_dir, tmp_path, monkeypatch):
-    import exporter.export.graphs as graphs
+    from exporter.export import graphs
 
     real, calls = graphs.export_graph, []
 

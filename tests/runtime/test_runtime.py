@@ -129,6 +129,10 @@ def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
     assert sorted(p.name for p in (tmp_path / "o").glob("*_*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
     record = json.loads((tmp_path / "o" / "samples.json").read_text())
     assert record["cache_interval"] == 2 and record["block_seconds"] and record["latent"] == [8, 8]
+    # the branch that ran (the shallowest, chosen by the runtime) and its full steps, not the option's None
+    features = read_manifest(unet_graphs)["cache"]["features"]
+    assert record["cache_branch"] == min(features, key=lambda f: len(features[f]))
+    assert record["full_steps"] == [0, 2]
     result = run_cli("-q", "run", unet_graphs, "--rows", "0", "--per-row", "1", "--steps", "2", "--latent", "6x10",
                      "--out", tmp_path / "wide")
     assert result.returncode == 0, result.stderr
@@ -242,3 +246,34 @@ def test_engine_batches_stay_inside_the_profile_whatever_the_recipe_said_of_guid
     assert engine_batch_size(engines([4, 8, 8], False), twenty, guided=False) == 8
     with pytest.raises(UsageError, match="with 3"):
         engine_batch_size(engines([4, 8, 8], False), SampleSettings(rows=(0,), per_row=11), guided=False)
+
+
+def test_wrong_options_and_conditioning_are_refused_before_a_graph_runs(unet_graphs, tmp_path):
+    from safetensors.torch import save_file
+
+    from exporter.errors import ConditioningError
+
+    runtime = Runtime.load(unet_graphs)
+    # a branch or schedule that does not exist is an error even where interval 1 would not use it
+    with pytest.raises(UsageError, match="unknown cache branch 'bogus'"):
+        runtime.generate(rows=[0], per_row=1, steps=2, cache_branch="bogus", progress=False)
+    with pytest.raises(UsageError, match="unknown cache schedule 'sometimes'"):
+        runtime.generate(rows=[0], per_row=1, steps=2, cache_schedule="sometimes", progress=False)
+    shipped = load_conditioning(unet_graphs / runtime.manifest["conditioning"], runtime.adapter)
+    rows, seq, dim = shipped.cond.shape
+    # a text length the graphs were not exported for: named, before ONNX Runtime's shape error
+    save_file({"cond": torch.zeros(rows, seq + 3, dim), "uncond": torch.zeros(1, seq + 3, dim)}, tmp_path / "long.st")
+    runtime.backend = CountingBackend(runtime.backend)
+    with pytest.raises(ConditioningError, match=rf"encoder_hidden_states as \[batch, {seq}, {dim}\] but the "
+                                                rf"conditioning gives \[1, {seq + 3}, {dim}\]"):
+        runtime.generate(cond=tmp_path / "long.st", rows=[0], per_row=1, steps=2, progress=False)
+    assert runtime.backend.calls == []
+    # NaN in an embedding would pass QuantizeLinear as a finite number: refused at load, naming the row
+    cond = shipped.cond.clone()
+    cond[1, 0, 0] = float("nan")
+    save_file({"cond": cond, "uncond": shipped.uncond}, tmp_path / "nan.st")
+    with pytest.raises(ConditioningError, match=r"nan.st: 'cond' holds NaN/Inf \(in row\(s\) \[1\]\)"):
+        runtime.generate(cond=tmp_path / "nan.st", rows=[0], per_row=1, steps=2, progress=False)
+    # a repeated row is one row: each image denoised once
+    images = runtime.generate(rows=[1, 0, 1], per_row=1, steps=1, progress=False)
+    assert list(images) == [(1, 0), (0, 0)] and runtime.settings.rows == (1, 0)
