@@ -5,10 +5,9 @@ timesteps of the graph's group, run through the PyTorch blocks so every block se
 in a denoising trajectory). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
 fake-quantized exactly as exported) and the graph in ONNX Runtime (bf16 graphs, which its CPU
 provider cannot run: in ONNX's reference implementation, ``ReferenceRunner``) on them and
-compares every output (``SimpleCompareFunc`` on the mean absolute error, with the tolerance an SQNR threshold
-implies; a Q/DQ graph legitimately differs from PyTorch by one quantization step wherever float
-rounding upstream flips a rounding decision, so max-error checks would flag isolated elements);
-the table adds SQNR in dB and max abs. A graph below its SQNR threshold is
+compares every output by SQNR (``SnrCompareFunc``, the graph's threshold; a Q/DQ graph
+legitimately differs from PyTorch by one quantization step wherever float rounding upstream flips
+a rounding decision, so max-error checks would flag isolated elements); the table adds max abs. A graph below its SQNR threshold is
 bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
 hooks the modules) and the first layer below the threshold is named, next to PyTorch's own
 sensitivity: the SQNR of PyTorch against itself with its inputs and every quantizer's input
@@ -24,8 +23,8 @@ Every runner is compared with PyTorch.
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
 polygraphy RunResults), a data-loader script and the command that repeats the check without
 this package: ``polygraphy run G.onnx --onnxrt --data-loader-script parity/G_data_loader.py
---load-outputs parity/G.golden.json --check-error-stat mean --atol A --rtol 0`` with A per graph
-in ``parity/COMMANDS.txt`` (``--trt`` on a GPU machine).
+--load-outputs parity/G.golden.json --compare snr --snr-threshold T`` with the graph's threshold T
+in ``parity/COMMANDS.txt`` (``--trt`` on a GPU machine): polygraphy's SNR is this module's SQNR.
 """
 
 from __future__ import annotations
@@ -92,6 +91,8 @@ class GraphParity:
 def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
     noise = float(np.mean((reference.astype(np.float64) - x) ** 2))
     signal = float(np.mean(reference.astype(np.float64) ** 2))
+    if not np.isfinite(noise):  # NaN/Inf in either: the worst SQNR, so every `< threshold` test fails it
+        return float("-inf")
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
@@ -169,7 +170,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     e.g. the largest an engine's profile takes; the end-to-end one stays at the model's own size."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.comparator import Comparator, SnrCompareFunc
     from polygraphy.logger import G_LOGGER
 
     from exporter.models import load_model
@@ -253,10 +254,9 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             run = Comparator.run(runners, data_loader=[feed])
             del runners, runtime_session  # one runtime session alive at a time (a real-size block's weights)
             (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
-            atol = mean_error_tolerance(torch_out, threshold)
-            accuracy = Comparator.compare_accuracy(  # every runner against PyTorch
+            accuracy = Comparator.compare_accuracy(  # every runner against PyTorch, by the same SQNR
                 run, comparisons=[(0, i) for i in range(1, len(run))],
-                compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="mean"))
+                compare_func=SnrCompareFunc(snr_threshold=threshold))
             result = GraphParity(entry["name"], graph, group, _against(torch_out, ort_out), threshold,
                                  bool(accuracy), engine=plan, runtime=rewritten or None)
             if trt_runner is not None:
@@ -270,7 +270,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
             if write_golden:
                 # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
-                save_golden(folder, graph, feed, run[0], atol,
+                save_golden(folder, graph, feed, run[0], threshold,
                             basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             results.append(result)
     if end_to_end_check and manifest.get("dtype") == "bf16":
@@ -389,13 +389,6 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
 
 def _is_float(v) -> bool:
     return v.is_floating_point() if isinstance(v, torch.Tensor) else np.issubdtype(v.dtype, np.floating)
-
-
-def mean_error_tolerance(golden: dict, threshold_db: float) -> float:
-    """The mean-absolute-error tolerance polygraphy checks: an SQNR of ``threshold_db`` allows an
-    RMS error of rms(signal) * 10^(-dB/20), and the mean absolute error never exceeds the RMS."""
-    rms = min(float(np.sqrt(np.mean(np.asarray(v, dtype=np.float64) ** 2))) for v in golden.values())
-    return max(rms * 10 ** (-threshold_db / 20), 1e-7)
 
 
 def end_to_end(folder: Path, manifest: dict, loaded, rows=(0, 1, 2, 3), per_row: int = 2) -> dict:

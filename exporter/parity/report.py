@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from exporter.parity.check import GraphParity
 
 
-def save_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float, basic: bool = False) -> None:
+def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False) -> None:
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
@@ -33,7 +33,7 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float
     backend = "--trt --strongly-typed" if bf16 else "--onnxrt" + (" --graph-optimization-level ORT_ENABLE_BASIC"
                                                                     if basic else "")
     line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
-            f"--load-outputs parity/{stem}.golden.json --check-error-stat mean --atol {atol:.3g} --rtol 0\n")
+            f"--load-outputs parity/{stem}.golden.json --compare snr --snr-threshold {threshold:g}\n")
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
         if commands.is_file() else [("# run from the graphs folder; add --trt --strongly-typed on a GPU machine (bf16 "
                                      "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
@@ -41,7 +41,7 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, atol: float
 
 
 def format_parity(results: list[GraphParity]) -> str:
-    lines = ["| block | graph | output | SQNR | max abs | threshold | polygraphy mean error | result |",
+    lines = ["| block | graph | output | SQNR | max abs | threshold | polygraphy SNR | result |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, (sqnr, max_abs) in r.outputs.items():
