@@ -16,7 +16,10 @@ this report makes that visible before any build. Rules (violations make the comm
 * ``activation-scale``: activation scales are per tensor (scalars);
 * ``int4-activation``: no activation is quantized to INT4 (TensorRT quantizes activations to INT8,
   FP8 or FP4 and supports INT4 for weight-only quantization: W4A4 graphs are for ONNX Runtime);
-* ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used.
+* ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used;
+* ``scale``: every Q/DQ scale is finite and positive (TensorRT's requirement; a zero scale divides by
+  zero, a negative one flips signs), weight scales in the external weight files included;
+* ``float``: no layer the manifest declares quantized runs in float (its Q/DQ pairs lost on the way).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -67,12 +71,18 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             node = producer.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
-    int4_activations = []
+    int4_activations, checked_scales = [], set()
     for node in graph.node:
         is_qdq = node.op_type in ("QuantizeLinear", "DequantizeLinear")
         zero_point = inits.get(node.input[2]) if is_qdq and len(node.input) > 2 else None
         if zero_point is not None and numpy_helper.to_array(zero_point).any():
             report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
+        if is_qdq and node.input[1] not in checked_scales:  # a Q and its DQ share one scale: one line for both
+            checked_scales.add(node.input[1])
+            problem = _scale_problem(inits.get(node.input[1]), path.parent)
+            if problem:
+                report.violations.append(f"scale: {node.name} has {problem} scale(s); TensorRT needs every scale "
+                                         "finite and > 0")
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users):
@@ -106,6 +116,9 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             side = "activation" if act_dq is not None else "weight"
             report.violations.append(f"one-sided: {layer} ({node.name}) has Q/DQ on its {side} only; "
                                      "TensorRT runs it in float")
+        elif quantized.get(layer, [None, None])[0] is not None:
+            report.violations.append(f"float: {layer} ({node.name}) is quantized in the manifest but has no Q/DQ; "
+                                     "TensorRT runs it in float")
         else:
             report.float_layers[layer] = excluded.get(layer, "not quantized (unquantized export)"
                                                       if manifest["quantization"] is None else "not quantized")
@@ -116,6 +129,15 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
     report.quantized = sorted(set(report.quantized))  # a split shortcut is two convolutions of one layer
     report.weight_only = sorted(set(report.weight_only))
     return report
+
+
+def _scale_problem(scale, folder: Path) -> str | None:
+    if scale is None:
+        return None
+    values = numpy_helper.to_array(scale, base_dir=str(folder)).astype(np.float64)  # external: read from its file
+    if not np.isfinite(values).all():
+        return "non-finite"
+    return "zero or negative" if (values <= 0).any() else None
 
 
 def _constant_behind(tensor, producer, inits) -> bool:

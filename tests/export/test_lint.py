@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -70,6 +71,42 @@ def test_nonzero_zero_point_and_one_sided_quantization_are_violations(int8_graph
     assert "VIOLATION down1.onnx: one-sided: down_blocks.1.resnets.0.conv1" in result.stdout
     named = named_violations(lint_folder(int8_graphs))  # what `exporter pipeline` writes to summary.json
     assert {tuple(v.split(": ")[:2]) for v in named} == {("down1.onnx", "one-sided"), ("mid.onnx", "zero-point")}, named
+
+
+def test_bad_scales_and_a_declared_layer_left_in_float_are_violations(int8_graphs, run_cli):
+    def zero_activation_scale(graph):
+        init = next(i for i in graph.initializer if "onnx_act_scale" in i.name)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0, init.name))
+
+    def negative_weight_scale(graph):  # in the graph or in its external weight file
+        init = next(i for i in graph.initializer if i.name.endswith("conv1.weight_scale"))
+        values = numpy_helper.to_array(init, base_dir=str(int8_graphs)).copy()
+        values[0] = -values[0]
+        init.CopyFrom(numpy_helper.from_array(values, init.name))  # stored in the graph from now on
+
+    def conv2_in_float(graph):  # its Q/DQ pairs lost, a float weight in their place
+        conv = next(n for n in graph.node if n.op_type == "Conv" and "conv2" in n.name)
+        act_dq = next(n for n in graph.node if n.output[0] == conv.input[0])
+        act_q = next(n for n in graph.node if n.output[0] == act_dq.input[0])
+        w_dq = next(n for n in graph.node if n.output[0] == conv.input[1])
+        weight = next(i for i in graph.initializer if i.name == w_dq.input[0])
+        graph.initializer.append(numpy_helper.from_array(np.zeros(weight.dims, np.float32), "conv2_float_weight"))
+        conv.input[0], conv.input[1] = act_q.input[0], "conv2_float_weight"
+        for node in (act_dq, act_q, w_dq):
+            graph.node.remove(node)
+
+    edit_graph(int8_graphs, "mid.onnx", zero_activation_scale)
+    edit_graph(int8_graphs, "down1.onnx", negative_weight_scale)
+    edit_graph(int8_graphs, "down0.layer0.onnx", conv2_in_float)
+    result = run_cli("lint", int8_graphs)
+    assert result.returncode == 1, result.stdout
+    assert "VIOLATION mid.onnx: scale: " in result.stdout and "has zero or negative scale(s)" in result.stdout
+    assert "VIOLATION down1.onnx: scale: " in result.stdout
+    assert ("VIOLATION down0.layer0.onnx: float: down_blocks.0.resnets.0.conv2 (/layers.0/resnet/conv2/Conv) is "
+            "quantized in the manifest but has no Q/DQ") in result.stdout
+    named = named_violations(lint_folder(int8_graphs))
+    assert sorted(tuple(v.split(": ")[:2]) for v in named) == [
+        ("down0.layer0.onnx", "float"), ("down1.onnx", "scale"), ("mid.onnx", "scale")], named
 
 
 def int4_dq(graph):
