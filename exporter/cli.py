@@ -78,7 +78,11 @@ def cmd_sample(args) -> None:
         args.model, args.calib, quantization = finetuned_inputs(args)
     elif args.calib is not None or args.recipe is not None or args.format is not None:
         fmt = args.format or ("int8" if args.recipe is None else None)
-        quantization = resolve_recipe(args.recipe, fmt, args.model).quantization
+        recipe = resolve_recipe(args.recipe, fmt, args.model)
+        if recipe.export.dtype != "fp32":  # not a PyTorch precision: sampling would quietly be FP32
+            raise UsageError(f"{fmt or args.recipe}: export.dtype {recipe.export.dtype} is a type of the exported "
+                             "graphs; sample runs PyTorch in FP32: export the graphs and use exporter run")
+        quantization = recipe.quantization
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
     record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
@@ -132,6 +136,7 @@ def cmd_export(args) -> None:
     from exporter.export import export_graphs
     from exporter.recipe import resolve_recipe
 
+    dtype = args.dtype or "fp32"
     if args.finetuned is not None:
         model, args.calib, quantization = finetuned_inputs(args)
     else:
@@ -140,9 +145,10 @@ def cmd_export(args) -> None:
         if model is None:
             raise UsageError("no model: pass --model or set 'model' in the recipe")
         quantization = recipe.quantization
+        dtype = args.dtype or recipe.export.dtype
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
-    manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=args.dtype,
+    manifest = export_graphs(model, args.out, calib=args.calib, quantization=quantization, dtype=dtype,
                              progress=not args.quiet, finetuned=args.finetuned)
     graphs = sum(len(b["graphs"]) for b in manifest["blocks"])
     groups = manifest["groups"]["ranges"] if manifest["groups"] else None
@@ -305,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     p.add_argument("--calib", type=Path, help="calibration folder (needed unless fp32 or weight-only)")
     add_recipe_options(p)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="type of the unquantized parts: fp16 or bf16 (opset 22, TensorRT 10.6+, Ampere+) for "
-                   "TensorRT, fp32 for ONNX Runtime on CPU")
+                   "TensorRT, fp32 for ONNX Runtime on CPU (default: the recipe's export.dtype, fp32 unless set)")
     p.add_argument("--finetuned", type=Path, help="an exporter finetune folder (brings its model, calibration, recipe)")
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)

@@ -53,11 +53,15 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     model = model or recipe.model
     if model is None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
-    quantization = recipe.quantization
+    quantization, dtype = recipe.quantization, recipe.export.dtype
     if quantization is not None:  # before calibrating for minutes
         quantization.require_exportable()
-    # the quantized graphs' folder and variant name; a recipe without quantization is the FP32 run
-    name = "fp32" if quantization is None else fmt if recipe_path is None else Path(recipe_path).stem
+    if dtype == "bf16":
+        raise UsageError("the pipeline runs the graphs on ONNX Runtime's CPU provider, which has no bf16 kernels: "
+                         "use export.dtype fp32 or fp16 (bf16 graphs: exporter export, then build on a GPU machine)")
+    # the variant's graphs folder and name; a recipe without quantization in FP32 is the baseline alone
+    baseline_only = quantization is None and dtype == "fp32"
+    name = "fp32" if baseline_only else fmt if recipe_path is None else Path(recipe_path).stem
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
     sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": 8 if per_row is None else per_row,
                 "steps": steps, "scheduler": scheduler, "guidance": guidance, "seed": seed}
@@ -85,9 +89,9 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     t = _stage("export")
     graphs = {"fp32": root / "graphs" / "fp32"}
     export_graphs(model, graphs["fp32"], progress=progress)
-    if quantization is not None:
+    if not baseline_only:
         graphs[name] = root / "graphs" / name
-        export_graphs(model, graphs[name], calib=calib, quantization=quantization, progress=progress,
+        export_graphs(model, graphs[name], calib=calib, quantization=quantization, dtype=dtype, progress=progress,
                       finetuned=finetuned)
     summary["stages"]["export"] = round(time.perf_counter() - t, 1)
     summary["graph_bytes"] = {k: deployed_bytes(g) for k, g in graphs.items()}
@@ -102,7 +106,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     t = _stage("parity")
     parity = {}
     if calib is None:  # parity feeds recorded inputs: `exporter parity GRAPHS --calib DIR` for these formats
-        print("no calibration data (fp32 or weight-only recipe): parity skipped")
+        print("no calibration data (fp32, fp16 or weight-only recipe): parity skipped")
     for key, folder in graphs.items() if calib is not None else ():
         results, e2e = check_parity(folder, calib=calib)
         print(format_parity(results).splitlines()[-1])
@@ -118,7 +122,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     images = root / "images"
     reference = sample_pytorch(model, images / "pytorch-fp32", progress=progress, **sampling)
     runs = {"fp32": (graphs["fp32"], 1)}
-    if quantization is not None:
+    if not baseline_only:
         runs[name] = (graphs[name], 1)
         runs[f"{name}-cache{CACHE_INTERVAL}"] = (graphs[name], CACHE_INTERVAL)
     seconds = {}

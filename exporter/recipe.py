@@ -207,16 +207,34 @@ class BuildSpec:
                               f"{', '.join(HARDWARE_COMPATIBILITY)}")
 
 
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class ExportSpec:
+    """How ``exporter export`` writes the graphs (``--dtype`` overrides ``dtype``)."""
+
+    # the type of everything not quantized: fp16 or bf16 for TensorRT (a strongly typed network runs
+    # each layer in the type its graph declares), fp32 for ONNX Runtime on CPU
+    dtype: str = "fp32"
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in EXPORT_DTYPES:
+            raise RecipeError(f"{where}.dtype: {self.dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+
+
 @dataclass
 class Recipe:
     model: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     quantization: QuantizationSpec | None = field(default_factory=QuantizationSpec)  # None: unquantized
     finetune: FinetuneSpec | None = None  # None: PTQ only
+    export: ExportSpec = field(default_factory=ExportSpec)
     build: BuildSpec = field(default_factory=BuildSpec)
 
     def validate(self, where: str = "recipe") -> None:
         self.calibration.validate(f"{where}.calibration")
+        self.export.validate(f"{where}.export")
         if self.finetune is not None:
             if self.quantization is None:
                 raise RecipeError(f"{where}.finetune needs a quantization section (it finetunes a quantized model)")
@@ -296,7 +314,8 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-FORMATS = ("fp32", "int8", "fp8", "w4a16", "w4a8", "w4a4")  # --format choices (fp16 arrives with export)
+FORMATS = ("fp32", "fp16", "int8", "fp8", "w4a16", "w4a8", "w4a4")  # --format choices
+UNQUANTIZED_FORMATS = ("fp32", "fp16")  # fp16: the FP32 model exported with FP16 float parts (export.dtype)
 
 
 def bundled_recipe_path(fmt: str, model: str | None = None) -> Path:

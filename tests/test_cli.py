@@ -180,3 +180,21 @@ def test_an_edited_manifest_without_a_key_is_refused(tiny_unet_dir, run_cli, tmp
     (tmp_path / "g" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="manifest.json: no blocks: the manifest was edited or cut short"):
         read_manifest(tmp_path / "g")
+
+
+def test_format_fp16_exports_fp16_graphs_and_dtype_overrides_the_recipe(run_cli, tiny_unet_dir, tmp_path):
+    import json
+
+    result = run_cli("-q", "export", "--model", tiny_unet_dir, "--format", "fp16", "--out", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["dtype"] == "fp16" and manifest["quantization"] is None
+    result = run_cli("-q", "export", "--model", tiny_unet_dir, "--format", "fp16", "--dtype", "fp32",
+                     "--out", tmp_path / "b")
+    assert result.returncode == 0 and json.loads((tmp_path / "b" / "manifest.json").read_text())["dtype"] == "fp32"
+    result = run_cli("sample", "--model", tiny_unet_dir, "--format", "fp16", "--out", tmp_path / "c")
+    assert result.returncode == 2 and "sample runs PyTorch in FP32" in result.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantization: null\nexport:\n  dtype: fp64\n")
+    result = run_cli("export", "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "d")
+    assert result.returncode == 2 and "export.dtype: 'fp64' is not one of fp32, fp16, bf16" in result.stderr

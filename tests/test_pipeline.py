@@ -36,3 +36,18 @@ def test_a_recipe_without_quantization_runs_the_fp32_pipeline(tiny_unet_dir, tmp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["format"] == "fp32" and set(summary["metrics"]) == {"pytorch-fp32", "fp32"}
     assert "parity skipped" in result.stdout and not summary["lint_violations"]
+
+
+def test_the_fp16_format_runs_fp16_graphs_beside_the_fp32_baseline(tiny_unet_dir, tmp_path, run_cli):
+    out = tmp_path / "run"
+    result = run_cli("-q", "pipeline", "--model", tiny_unet_dir, "--format", "fp16", "--rows", "0", "--per-row", "2",
+                     "--steps", "4", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == "fp16" and set(summary["metrics"]) == {"pytorch-fp32", "fp32", "fp16", "fp16-cache3"}
+    assert json.loads((out / "graphs" / "fp16" / "manifest.json").read_text())["dtype"] == "fp16"
+    assert summary["metrics"]["fp16"]["psnr_mean"] > 30  # FP16 rounding only, against PyTorch FP32
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text("quantization: null\nexport:\n  dtype: bf16\n")
+    result = run_cli("pipeline", "--model", tiny_unet_dir, "--recipe", bf16, "--out", tmp_path / "b")
+    assert result.returncode == 2 and "no bf16 kernels" in result.stderr and not (tmp_path / "b").exists()

@@ -7,6 +7,7 @@ from exporter.quant.formats import get_format
 from exporter.recipe import (
     FORMATS,
     RECIPES_DIR,
+    UNQUANTIZED_FORMATS,
     Exclusion,
     PrecisionOverride,
     QuantizationSpec,
@@ -55,7 +56,7 @@ def test_every_bundled_recipe_loads_and_format_picks_the_tuned_one(tmp_path):
         for fmt in FORMATS:
             path = bundled_recipe_path(fmt, model)
             assert path.is_file()
-            if fmt != "fp32":
+            if fmt not in UNQUANTIZED_FORMATS:
                 assert path.parent.name == model  # tuned per reference model, exclusions listed
                 assert load_recipe(path).quantization.exclude
     assert bundled_recipe_path("int8", "/some/model/dir").parent.name == "default"
@@ -87,7 +88,7 @@ def test_reference_recipes_list_the_adapter_defaults_and_fit_the_model(model):
     loaded = load_model(reference.path(model))
     defaults = plan_layers(loaded.model, loaded.adapter, QuantizationSpec())
     assert defaults[1] and defaults[2]  # layers kept in float, layers weight-only INT8
-    for fmt in FORMATS[1:]:
+    for fmt in (f for f in FORMATS if f not in UNQUANTIZED_FORMATS):
         spec = load_recipe(bundled_recipe_path(fmt, model)).quantization
         plan, excluded, overridden = plan_layers(loaded.model, loaded.adapter, spec)  # raises on a pattern matching nothing
         # the bundled recipes spell out the adapter's defaults that apply to the model (so a reader
