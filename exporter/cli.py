@@ -228,7 +228,7 @@ def cmd_parity(args) -> int:
 
     results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
                                 engines=args.engines, blocks_to_check=args.blocks,
-                                samples=args.samples, latent=args.latent)
+                                samples=args.samples, latent=args.latent, progress=not args.quiet)
     print(format_parity(results))
     if e2e is not None:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "

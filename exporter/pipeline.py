@@ -108,7 +108,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     if calib is None:  # parity feeds recorded inputs: `exporter parity GRAPHS --calib DIR` for these formats
         print("no calibration data (fp32, fp16 or weight-only recipe): parity skipped")
     for key, folder in graphs.items() if calib is not None else ():
-        results, e2e = check_parity(folder, calib=calib)
+        results, e2e = check_parity(folder, calib=calib, progress=progress)
         print(format_parity(results).splitlines()[-1])
         parity[key] = {"graphs_passed": sum(r.passed for r in results), "graphs": len(results),
                        "worst_sqnr_db": worst_sqnr(results),

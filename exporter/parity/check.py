@@ -30,6 +30,7 @@ in ``parity/COMMANDS.txt`` (``--trt`` on a GPU machine): polygraphy's SNR is thi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -159,7 +160,7 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
                  end_to_end_check: bool = True, engines: str | Path | None = None,
                  blocks_to_check: list[str] | None = None, samples: int = SAMPLES,
-                 latent: tuple[int, int] | None = None) -> tuple[list[GraphParity], dict | None]:
+                 latent: tuple[int, int] | None = None, progress: bool = False) -> tuple[list[GraphParity], dict | None]:
     """Per-graph parity results, and the end-to-end comparison (None when skipped). With
     ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
     runs in the same polygraphy comparison and is held to the same threshold. ``blocks_to_check``
@@ -172,6 +173,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SnrCompareFunc
     from polygraphy.logger import G_LOGGER
+    from tqdm.auto import tqdm
 
     from exporter.models import load_model
     from exporter.parity.runners import TorchBlockRunner, graph_typed
@@ -227,11 +229,12 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU
     # the runtime's own sessions (bf16 graphs: ONNX Runtime's CPU provider has none)
     runtime = OnnxRuntimeBackend(folder, manifest) if manifest.get("dtype") != "bf16" else None
-    results = []
-    for entry in manifest["blocks"]:
-        if blocks_to_check and entry["name"] not in blocks_to_check:
-            continue
+    results, start = [], time.perf_counter()
+    checked = [e for e in manifest["blocks"] if not blocks_to_check or e["name"] in blocks_to_check]
+    bar = tqdm(total=sum(len(e["graphs"]) for e in checked), desc="parity", unit="graph", disable=not progress or None)
+    for entry in checked:
         for g, graph in enumerate(entry["graphs"]):
+            bar.update(1)
             group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
             if group not in per_group:
                 log.warning("no calibration sample falls in timestep group %d: %s not checked", group, graph)
@@ -273,11 +276,20 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 save_golden(folder, graph, feed, run[0], threshold,
                             basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             results.append(result)
+    bar.close()
+    log.info("compared %d graphs with PyTorch in %.1fs (%d below threshold)", len(results),
+             time.perf_counter() - start, sum(not r.passed for r in results))
     if end_to_end_check and manifest.get("dtype") == "bf16":
         log.warning("end to end not checked: the runtime runs bf16 graphs on TensorRT only (ONNX Runtime's CPU "
                     "provider has no bfloat16 kernels); build engines and pass --engines on a GPU machine")
         end_to_end_check = False
-    return results, (end_to_end(folder, manifest, loaded) if end_to_end_check else None)
+    if not end_to_end_check:
+        return results, None
+    start = time.perf_counter()
+    e2e = end_to_end(folder, manifest, loaded)
+    log.info("end to end: %d images, %d steps, runtime vs PyTorch in %.1fs", e2e["images"], e2e["steps"],
+             time.perf_counter() - start)
+    return results, e2e
 
 
 def _against(reference: dict, outputs) -> dict[str, tuple[float, float]]:
