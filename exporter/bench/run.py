@@ -28,7 +28,7 @@ from pathlib import Path
 
 from exporter.bench.probe import probe_peak_rss
 from exporter.bench.variants import Variant, deepcache_available, open_variant, plan_variants
-from exporter.fileio import atomic_write_json
+from exporter.fileio import atomic_write_bytes, atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.sampling.loop import SampleSettings
 
@@ -76,7 +76,7 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
     for model in models:
         result["models"][model] = bench_model(model, out / model, plan, progress)
         atomic_write_json(out / "bench.json", result)  # partial results survive a later failure
-    (out / "bench.md").write_text(format_bench(result) + "\n")
+    atomic_write_bytes(out / "bench.md", (format_bench(result) + "\n").encode())
     return result
 
 

@@ -14,15 +14,20 @@ if TYPE_CHECKING:
 
 def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False) -> None:
     from polygraphy.comparator import RunResults
-    from polygraphy.json import save_json
+    from polygraphy.json import to_json
+
+    from exporter.fileio import atomic_write_bytes
+
+    def write(path: Path, text: str) -> None:  # a replay never reads half a file
+        atomic_write_bytes(path, text.encode())
 
     out = folder / "parity"
     out.mkdir(exist_ok=True)
     stem = graph.removesuffix(".onnx")
-    save_json([feed], str(out / f"{stem}.inputs.json"))
-    RunResults([("pytorch", torch_results[1])]).save(str(out / f"{stem}.golden.json"))
+    write(out / f"{stem}.inputs.json", to_json([feed]))
+    write(out / f"{stem}.golden.json", to_json(RunResults([("pytorch", torch_results[1])])))
     # polygraphy imports the script by file name: no dots in it
-    (out / f"{stem.replace('.', '_')}_data_loader.py").write_text(
+    write(out / f"{stem.replace('.', '_')}_data_loader.py",
         "# polygraphy data loader: the recorded inputs PyTorch's golden outputs were computed from\n"
         "from pathlib import Path\n\nfrom polygraphy.json import load_json\n\n\n"
         "def load_data():\n"
@@ -37,7 +42,7 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
         if commands.is_file() else [("# run from the graphs folder; add --trt --strongly-typed on a GPU machine (bf16 "
                                      "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
-    commands.write_text("".join(existing) + line)
+    write(commands, "".join(existing) + line)
 
 
 def format_parity(results: list[GraphParity]) -> str:

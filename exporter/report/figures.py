@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 
 import numpy as np
 
+from exporter.fileio import atomic_write_bytes
 from exporter.imageio import read_image_folder
 
 IDENTICAL_DB = 60.0  # lowest height for "identical to FP32" (no PSNR: every pixel equal); above every other point
@@ -31,9 +33,10 @@ def _pyplot():
 def _save(plt, fig, out: Path, tight: bool = True) -> Path:
     if tight:
         fig.tight_layout()
-    fig.savefig(out)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=out.suffix.lstrip("."))
     plt.close(fig)
-    return out
+    return atomic_write_bytes(out, buffer.getvalue())
 
 
 def variant_grid(folders: dict[str, Path], out: Path, columns: int = 12) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from exporter.bench import format_bench
 from exporter.errors import UsageError
+from exporter.fileio import atomic_write_bytes
 from exporter.report import figures
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def build_report(run: str | Path) -> Path:
     for model, result in models.items():
         lines += _model_section(run, out, model, result)
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(report, ("\n".join(lines) + "\n").encode())
     return report
 
 
