@@ -10,7 +10,7 @@ So each input's (min, opt, max) shape follows from three numbers per axis, for a
 from __future__ import annotations
 
 from exporter.errors import UsageError
-from exporter.export.manifest import SPATIAL_CLASSES, scaled_size
+from exporter.export.manifest import resizable, scaled_size
 from exporter.recipe import BuildSpec
 
 
@@ -20,7 +20,7 @@ def latent_sizes(manifest: dict, spec: BuildSpec) -> list[tuple[int, int]]:
     if spec.latent is None:
         return [native] * 3
     sizes = [tuple(hw) for hw in spec.latent]
-    if sizes != [native] * 3 and manifest["source"]["model_class"] not in SPATIAL_CLASSES:
+    if sizes != [native] * 3 and not resizable(manifest):
         # a transformer's token count and position embedding are fixed in its graphs
         raise UsageError(f"{manifest['source']['model_class']} graphs are exported for latent {list(native)} only; "
                          "remove build.latent from the recipe or re-export at the size you need")

@@ -27,9 +27,6 @@ from exporter.models.blocks import blocks_to_run_with_cache
 MANIFEST = "manifest.json"
 SCHEMA = 1
 CONDITIONING = "conditioning.safetensors"
-# graphs whose spatial axes are truly dynamic; a transformer's token count and position embedding are
-# fixed at export
-SPATIAL_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 
 
 class ManifestError(ExporterError):
@@ -73,7 +70,7 @@ def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
         return
     if min(latent) < 1:
         raise UsageError(f"latent {latent[0]}x{latent[1]}: height and width must be positive")
-    if manifest["source"]["model_class"] not in SPATIAL_CLASSES:
+    if not resizable(manifest):
         raise UsageError(f"{manifest['source']['model_class']} graphs are exported for latent "
                          f"{native[0]}x{native[1]} only (their token count and position embedding are fixed)")
     for block in manifest["blocks"]:
@@ -90,6 +87,12 @@ def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
             raise UsageError(f"latent {latent[0]}x{latent[1]} lies outside the engines' optimization profile "
                              f"({low[0]}x{low[1]} to {high[0]}x{high[1]}); rebuild with a wider build.latent "
                              "in the recipe")
+
+
+def resizable(manifest: dict) -> bool:
+    """Whether the graphs' spatial axes are truly dynamic (UNets); a transformer's token count and
+    position embedding are fixed at export. Manifests written before the key existed: own size only."""
+    return manifest.get("latent_multiple") is not None
 
 
 def layer_formats(manifest: dict) -> dict[str, list]:
@@ -161,6 +164,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
                                                                 "split_shortcut_layers", "groups")},
         "dtype": dtype,
         "sample_shape": list(adapter.sample_shape),
+        # what other latent sizes must be multiples of (the adapter's); None: the model's own size only
+        "latent_multiple": adapter.latent_multiple(loaded.model),
         "scheduler_config": loaded.scheduler_config,
         "sampling_defaults": loaded.sampling_defaults,
         "conditioning": CONDITIONING if conditioning.source is not None else None,

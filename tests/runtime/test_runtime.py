@@ -61,6 +61,7 @@ def test_dit_graphs_with_class_labels(tiny_dit_dir, tmp_path):
     theirs = pytorch_latents(tiny_dit_dir, [1, 3], 6, "ddim", 2.0)
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
+    assert runtime.manifest["latent_multiple"] is None  # the adapter's: a transformer's token count is fixed
     own = runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 8), progress=False)  # its own size
     assert own.keys() == {(1, 0)} and tuple(own[(1, 0)].shape) == (1, 8, 8) and torch.isfinite(own[(1, 0)]).all()
     with pytest.raises(UsageError, match=r"DiTTransformer2DModel graphs are exported for latent 8x8 only"):
