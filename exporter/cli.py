@@ -255,7 +255,8 @@ def cmd_pipeline(args) -> int:
     options = sampling_kwargs(args)
     options.pop("cond"), options.pop("batch_size")
     fmt = args.format or (None if args.recipe else "int8")
-    summary = run_pipeline(args.model, args.out, fmt=fmt, recipe_path=args.recipe, **options)
+    summary = run_pipeline(args.model, args.out, fmt=fmt, recipe_path=args.recipe, cache_interval=args.cache_interval,
+                           **options)
     parity_ok = all(p["graphs_passed"] == p["graphs"] and (p["end_to_end"] is None or p["end_to_end"]["passed"])
                     for p in summary["parity"].values())
     return 0 if parity_ok and not summary["lint_violations"] else 1
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
     add_image_options(p, rows_default="0-9")
+    p.add_argument("--cache-interval", type=positive_int, default=3,
+                   help="DeepCache interval of the cached variant <format>-cacheN (default: 3; 1: no cached variant)")
     p.add_argument("--out", type=Path, required=True, help="run root: ROOT/calib, graphs/, images/, summary.json")
     p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40)
     return parser

@@ -7,7 +7,7 @@ FP32 baseline export) -> lint -> parity -> run -> eval. Layout of ``ROOT``::
     ROOT/finetune/                 the finetune run (finetune.safetensors, finetune.json)
     ROOT/graphs/fp32/, ROOT/graphs/<format>/     exported graphs + manifest.json (+ parity/)
     ROOT/images/pytorch-fp32/      the reference: FP32 PyTorch, same seeds
-    ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cache3)
+    ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cacheN; N = --cache-interval, 3)
     ROOT/summary.json              every stage's result; the table is printed at the end
 """
 
@@ -24,8 +24,6 @@ from exporter.imageio import write_image_folder
 
 log = logging.getLogger(__name__)
 
-CACHE_INTERVAL = 3
-
 
 def _stage(name: str):
     print(f"== {name}", flush=True)
@@ -35,7 +33,7 @@ def _stage(name: str):
 def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_path: str | Path | None = None,
                  rows: list[int] | None = None, per_row: int | None = None, steps: int | None = None,
                  scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
-                 progress: bool = True, **_) -> dict:
+                 cache_interval: int = 3, progress: bool = True, **_) -> dict:
     from exporter.calibrate import calibrate
     from exporter.export import export_graphs
     from exporter.export.lint import layer_counts, lint_folder, named_violations
@@ -124,7 +122,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     runs = {"fp32": (graphs["fp32"], 1)}
     if not baseline_only:
         runs[name] = (graphs[name], 1)
-        runs[f"{name}-cache{CACHE_INTERVAL}"] = (graphs[name], CACHE_INTERVAL)
+        if cache_interval > 1:  # the variant with DeepCache-style caching, at the shallowest branch
+            runs[f"{name}-cache{cache_interval}"] = (graphs[name], cache_interval)
     seconds = {}
     for variant, (folder, interval) in runs.items():
         start = time.perf_counter()
