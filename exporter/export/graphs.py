@@ -75,11 +75,20 @@ def _trace(block, env, scratch: Path) -> onnx.ModelProto:
     FP32) can only be exported to a path, next to which torch writes its weights. Smaller blocks'
     weights, which torch keeps inline, are moved out too, so the passes never carry them."""
     path = scratch / "traced.onnx"
+    # torch.onnx.export traces in eval mode, then restores the mode of ``block`` alone, recursively: a
+    # Block wrapper (training by default) would leave the model's modules in training mode (a DiT's
+    # label embedding then drops class labels at random in every later PyTorch call)
+    modes = {m: m.training for m in block.modules()}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer chatter
-        torch.onnx.export(block, tuple(env[n] for n in block.inputs), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=list(block.inputs), output_names=list(block.outputs),
-                          dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env), do_constant_folding=True)
+        try:
+            torch.onnx.export(block, tuple(env[n] for n in block.inputs), str(path), dynamo=False,
+                              opset_version=OPSET, input_names=list(block.inputs), output_names=list(block.outputs),
+                              dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env),
+                              do_constant_folding=True)
+        finally:
+            for module, training in modes.items():
+                module.training = training
     model = onnx.load(str(path), load_external_data=False)
     WeightFile(scratch / "traced.weights").externalize(model, scratch)
     return model

@@ -359,3 +359,26 @@ def test_a_failed_export_leaves_nothing_half_written(tiny_unet_dir, tmp_path, mo
     with pytest.raises(RuntimeError, match="trace failed"):
         export_graphs(tiny_unet_dir, tmp_path / "g", progress=False)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_exporting_a_block_leaves_the_model_in_eval_mode(tiny_dit_dir, tmp_path):
+    """torch.onnx.export restores the exported module's own mode recursively; a block wrapper is
+    training by default, and a DiT in training mode drops class labels at random."""
+    from exporter.export.graphs import example_tensors, export_graph
+    from exporter.export.passes import WeightFile
+    from exporter.models import load_conditioning
+
+    loaded = load_model(tiny_dit_dir)
+    blocks = loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))
+    env = example_tensors(loaded, blocks, load_conditioning(loaded.default_conditioning, loaded.adapter))
+    block = next(b for b in blocks if any("class_embedder" in n for n, _ in b.named_modules()))
+    modes = {m: m.training for m in block.modules()}
+    with torch.no_grad():
+        before = block(*(env[n] for n in block.inputs))
+    export_graph(block, env, WeightFile(tmp_path / "b.weights"), tmp_path / "b.onnx")
+    assert {m: m.training for m in block.modules()} == modes and not loaded.model.training
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _ in range(5):  # label dropout would replace some labels by the null class
+            after = block(*(env[n] for n in block.inputs))
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
