@@ -69,7 +69,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int |
     scaled = x.to(torch.float32) / s
     if fmt.kind == "fp8":
         return scaled.clamp(fmt.qmin, fmt.qmax).to(torch.float8_e4m3fn).to(torch.float32)
-    return torch.round(scaled).clamp(fmt.qmin, fmt.qmax)  # torch.round is half-to-even, like ONNX
+    # torch.round is half-to-even, like ONNX; + 0.0 turns its -0.0 into the +0 an integer 0 dequantizes to
+    return torch.round(scaled).clamp(fmt.qmin, fmt.qmax) + 0.0
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None,

@@ -31,7 +31,13 @@ def run_qdq(x: np.ndarray, scale: np.ndarray, qtype: int, axis: int | None, opse
 def sample(shape, seed=0):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 3
     x.flat[:6] = [0.5, 1.5, -2.5, 2.5, 1000.0, -1000.0]  # exact ties and saturation
+    x.flat[-2:] = [-1e-4, -0.0]  # below half a step: ONNX's integer 0 dequantizes to +0, never -0
     return x
+
+
+def assert_bits_equal(got: np.ndarray, expected: np.ndarray) -> None:
+    """Bit for bit, which also tells -0.0 from +0.0 (assert_array_equal does not)."""
+    np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
 
 
 def test_int8_per_tensor_matches_onnxruntime():
@@ -39,7 +45,7 @@ def test_int8_per_tensor_matches_onnxruntime():
     scale = np.float32(0.05)  # x/scale hits exact .5 ties for 0.025 multiples
     x.flat[6:10] = [0.025, 0.075, -0.025, -0.125]
     got = fake_quant(torch.from_numpy(x), torch.tensor(scale), FORMATS["int8"]).numpy()
-    np.testing.assert_array_equal(got, run_qdq(x, np.array(scale), TensorProto.INT8, None, 19))
+    assert_bits_equal(got, run_qdq(x, np.array(scale), TensorProto.INT8, None, 19))
 
 
 def test_int8_per_channel_matches_onnxruntime():
@@ -47,14 +53,14 @@ def test_int8_per_channel_matches_onnxruntime():
     amax = torch.from_numpy(w).abs().amax(dim=(1, 2, 3))
     scale = scale_from_amax(amax, FORMATS["int8"])
     got = fake_quant(torch.from_numpy(w), scale, FORMATS["int8"], axis=0).numpy()
-    np.testing.assert_array_equal(got, run_qdq(w, scale.numpy(), TensorProto.INT8, 0, 19))
+    assert_bits_equal(got, run_qdq(w, scale.numpy(), TensorProto.INT8, 0, 19))
 
 
 def test_fp8_e4m3_matches_onnxruntime():
     x = sample((4, 64), seed=2)
     scale = np.float32(0.01)
     got = fake_quant(torch.from_numpy(x), torch.tensor(scale), FORMATS["fp8"]).numpy()
-    np.testing.assert_array_equal(got, run_qdq(x, np.array(scale), TensorProto.FLOAT8E4M3FN, None, 19))
+    assert_bits_equal(got, run_qdq(x, np.array(scale), TensorProto.FLOAT8E4M3FN, None, 19))
     assert np.abs(got).max() == pytest.approx(448 * 0.01)  # saturated, not inf/nan
 
 
