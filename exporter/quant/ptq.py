@@ -54,6 +54,13 @@ def int4_block(layer: torch.nn.Module, block_size: int) -> int | None:
     return next((b for b in sizes if layer.in_features % b == 0), None)
 
 
+def positive_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with every value kept positive in its own float type: FP16 rounds scales under 2^-24
+    (a dead input's floored range, 1e-12 / 127) to 0, which TensorRT refuses and lint reports."""
+    floor = 2.0**-24 if scale.dtype == torch.float16 else torch.finfo(scale.dtype).tiny
+    return scale.clamp_min(floor)
+
+
 class TimestepContext:
     """The t of the current model call, shared by all quantized layers of one model."""
 
@@ -149,6 +156,8 @@ class QuantLayer(torch.nn.Module):
 
         mark = f"_{INT4_MARK}" if self.wfmt.name == "int4" else ""
         q = self.weight_values.to(storage_dtype(self.wfmt))
+        with torch.no_grad():
+            self.weight_scale.copy_(positive_scale(self.weight_scale))  # a no-op unless FP16 rounded one to 0
         if self.block_size:  # the layout TensorRT's INT4 GEMMs take (and ModelOpt writes): W [in, out] and
             q = q.t()  # its scales [in / block, out], blocked along axis 0, DequantizeLinear straight into MatMul
             self.register_buffer("onnx_weight_scale", self.weight_scale.t().contiguous())
@@ -159,7 +168,7 @@ class QuantLayer(torch.nn.Module):
             self.register_buffer(self._weight_names[-1], part.contiguous())
         if self.afmt is not None:
             for i, scale in enumerate(self.act_scale[group]):  # in the graph's float type, like the weight scale
-                self.register_buffer(f"onnx_act_scale{i}", scale.clone().to(self.weight_scale.dtype))
+                self.register_buffer(f"onnx_act_scale{i}", positive_scale(scale.clone().to(self.weight_scale.dtype)))
             int4 = self.afmt.name == "int4"
             self._zero_point_name = f"onnx_zero_point_{INT4_MARK}" if int4 else "onnx_zero_point"
             # An INT4 zero point is uint8 until retyped: torch's exporter merges equal buffers of one

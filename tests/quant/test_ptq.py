@@ -139,3 +139,20 @@ def test_calibration_of_another_architecture_is_refused(tiny_dit_dir, calib_dir)
 
     with pytest.raises(UsageError, match="recorded from a UNet2DConditionModel, not this DiTTransformer2DModel"):
         quantize_model(load_model(tiny_dit_dir), QuantizationSpec.naive(), calib_dir)
+
+
+def test_scales_fp16_would_round_to_zero_stay_positive_in_the_exported_graph():
+    """A dead input or an all-zero weight row has a floored range (1e-12): its scale, about 1e-14,
+    is 0 in FP16, which TensorRT refuses; the exported buffers keep FP16's smallest positive value."""
+    linear = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight[0] = 0.0
+    layer = QuantLayer("dead", linear, FORMATS["int8"], FORMATS["int8"], QuantizationSpec(), context=None, split=None)
+    layer.act_scale = torch.full((1, 1), 1e-14)
+    torch.nn.Module.to(layer, torch.float16)
+    assert float(layer.act_scale.half()[0, 0]) == 0.0 and float(layer.weight_scale[0]) == 0.0  # what FP16 makes of them
+    layer.prepare_export(0)
+    assert float(layer.onnx_act_scale0) == float(layer.weight_scale[0]) == 2.0**-24
+    assert torch.equal(layer.weight_scale[1:], torch.nn.Module.to(
+        QuantLayer("same", linear, FORMATS["int8"], FORMATS["int8"], QuantizationSpec(), context=None, split=None),
+        torch.float16).weight_scale[1:])  # live rows untouched
