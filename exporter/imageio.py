@@ -79,10 +79,13 @@ def read_image_folder(folder: str | Path) -> dict[tuple[int, int], np.ndarray]:
             continue
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1", "P") else "RGB"))
+                if im.mode in ("I", "I;16"):  # 16-bit greyscale PNG: scaled by its own range (convert clips)
+                    arr = np.asarray(im, dtype=np.float64) / 257.0
+                else:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "P") else "RGB"))
         except (UnidentifiedImageError, OSError) as e:
             raise ImageFolderError(f"{f}: not a readable PNG ({e})") from None
-        images[(int(m[1]), int(m[2]))] = arr.astype(np.float32) / 127.5 - 1.0
+        images[(int(m[1]), int(m[2]))] = (arr / 127.5 - 1.0).astype(np.float32)
     if not images:
         raise ImageFolderError(f"{folder}: no images named <row>_<k>.png")
     return images

@@ -28,14 +28,22 @@ def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> f
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
 
 
-def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0, win: int = 7) -> float:
+def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0, win: int = 7) -> float | None:
     """Structural similarity (Wang et al. 2004) with a ``win`` x ``win`` uniform window, as
-    scikit-image computes it by default (sample covariance, K1=0.01, K2=0.03, valid region only)."""
+    scikit-image computes it by default (sample covariance, K1=0.01, K2=0.03, valid region only).
+
+    Images are in [-1, 1] (data range 2) and are shifted to [0, 2] first: SSIM's luminance term
+    assumes non-negative intensities (on [-1, 1], an image and its negative would score 0.88).
+    Images smaller than the window use the largest odd window that fits; under 3 pixels: None."""
     from scipy.ndimage import uniform_filter
 
-    x, y = np.asarray(image, np.float64), np.asarray(reference, np.float64)
+    x, y = np.asarray(image, np.float64) + 1.0, np.asarray(reference, np.float64) + 1.0
+    side = min(x.shape[:2])
+    win = min(win, side if side % 2 else side - 1)
+    if win < 3:
+        return None
     if x.ndim == 3:  # colour: mean over channels
-        return float(np.mean([ssim(x[..., c], y[..., c], data_range, win) for c in range(x.shape[-1])]))
+        return float(np.mean([ssim(x[..., c] - 1.0, y[..., c] - 1.0, data_range, win) for c in range(x.shape[-1])]))
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     n = win * win
     cov_norm = n / (n - 1)
@@ -45,4 +53,4 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0, win:
     vxy = cov_norm * (uniform_filter(x * y, win) - mx * my)
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     p = win // 2
-    return float(s[p:-p, p:-p].mean())
+    return float(s[p:-p, p:-p].mean()) if p else float(s.mean())

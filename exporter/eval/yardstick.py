@@ -85,11 +85,11 @@ def compare(images: dict, reference: dict, images_dir, reference_dir) -> dict:
     common = sorted(set(images) & set(reference))
     if not common:
         raise ImageFolderError(f"{images_dir} and {reference_dir} share no <row>_<k>.png names to compare")
-    sizes = {images[common[0]].shape, reference[common[0]].shape}
-    if len(sizes) > 1:
-        raise ImageFolderError(f"{images_dir} holds {'x'.join(map(str, images[common[0]].shape))} images and "
-                               f"{reference_dir} {'x'.join(map(str, reference[common[0]].shape))}: compare images "
-                               "of the same size (the same --latent)")
+    for key in common:  # every pair: one odd file must not end in a broadcasting error
+        if images[key].shape != reference[key].shape:
+            raise ImageFolderError(f"{images_dir} holds {'x'.join(map(str, images[key].shape))} images and "
+                                   f"{reference_dir} {'x'.join(map(str, reference[key].shape))} (first: "
+                                   f"{key[0]}_{key[1]}.png): compare images of the same size (the same --latent)")
     missing = len(images) - len(common)
     if missing:
         log.warning("%d image(s) in %s have no counterpart in %s", missing, images_dir, reference_dir)
@@ -102,8 +102,12 @@ def compare(images: dict, reference: dict, images_dir, reference_dir) -> dict:
         "psnr_mean": float(np.mean(finite)) if finite else None,
         "psnr_min": float(min(finite)) if finite else None,
         "n_identical": len(psnrs) - len(finite),
-        "ssim_mean": float(np.mean([ssim(images[k], reference[k]) for k in common])),
+        "ssim_mean": _mean_or_none([ssim(images[k], reference[k]) for k in common]),  # None: under 3 pixels
     }
+
+
+def _mean_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def psnr_text(result: dict) -> str:
@@ -128,6 +132,6 @@ def format_table(result: dict) -> str:
         psnr_mean = result["psnr_mean"]
         rows.append(("PSNR vs reference", "identical" if psnr_mean is None else f"{psnr_mean:.2f} dB mean, "
                      f"{result['psnr_min']:.2f} dB min ({result['n_identical']} identical)"))
-        rows.append(("SSIM vs reference", f"{result['ssim_mean']:.4f}"))
+        rows.append(("SSIM vs reference", "—" if result["ssim_mean"] is None else f"{result['ssim_mean']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

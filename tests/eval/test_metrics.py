@@ -18,6 +18,13 @@ def test_ssim_identity_and_degradation():
     slightly = ssim(x + rng.normal(0, 0.02, x.shape), x)
     heavily = ssim(x + rng.normal(0, 0.5, x.shape), x)
     assert 0.9 < slightly < 1.0 and heavily < 0.5 * slightly
+    # on intensities shifted to [0, 2]: an image and its negative are anti-correlated, not similar
+    # (on raw [-1, 1] values the luminance term flips sign: 0.88)
+    assert ssim(-x, x) < 0
+    # smaller than the 7-pixel window: the largest odd one that fits; under 3 pixels there is no SSIM
+    small = x[:4, :4]
+    assert ssim(small, small) == pytest.approx(1.0) and 0 < ssim(small + 0.1, small) < 1
+    assert ssim(x[:2, :2], x[:2, :2]) is None
 
 
 def test_frechet_distance_closed_forms():

@@ -71,6 +71,19 @@ def test_png_round_trip_is_within_half_a_grey_level(tmp_path):
     assert np.abs(back - img[0]).max() <= 1 / 127.5 / 2 + 1e-6
 
 
+def test_sixteen_bit_pngs_are_read_on_their_own_scale(tmp_path):
+    from PIL import Image
+
+    img = np.random.default_rng(1).uniform(-1, 1, (1, 16, 16)).astype(np.float32)
+    write_image_folder(tmp_path / "a", {(0, 0): img})
+    eight = np.asarray(Image.open(tmp_path / "a" / "0_0.png"))
+    (tmp_path / "b").mkdir()
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "b" / "0_0.png")  # the same image, 16 bits
+    assert Image.open(tmp_path / "b" / "0_0.png").mode in ("I", "I;16")
+    np.testing.assert_allclose(read_image_folder(tmp_path / "b")[(0, 0)], read_image_folder(tmp_path / "a")[(0, 0)],
+                               rtol=0, atol=1e-6)
+
+
 def test_corrupted_png_and_unrelated_reference(tmp_path):
     real_digit_folder(tmp_path / "a", per_row=1)
     (tmp_path / "a" / "3_0.png").write_bytes(b"not a png")
@@ -99,8 +112,15 @@ def test_images_of_another_size_are_compared_but_not_scored_as_digits(tmp_path):
     assert result["n_compared"] == 3 and 20 < result["psnr_mean"] < 40
     assert "FD-digits" not in format_table(result) and "PSNR vs reference" in format_table(result)
     real_digit_folder(tmp_path / "digits", per_row=1)
-    with pytest.raises(ImageFolderError, match="holds 24x32 images and .* 16x16: compare images of the same size"):
+    with pytest.raises(ImageFolderError, match="holds 24x32 images and .* 16x16 .*: compare images of the same size"):
         evaluate(tmp_path / "wide", tmp_path / "digits")
+    # one odd pair among matching ones is named, not a broadcasting error
+    import shutil
+
+    shutil.copytree(tmp_path / "wide_ref", tmp_path / "odd")
+    shutil.copyfile(tmp_path / "digits" / "0_0.png", tmp_path / "odd" / "2_0.png")
+    with pytest.raises(ImageFolderError, match=r"\(first: 2_0.png\): compare images of the same size"):
+        evaluate(tmp_path / "wide", tmp_path / "odd")
 
 
 def test_one_image_is_scored_without_fd_and_mixed_sizes_are_refused(tmp_path):
