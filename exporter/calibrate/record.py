@@ -107,6 +107,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
         "exporter_version": __version__,
     }
     state["shards"] = _resumable_shards(out, state)
+    _write_state(out, state, complete=False)  # from the start: a run killed in its first shard resumes too
     n_batches = -(-spec.trajectories // spec.batch_trajectories)
     use_cfg = spec.guidance > 1.0 and conditioning.cond is not None
     bar = tqdm(total=n_batches * spec.steps, desc="calibrating", unit="step", disable=not progress or None)
@@ -179,10 +180,15 @@ def _record_batch(loaded, conditioning, blocks, names, spec, shape, rows, ids, u
 def _resumable_shards(out: Path, state: dict) -> dict:
     """Shards of an earlier, interrupted run with the same spec whose sha256 still checks out."""
     spec_file = out / SPEC_FILE
+    debris = sorted(out.glob(".*.tmp")) if out.is_dir() else []  # half-written files of a killed run
     if not spec_file.is_file():
-        if occupied(out):  # e.g. a graphs folder: not ours to fill
+        if occupied(out) and set(out.iterdir()) != set(debris):  # e.g. a graphs folder: not ours to fill
             raise CalibrationError(f"{out} exists and is not a calibration folder; choose another --out or delete it")
+        for path in debris:
+            path.unlink()
         return {}
+    for path in debris:
+        path.unlink()
     old = read_json(spec_file, "calibration spec")
     # spec fields added since that run was written take their defaults (e.g. latent: the model's own size)
     old["spec"] = {**dataclasses.asdict(CalibrationSpec()), **old.get("spec", {})}

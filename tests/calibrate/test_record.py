@@ -61,6 +61,33 @@ def test_interrupted_run_resumes_and_keeps_verified_shards(tiny_unet_dir, tmp_pa
     CalibrationData(tmp_path)
 
 
+def test_a_run_killed_in_its_first_shard_resumes(tiny_unet_dir, tmp_path, monkeypatch):
+    from exporter.calibrate import record
+
+    calibrate(str(tiny_unet_dir), tmp_path / "clean", SPEC, progress=False)
+    real = record.atomic_write_bytes
+
+    def killed_while_writing(path, data):  # what kill -9 leaves: the temporary file, half written
+        (path.parent / f".{path.name}.k3x9.tmp").write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    for run, drop_spec in (("run", False), ("old", True)):  # old: killed before spec.json, or an older version
+        monkeypatch.setattr(record, "atomic_write_bytes", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(str(tiny_unet_dir), tmp_path / run, SPEC, progress=False)
+        monkeypatch.setattr(record, "atomic_write_bytes", real)
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == [".shard-00000.safetensors.k3x9.tmp",
+                                                                       "spec.json"]
+        if drop_spec:
+            (tmp_path / run / "spec.json").unlink()
+        calibrate(str(tiny_unet_dir), tmp_path / run, SPEC, progress=False)
+        names = sorted(p.name for p in (tmp_path / run).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "clean").iterdir())  # no debris left
+        assert all((tmp_path / run / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names
+                   if n.startswith("shard-"))
+        CalibrationData(tmp_path / run)
+
+
 def test_other_spec_in_same_folder_and_tampered_shard_are_refused(tiny_unet_dir, tmp_path):
     calibrate(str(tiny_unet_dir), tmp_path, SPEC, progress=False)
     with pytest.raises(CalibrationError, match="another model or spec"):
