@@ -85,6 +85,9 @@ def cmd_sample(args) -> None:
         quantization = recipe.quantization
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
+        if quantization is None and args.calib is not None:  # it would be recorded but not used
+            raise UsageError(f"--calib with an unquantized recipe ({fmt or args.recipe}): leave out --calib for FP32 "
+                             "images, or pick a quantized --format / --recipe")
     record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
                             finetuned=args.finetuned, latent=args.latent, **sampling_kwargs(args))
     print(f"wrote {record['precision']} images to {args.out}")

@@ -194,6 +194,8 @@ def test_format_fp16_exports_fp16_graphs_and_dtype_overrides_the_recipe(run_cli,
     assert result.returncode == 0 and json.loads((tmp_path / "b" / "manifest.json").read_text())["dtype"] == "fp32"
     result = run_cli("sample", "--model", tiny_unet_dir, "--format", "fp16", "--out", tmp_path / "c")
     assert result.returncode == 2 and "sample runs PyTorch in FP32" in result.stderr
+    result = run_cli("sample", "--model", tiny_unet_dir, "--format", "fp32", "--calib", tmp_path, "--out", tmp_path / "c")
+    assert result.returncode == 2 and "--calib with an unquantized recipe (fp32)" in result.stderr
     recipe = tmp_path / "r.yaml"
     recipe.write_text("quantization: null\nexport:\n  dtype: fp64\n")
     result = run_cli("export", "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "d")
