@@ -136,8 +136,10 @@ def _engine_manifest(graphs: Path, manifest: dict, folder: Path, engines: dict, 
                                "version_compatible": spec.version_compatible},
                      "lean_runtime": lean.name if lean else None,
                      "timing_cache": str(timing_cache), "build_seconds": seconds},
+        # not the timing cache, its record, the report, nor the lock file polygraphy leaves beside a cache
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                  if p.name not in (MANIFEST, TIMING_CACHE, _cache_record(Path(TIMING_CACHE)).name, PRECISION_REPORT)},
+                  if p.name not in (MANIFEST, TIMING_CACHE, _cache_record(Path(TIMING_CACHE)).name, PRECISION_REPORT)
+                  and p.suffix != ".lock"},
     }
 
 

@@ -121,9 +121,20 @@ def folder_runtime(folder: Path, manifest: dict):
 
 
 def layer_information(engine) -> list[dict]:
+    """Every layer's JSON from TensorRT's engine inspector. The inspector shows formats and types
+    (what the precision report reads) only with an execution context whose input shapes are all set
+    ("Otherwise, values dependent on input shapes will be displayed as -1 and format information
+    will not be shown", IEngineInspector::setExecutionContext): the profile's opt shapes, as
+    trtexec and polygraphy inspect. No device memory is allocated for it."""
     import tensorrt as trt
 
+    context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            context.set_input_shape(name, engine.get_tensor_profile_shape(name, 0)[1])
     inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
     return [json.loads(inspector.get_layer_information(i, trt.LayerInformationFormat.JSON))
             for i in range(engine.num_layers)]
 

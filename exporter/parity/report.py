@@ -37,8 +37,12 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
     bf16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in feed.values())
     backend = "--trt --strongly-typed" if bf16 else "--onnxrt" + (" --graph-optimization-level ORT_ENABLE_BASIC"
                                                                     if basic else "")
+    # the recorded shapes: with --trt, polygraphy builds its profile from --input-shapes alone (without
+    # them, every dynamic axis at 1, and the recorded batch would not fit the engine)
+    shapes = " ".join(f"{name}:[{','.join(str(d) for d in value.shape)}]" for name, value in feed.items())
     line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
-            f"--load-outputs parity/{stem}.golden.json --compare snr --snr-threshold {threshold:g}\n")
+            f"--load-outputs parity/{stem}.golden.json --compare snr --snr-threshold {threshold:g} "
+            f"--input-shapes {shapes}\n")
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
         if commands.is_file() else [("# run from the graphs folder; add --trt --strongly-typed on a GPU machine (bf16 "
                                      "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
