@@ -163,8 +163,9 @@ class TensorRTBackend:
     Every execution context is created with user-managed device memory and pointed at one shared
     scratch buffer, sized for the largest engine opened so far: the blocks of a denoising step run
     one after another, so their activations never need to coexist. Input shapes are set per call
-    and checked against the engine's profile. With ``cuda_graphs``, each (engine, input shapes)
-    is captured once and replayed (fixed shapes only pay the launch cost once)."""
+    and checked against the engine's profile. With ``cuda_graphs``, each engine's run is captured
+    once per input shapes and replayed while its shapes stay the same (fixed shapes only pay the
+    launch cost once; a change of shapes captures again)."""
 
     name = "tensorrt"
 
@@ -233,6 +234,10 @@ class TensorRTBackend:
                 graph.replay()
                 results = static_out
             else:
+                # a graph replays the context state of its capture: once this context takes other
+                # shapes, the graphs captured at its earlier ones are stale (captured again when needed)
+                for stale in [k for k in self.captured if k[0] == plan]:
+                    del self.captured[stale]
                 inputs = {n: to_torch(a).to("cuda", non_blocking=True) for n, a in feeds.items()}
                 results = self._bind(plan, engine, context, inputs)
                 if not context.execute_async_v3(self.stream.cuda_stream):
