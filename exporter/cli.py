@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_options(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="type of the unquantized parts: fp16 or bf16 (opset 22, TensorRT 10.6+, Ampere+) for "
-                   "TensorRT, fp32 for ONNX Runtime on CPU (default: the recipe's export.dtype, fp32 unless set)")
+                   "TensorRT, fp32 for ONNX Runtime on CPU (default: the recipe's export.dtype, fp32 unless set; "
+                   "with --finetuned, fp32)")
     p.add_argument("--finetuned", type=Path, help="an exporter finetune folder (brings its model, calibration, recipe)")
     p.add_argument("--out", type=Path, required=True, help="graphs folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)

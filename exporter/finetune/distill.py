@@ -93,9 +93,14 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
                             "rates (lr, scale_lr in the recipe's finetune: section)")
     if optimizer is not None:
         state = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, field = key.split(".", 2)
+                if not index.isdigit() or int(index) >= len(params) or not all_finite(value) or (
+                        field != "step" and value.shape != params[int(index)].shape):
+                    raise FinetuneError(f"{where}: {key} does not fit the optimizer ({tuple(value.shape)}, or not "
+                                        "finite); the checkpoint is damaged: finetune again into a new --out")
                 state["state"].setdefault(int(index), {})[field] = value
         optimizer.load_state_dict(state)
 
@@ -138,7 +143,7 @@ def _diverged_message(broken: str, batch: int, batches: int, step: int, t: float
 def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec: FinetuneSpec, out: str | Path,
              progress: bool = True) -> dict:
     """Finetune (or resume finetuning) into ``out``; returns the record written to ``finetune.json``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from exporter.models import load_conditioning, load_model
@@ -160,12 +165,17 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     layers = wrap(student.model, spec)
     optimizer = _optimizer(layers, spec)
     record = {**identity, "done_batches": 0, "losses": [], "seconds": 0.0}
-    if (out / RECORD).is_file() and (out / CHECKPOINT).is_file():  # resume
-        previous = json.loads((out / RECORD).read_text())
+    if (out / RECORD).is_file():
+        previous = _read_record(out / RECORD)
         if {k: previous.get(k) for k in identity} != identity:
             raise UsageError(f"{out} holds a finetune of another model, calibration or recipe; choose another --out")
-        _load_state(layers, optimizer, load_file(str(out / CHECKPOINT)), out / CHECKPOINT)
-        record = previous
+    if (out / RECORD).is_file() and (out / CHECKPOINT).is_file():  # resume
+        tensors, saved = _load_checkpoint(out / CHECKPOINT)
+        _load_state(layers, optimizer, tensors, out / CHECKPOINT)
+        # the record saved inside the checkpoint: finetune.json is written after it, and a run killed
+        # in between would otherwise train the last batch twice
+        record = saved if saved is not None else previous
+        atomic_write_json(out / RECORD, record)  # finished by that checkpoint: the record says so too
         log.info("resuming %s after %d trajectory batches", out, record["done_batches"])
 
     adapter = student.adapter
@@ -218,7 +228,7 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
         bar.set_postfix(loss=f"{record['losses'][-1]:.2e}")
         if record["done_batches"] % spec.checkpoint_every == 0 or record["done_batches"] == batches:
             partial = out / (CHECKPOINT + ".partial")
-            save_file(_state_tensors(layers, optimizer), str(partial))
+            save_file(_state_tensors(layers, optimizer), str(partial), metadata={"record": json.dumps(record)})
             os.replace(partial, out / CHECKPOINT)
             atomic_write_json(out / RECORD, record)
     bar.close()
@@ -230,7 +240,6 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
 def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -> dict:
     """Merge a finetune run into ``loaded`` (already PTQ'd with ``quantization``, which must be the
     run's, from the run's calibration); returns the run's record."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     record = _record(folder)
@@ -249,9 +258,12 @@ def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -
         # the learned steps multiply the PTQ scales of that quantization: on another one they mean nothing
         raise FinetuneError(f"{folder} was finetuned with another quantization than this one "
                             f"({record['quantization']}); use the recipe it was finetuned with")
-    spec = FinetuneSpec(**record["finetune"])
+    try:
+        spec = FinetuneSpec(**record["finetune"])
+    except TypeError as e:
+        raise FinetuneError(f"{folder / RECORD}: its finetune section does not fit this version ({e})") from None
     layers = wrap(loaded.model, spec)
-    _load_state(layers, None, load_file(str(folder / CHECKPOINT)), folder / CHECKPOINT)
+    _load_state(layers, None, _load_checkpoint(folder / CHECKPOINT)[0], folder / CHECKPOINT)
     unwrap(loaded.model, layers)
     return record
 
@@ -268,4 +280,31 @@ def _record(folder: Path) -> dict:
     """A finetune folder's ``finetune.json``, after checking the folder is one."""
     if not (folder / RECORD).is_file() or not (folder / CHECKPOINT).is_file():
         raise FinetuneError(f"{folder}: not a finetune folder (no {RECORD} / {CHECKPOINT}); run exporter finetune")
-    return json.loads((folder / RECORD).read_text())
+    return _read_record(folder / RECORD)
+
+
+RECORD_KEYS = ("model", "calibration", "quantization", "finetune", "groups", "done_batches", "losses", "seconds")
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FinetuneError(f"{path} is damaged (not JSON: {e}); finetune again into a new --out") from None
+    missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise FinetuneError(f"{path} lacks {', '.join(missing)}; it is damaged or not a finetune record")
+    return record
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The checkpoint's tensors and the record saved with them (None: written before records were)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            meta = f.metadata() or {}
+        return tensors, json.loads(meta["record"]) if "record" in meta else None
+    except (SafetensorError, OSError, ValueError) as e:  # a truncated or edited file
+        raise FinetuneError(f"{path} is damaged ({str(e).splitlines()[0]}); finetune again into a new --out") from None

@@ -56,6 +56,64 @@ def test_finetuning_trains_adapters_and_steps_and_an_interrupted_run_resumes_ide
     with pytest.raises(UsageError, match="another model, calibration or recipe"):
         finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, FinetuneSpec(rank=2, trajectories=4, batch=2, steps=3),
                  tmp_path / "run", progress=False)
+    (tmp_path / "run" / "finetune.safetensors").unlink()  # a record alone is still another run's
+    with pytest.raises(UsageError, match="another model, calibration or recipe"):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, FinetuneSpec(rank=2, trajectories=4, batch=2, steps=3),
+                 tmp_path / "run", progress=False)
+
+    # killed between the last checkpoint and its record: the checkpoint's own record says where it stands
+    calls = []
+
+    def killed_before_the_second_record(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(distill_module, "atomic_write_json", killed_before_the_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, tmp_path / "late", progress=False)
+    assert json.loads((tmp_path / "late" / "finetune.json").read_text())["done_batches"] == 1
+    monkeypatch.setattr(distill_module, "atomic_write_json", real_write)
+    resumed = finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, tmp_path / "late", progress=False)
+    assert resumed["losses"] == record["losses"]  # the last batch not trained twice
+    assert json.loads((tmp_path / "late" / "finetune.json").read_text())["done_batches"] == 2
+    again = load_file(str(tmp_path / "late" / "finetune.safetensors"))
+    assert all((again[key] == value).all() for key, value in tensors.items())
+
+
+def test_a_damaged_finetune_folder_is_refused_in_one_line(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
+    import shutil
+
+    out, record = finetuned
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, QUANT, tiny_unet_calib)
+
+    def damaged(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        edit(folder)
+        return folder
+
+    cases = {
+        "not JSON": damaged("json", lambda f: (f / "finetune.json").write_text("{oops")),
+        "lacks groups": damaged("key", lambda f: (f / "finetune.json").write_text(
+            json.dumps({k: v for k, v in record.items() if k != "groups"}))),
+        "does not fit this version": damaged("spec", lambda f: (f / "finetune.json").write_text(
+            json.dumps({**record, "finetune": {**record["finetune"], "foo": 1}}))),
+        "finetune.safetensors is damaged": damaged("trunc", lambda f: (f / "finetune.safetensors").write_bytes(
+            (out / "finetune.safetensors").read_bytes()[:1000])),
+    }
+    for message, folder in cases.items():
+        with pytest.raises(FinetuneError, match=message):
+            apply_finetune(loaded, folder, QUANT)
+    # an optimizer moment of the wrong shape, met on resume
+    tensors = load_file(str(out / "finetune.safetensors"))
+    key = next(k for k in tensors if k.startswith("optimizer.") and k.endswith("exp_avg"))
+    folder = damaged("adam", lambda f: save_file({**tensors, key: torch.zeros(3)}, str(f / "finetune.safetensors")))
+    (folder / "finetune.json").write_text(json.dumps({**record, "done_batches": 1}))
+    with pytest.raises(FinetuneError, match=f"{key} does not fit the optimizer"):
+        finetune(str(tiny_unet_dir), tiny_unet_calib, QUANT, SPEC, folder, progress=False)
 
 
 def test_the_finetuned_model_exports_like_ptq_and_keeps_parity(finetuned, tiny_unet_dir, tiny_unet_calib, tmp_path):
