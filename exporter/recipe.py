@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import ExporterError
+from exporter.reference import name_of
 
 
 class RecipeError(ExporterError):
@@ -322,8 +323,6 @@ def bundled_recipe_path(fmt: str, model: str | None = None) -> Path:
     """The bundled recipe for a format: tuned per reference model, else the generic default."""
     if fmt not in FORMATS:
         raise RecipeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    from exporter.reference import name_of
-
     # a reference model by name or by its bundled folder; a user's folder never picks a recipe from inside it
     name = name_of(model) if model else None
     tuned = RECIPES_DIR / name / f"{fmt}.yaml" if name else None

@@ -240,7 +240,6 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
 def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -> dict:
     """Merge a finetune run into ``loaded`` (already PTQ'd with ``quantization``, which must be the
     run's, from the run's calibration); returns the run's record."""
-
     folder = Path(folder)
     record = _record(folder)
     if Path(record["model"]).resolve() != Path(loaded.directory).resolve():
