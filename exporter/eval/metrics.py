@@ -37,13 +37,14 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0, win:
     Images smaller than the window use the largest odd window that fits; under 3 pixels: None."""
     from scipy.ndimage import uniform_filter
 
-    x, y = np.asarray(image, np.float64) + 1.0, np.asarray(reference, np.float64) + 1.0
+    x, y = np.asarray(image, np.float64), np.asarray(reference, np.float64)
     side = min(x.shape[:2])
     win = min(win, side if side % 2 else side - 1)
     if win < 3:
         return None
     if x.ndim == 3:  # colour: mean over channels
-        return float(np.mean([ssim(x[..., c] - 1.0, y[..., c] - 1.0, data_range, win) for c in range(x.shape[-1])]))
+        return float(np.mean([ssim(x[..., c], y[..., c], data_range, win) for c in range(x.shape[-1])]))
+    x, y = x + 1.0, y + 1.0
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     n = win * win
     cov_norm = n / (n - 1)
