@@ -65,8 +65,8 @@ def _optimizer(layers: dict[str, TrainableQuantLayer], spec: FinetuneSpec) -> to
     for layer in layers.values():
         weights = [layer.weight] if spec.method == "qat" else [layer.lora_A, layer.lora_B]
         groups.append({"params": weights, "lr": spec.lr * layer.weight_step / mean_step})
-        if hasattr(layer, "log_step") and spec.scale_lr > 0:
-            groups.append({"params": [layer.log_step], "lr": spec.scale_lr})
+        if layer.log_steps() and spec.scale_lr > 0:
+            groups.append({"params": layer.log_steps(), "lr": spec.scale_lr})
     return torch.optim.Adam(groups)
 
 
@@ -124,9 +124,10 @@ def _unusable_state(layers: dict[str, TrainableQuantLayer]) -> str | None:
             if not all_finite(t):
                 return f"{name}.{p} holds NaN/Inf"
         if layer.q.afmt is not None:
-            steps = layer.q.act_scale.float() * torch.exp(layer.log_step.detach())
+            log_step = layer.log_step()
+            steps = layer.q.act_scale.float() * torch.exp(log_step)
             if not all_finite(steps) or not bool((steps > 0).all()):
-                return f"{name}.log_step makes activation steps Inf or 0 (|log step| up to {layer.log_step.abs().max():.3g})"
+                return f"{name}.log_step makes activation steps Inf or 0 (|log step| up to {log_step.abs().max():.3g})"
     return None
 
 

@@ -7,8 +7,9 @@
   rounding), so the adapter learns what survives quantization. For a convolution A has the
   layer's kernel and B is 1×1, so ``B·A`` is a kernel of the same shape.
 * Temporal LSQ: the activation step of every timestep group (and split-shortcut part) is learned
-  as ``step = ptq_step · exp(θ)``, θ = 0 at the start; rounding is straight-through, so the gradient
-  reaching the step is LSQ's (round(x/s) − x/s inside the range, the clamp bound outside).
+  as ``step = ptq_step · exp(θ)``, θ = 0 at the start, one parameter per group; rounding is
+  straight-through, so the gradient reaching the step is LSQ's (round(x/s) − x/s inside the range,
+  the clamp bound outside).
 * ``method="qat"``: the naive baseline EfficientDM compares against: the whole weight trains.
 
 ``merge()`` writes the result back into the ``QuantLayer`` (new quantized weight values, new
@@ -52,7 +53,12 @@ class TrainableQuantLayer(torch.nn.Module):
             torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # like nn.Linear / peft
             self.lora_B = torch.nn.Parameter(torch.zeros(weight.shape[0], rank))
         if layer.afmt is not None:
-            self.log_step = torch.nn.Parameter(torch.zeros_like(layer.act_scale, dtype=torch.float32))
+            # One parameter per timestep group (EfficientDM's TALSQ): on a denoising step of group g the
+            # other groups' steps get no gradient (None, not 0), so Adam leaves them and their moments
+            # alone; one [groups, parts] parameter let momentum move every group on every step.
+            for group in range(layer.act_scale.shape[0]):
+                self.register_parameter(f"log_step_g{group}", torch.nn.Parameter(
+                    torch.zeros_like(layer.act_scale[group], dtype=torch.float32)))
 
     @property
     def weight_step(self) -> float:
@@ -72,8 +78,18 @@ class TrainableQuantLayer(torch.nn.Module):
             fq = fake_quant(w, q.weight_scale, q.wfmt, axis=0)
         return w + (fq - w).detach()  # straight-through
 
+    def log_steps(self) -> list[torch.nn.Parameter]:
+        """The learned log-step of every timestep group, in group order (empty without activation quantization)."""
+        if self.q.afmt is None:
+            return []
+        return [getattr(self, f"log_step_g{group}") for group in range(self.q.act_scale.shape[0])]
+
+    def log_step(self) -> torch.Tensor:
+        """All groups' learned log-steps as one [groups, parts] tensor, detached (for checks and merging)."""
+        return torch.stack([p.detach() for p in self.log_steps()])
+
     def act_steps(self, group: int) -> torch.Tensor:
-        return self.q.act_scale[group].float() * torch.exp(self.log_step[group])
+        return self.q.act_scale[group].float() * torch.exp(getattr(self, f"log_step_g{group}"))
 
     def forward(self, x):
         q = self.q
@@ -96,4 +112,4 @@ class TrainableQuantLayer(torch.nn.Module):
             wq = dequantize(q.weight_values, q.weight_scale, axis=0)
         q.weight_q.copy_(wq.reshape(q.weight_q.shape))
         if q.afmt is not None:
-            q.act_scale = (q.act_scale.float() * torch.exp(self.log_step.detach())).to(q.act_scale.dtype)
+            q.act_scale = (q.act_scale.float() * torch.exp(self.log_step())).to(q.act_scale.dtype)

@@ -1,10 +1,11 @@
 import torch
 
+from exporter.finetune.distill import _optimizer
 from exporter.finetune.trainable import TrainableQuantLayer, lsq_fake_quant
 from exporter.models import load_model
 from exporter.quant.formats import FORMATS, fake_quant
 from exporter.quant.ptq import QuantLayer, quantize_model
-from exporter.recipe import QuantizationSpec
+from exporter.recipe import FinetuneSpec, QuantizationSpec
 
 
 def quantized_layers(tiny_unet_dir, tiny_unet_calib, **spec):
@@ -41,8 +42,8 @@ def test_merge_writes_exactly_what_training_computed(tiny_unet_dir, tiny_unet_ca
         trainable = TrainableQuantLayer(layer, rank=4)
         with torch.no_grad():
             trainable.lora_B.normal_(0, 0.05)
-            if hasattr(trainable, "log_step"):
-                trainable.log_step.normal_(0, 0.2)
+            for log_step in trainable.log_steps():
+                log_step.normal_(0, 0.2)
         x = torch.randn(3, layer.layer.weight.shape[1], *([5, 5] if layer.layer.weight.ndim == 4 else []))
         with torch.no_grad():
             trained, before = trainable(x), layer(x)
@@ -50,3 +51,27 @@ def test_merge_writes_exactly_what_training_computed(tiny_unet_dir, tiny_unet_ca
             merged = layer(x)
         assert not torch.equal(trained, before)
         torch.testing.assert_close(merged, trained, rtol=0, atol=1e-5)
+
+
+def test_a_step_of_one_timestep_group_leaves_the_other_groups_steps_alone(tiny_unet_dir, tiny_unet_calib):
+    # EfficientDM's temporal LSQ: steps of one group learn only on that group's timesteps. Adam's
+    # momentum must not carry a group's step on while another group's timesteps train.
+    loaded, layers = quantized_layers(tiny_unet_dir, tiny_unet_calib, weights="int8", activations="int8", groups=2)
+    context = loaded.model._exporter_context
+    group_t = {context.groups.group_of(t): t for t in (10.0, 990.0)}
+    assert sorted(group_t) == [0, 1]
+    layer = next(layer for layer in layers.values() if layer.afmt is not None)
+    trainable = TrainableQuantLayer(layer, rank=4)
+    assert len(trainable.log_steps()) == 2
+    optimizer = _optimizer({"layer": trainable}, FinetuneSpec(lr=1e-2, scale_lr=1e-2))
+    x = torch.randn(3, layer.layer.weight.shape[1], *([5, 5] if layer.layer.weight.ndim == 4 else []))
+    for group in (0, 0, 1, 1):  # momentum is built on group 0, then group 1 trains
+        context.t = group_t[group]
+        optimizer.zero_grad(set_to_none=True)
+        (trainable(x) - 1.0).square().mean().backward()
+        optimizer.step()
+        if group == 0:
+            after_group_0 = trainable.log_step()
+    assert not torch.equal(after_group_0[0], torch.zeros_like(after_group_0[0]))
+    assert torch.equal(trainable.log_step()[0], after_group_0[0])  # untouched by group 1's steps
+    assert not torch.equal(trainable.log_step()[1], torch.zeros_like(after_group_0[1]))
