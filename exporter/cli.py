@@ -395,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate, export, lint, parity, run and eval in one go, with a summary table")
     p.add_argument("--model", help="reference name or model directory (default: the recipe's)")
     add_recipe_options(p)
-    add_image_options(p, rows_default="0-9")
-    p.add_argument("--cache-interval", type=positive_int, default=3,
-                   help="DeepCache interval of the cached variant <format>-cacheN (default: 3; 1: no cached variant)")
+    add_image_options(p, rows_default="the recipe's sampling.rows, 0-9")
+    p.add_argument("--cache-interval", type=positive_int,
+                   help="DeepCache interval of the cached variant <format>-cacheN (default: the recipe's "
+                   "sampling.cache_interval, 3; 1: no cached variant)")
     p.add_argument("--out", type=Path, required=True, help="run root: ROOT/calib, graphs/, images/, summary.json")
-    p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40)
+    # the sampling options default to the recipe's sampling: section (flags override it)
+    p.set_defaults(func=cmd_pipeline, cond=None, batch_size=40, seed=None)
     return parser
 
 

@@ -7,12 +7,14 @@ FP32 baseline export) -> lint -> parity -> run -> eval. Layout of ``ROOT``::
     ROOT/finetune/                 the finetune run (finetune.safetensors, finetune.json)
     ROOT/graphs/fp32/, ROOT/graphs/<format>/     exported graphs + manifest.json (+ parity/)
     ROOT/images/pytorch-fp32/      the reference: FP32 PyTorch, same seeds
-    ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cacheN; N = --cache-interval, 3)
+    ROOT/images/<variant>/         runtime images per variant (fp32, <format>, <format>-cacheN; N = the
+                                   recipe's sampling.cache_interval, 3, or --cache-interval)
     ROOT/summary.json              every stage's result; the table is printed at the end
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -32,15 +34,16 @@ def _stage(name: str):
 
 def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_path: str | Path | None = None,
                  rows: list[int] | None = None, per_row: int | None = None, steps: int | None = None,
-                 scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
-                 cache_interval: int = 3, progress: bool = True, **_) -> dict:
+                 scheduler: str | None = None, guidance: float | None = None, seed: int | None = None,
+                 cache_interval: int | None = None, progress: bool = True, **_) -> dict:
+    """Every stage for ``model``; the sampling options left None come from the recipe's ``sampling:``."""
     from exporter.calibrate import calibrate
     from exporter.export import export_graphs
     from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
     from exporter.parity.report import worst_runtime_sqnr, worst_sqnr
-    from exporter.recipe import resolve_recipe
+    from exporter.recipe import recipe_from_dict, resolve_recipe
     from exporter.runtime import Runtime
     from exporter.sampling.pytorch import sample_pytorch
 
@@ -61,8 +64,12 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     baseline_only = quantization is None and dtype == "fp32"
     name = "fp32" if baseline_only else fmt if recipe_path is None else Path(recipe_path).stem
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
-    sampling = {"rows": rows if rows is not None else list(range(10)), "per_row": 8 if per_row is None else per_row,
-                "steps": steps, "scheduler": scheduler, "guidance": guidance, "seed": seed}
+    # the recipe's sampling: section, each field overridden by an option given here (the CLI's flags)
+    chosen = {"rows": rows, "per_row": per_row, "steps": steps, "scheduler": scheduler, "guidance": guidance,
+              "seed": seed, "cache_interval": cache_interval}
+    sampling = dataclasses.asdict(recipe.sampling) | {k: v for k, v in chosen.items() if v is not None}
+    recipe_from_dict({"sampling": sampling}, where="pipeline options")  # an override the recipe would refuse
+    cache_interval = sampling.pop("cache_interval")
     started = time.perf_counter()
 
     calib = None
@@ -119,6 +126,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     t = _stage("run")
     images = root / "images"
     reference = sample_pytorch(model, images / "pytorch-fp32", progress=progress, **sampling)
+    summary["sampling"] = sampling | {k: reference[k] for k in ("steps", "scheduler", "guidance")} | {
+        "cache_interval": cache_interval}  # as run: the model's defaults filled in
     runs = {"fp32": (graphs["fp32"], 1)}
     if not baseline_only:
         runs[name] = (graphs[name], 1)
@@ -129,7 +138,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
         start = time.perf_counter()
         generated = Runtime.load(folder).generate(
             rows=sampling["rows"], per_row=sampling["per_row"], steps=reference["steps"],
-            scheduler=reference["scheduler"], guidance=reference["guidance"], seed=seed,
+            scheduler=reference["scheduler"], guidance=reference["guidance"], seed=sampling["seed"],
             cache_interval=interval, progress=progress)
         seconds[variant] = round(time.perf_counter() - start, 2)
         write_image_folder(images / variant, {k: v.numpy() for k, v in generated.items()})

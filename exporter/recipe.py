@@ -225,6 +225,33 @@ class ExportSpec:
 
 
 @dataclass
+class SamplingSpec:
+    """What ``exporter pipeline`` samples and compares; its flags (``--rows``, ``--steps``, ...) override
+    each field. Calibration's trajectories are the ``calibration:`` section's, not these."""
+
+    rows: list[int] = field(default_factory=lambda: list(range(10)))  # conditioning rows
+    per_row: int = 8  # images per row
+    steps: int | None = None  # None: the model's sampling.json, else 20
+    scheduler: str | None = None  # ddim, dpm++ or euler; None: the model's, else ddim
+    guidance: float | None = None  # classifier-free guidance scale (<= 1: off); None: the model's
+    seed: int = 0
+    cache_interval: int = 3  # DeepCache interval of the cached variant <format>-cacheN; 1: no cached variant
+
+    def validate(self, where: str) -> None:
+        from exporter.sampling.schedulers import SCHEDULERS
+
+        if not self.rows or min(self.rows) < 0:
+            raise RecipeError(f"{where}.rows must be a non-empty list of rows >= 0")
+        for name in ("per_row", "steps", "cache_interval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RecipeError(f"{where}.{name} must be >= 1")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise RecipeError(f"{where}.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise RecipeError(f"{where}.guidance must be a finite number")
+
+
+@dataclass
 class Recipe:
     model: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -232,10 +259,12 @@ class Recipe:
     finetune: FinetuneSpec | None = None  # None: PTQ only
     export: ExportSpec = field(default_factory=ExportSpec)
     build: BuildSpec = field(default_factory=BuildSpec)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
 
     def validate(self, where: str = "recipe") -> None:
         self.calibration.validate(f"{where}.calibration")
         self.export.validate(f"{where}.export")
+        self.sampling.validate(f"{where}.sampling")
         if self.finetune is not None:
             if self.quantization is None:
                 raise RecipeError(f"{where}.finetune needs a quantization section (it finetunes a quantized model)")

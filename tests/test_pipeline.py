@@ -26,15 +26,22 @@ def test_pipeline_runs_every_stage_and_summarises(tiny_unet_dir, tmp_path, run_c
     assert again.returncode == 2 and "earlier pipeline run" in again.stderr
 
 
-def test_a_recipe_without_quantization_runs_the_fp32_pipeline(tiny_unet_dir, tmp_path, run_cli):
+def test_a_recipe_without_quantization_runs_the_fp32_pipeline_as_its_sampling_section_says(
+        tiny_unet_dir, tmp_path, run_cli):
     recipe = tmp_path / "baseline.yaml"
-    recipe.write_text("quantization: null\n")
+    recipe.write_text("quantization: null\nsampling:\n  rows: [1]\n  per_row: 3\n  steps: 4\n  scheduler: euler\n"
+                      "  seed: 7\n")
     out = tmp_path / "run"
-    result = run_cli("-q", "pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--rows", "0", "--per-row", "2",
-                     "--steps", "4", "--out", out)
+    result = run_cli("-q", "pipeline", "--model", tiny_unet_dir, "--recipe", recipe, "--per-row", "2", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["format"] == "fp32" and set(summary["metrics"]) == {"pytorch-fp32", "fp32"}
+    # the recipe's sampling, --per-row overriding it; the model's guidance filled in
+    assert summary["sampling"] == {"rows": [1], "per_row": 2, "steps": 4, "scheduler": "euler", "seed": 7,
+                                   "guidance": summary["sampling"]["guidance"], "cache_interval": 3}
+    assert sorted(p.name for p in (out / "images" / "fp32").glob("*_*.png")) == ["1_0.png", "1_1.png"]
+    settings = json.loads((out / "images" / "pytorch-fp32" / "samples.json").read_text())
+    assert (settings["steps"], settings["scheduler"], settings["seed"]) == (4, "euler", 7)
     assert "parity skipped" in result.stdout and not summary["lint_violations"]
 
 

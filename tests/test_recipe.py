@@ -144,3 +144,18 @@ def test_calibration_values_are_checked_where_the_recipe_is_read():
                          ({"rows": []}, r"r.yaml.calibration.rows must be")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"calibration": bad}, "r.yaml")
+
+
+def test_sampling_section_is_typed_and_checked():
+    from exporter.recipe import SamplingSpec, recipe_from_dict
+
+    assert recipe_from_dict({}).sampling == SamplingSpec(rows=list(range(10)), per_row=8, seed=0, cache_interval=3)
+    spec = recipe_from_dict({"sampling": {"rows": [2], "guidance": 3, "scheduler": "dpm++"}}).sampling
+    assert (spec.rows, spec.guidance, spec.scheduler, spec.steps) == ([2], 3.0, "dpm++", None)
+    for bad, message in (({"scheduler": "ddmi"}, r"r.yaml.sampling.scheduler: 'ddmi' is not one of ddim"),
+                         ({"rows": []}, r"r.yaml.sampling.rows must be"),
+                         ({"cache_interval": 0}, r"r.yaml.sampling.cache_interval must be >= 1"),
+                         ({"guidance": float("nan")}, r"r.yaml.sampling.guidance must be a finite number"),
+                         ({"cache": 3}, r"r.yaml.sampling: unknown key\(s\) \['cache'\]")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict({"sampling": bad}, "r.yaml")
