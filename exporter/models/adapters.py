@@ -54,7 +54,12 @@ class ArchitectureAdapter:
 
     @property
     def num_classes(self) -> int | None:
-        """Number of real classes (kind ``class_labels``); the null class is index ``num_classes``."""
+        """Number of real classes (kind ``class_labels``): labels lie in [0, num_classes)."""
+        return None
+
+    @property
+    def null_classes(self) -> range | None:
+        """The rows of the class table a conditioning file's ``null_class`` may name (kind ``class_labels``)."""
         return None
 
     @property
@@ -219,14 +224,36 @@ class UNet2DConditionAdapter(UNetFamily):
                              "INT8 weights")),
     )
 
+    def __init__(self, config: dict):
+        super().__init__(config)
+        # conditioning a file of embeddings cannot carry (class labels, image embeddings): refused here,
+        # not as a diffusers traceback in the first denoising step
+        unsupported = {k: config[k] for k in ("class_embed_type", "num_class_embeds") if config.get(k) is not None}
+        if config.get("addition_embed_type") not in (None, "text_time"):
+            unsupported["addition_embed_type"] = config["addition_embed_type"]
+        if config.get("encoder_hid_dim_type") not in (None, "text_proj"):
+            unsupported["encoder_hid_dim_type"] = config["encoder_hid_dim_type"]
+        if unsupported:
+            raise ModelError(f"UNet2DConditionModel with {unsupported} is not supported: conditioning here is text "
+                             "embeddings (cond/uncond), plus SDXL's text_embeds/time_ids (addition_embed_type "
+                             "text_time)")
+
     @property
     def embedding_dim(self) -> int:
-        return self.config["cross_attention_dim"]
+        # with encoder_hid_dim the model projects embeddings of that width to cross_attention_dim itself
+        return self.config.get("encoder_hid_dim") or self.config["cross_attention_dim"]
 
     @property
     def pooled_text(self) -> bool:
         """SDXL's added conditioning: pooled text embedding + size/crop ids (``text_time``)."""
         return self.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def added_widths(self) -> tuple[int, int] | None:
+        """SDXL: (features the add embedding reads, features per time id): ``text_embeds`` of P features
+        and k ``time_ids`` must give P + k x the second = the first."""
+        total, per_id = self.config.get("projection_class_embeddings_input_dim"), self.config.get("addition_time_embed_dim")
+        return None if total is None or per_id is None else (total, per_id)
 
     def denoise(self, model, sample, t, cond):
         if isinstance(cond, dict):  # SDXL: the pooled text and the size ids ride along
@@ -263,6 +290,12 @@ class UNet2DAdapter(UNetFamily):
     def num_classes(self) -> int | None:
         return self.config.get("num_class_embeds")
 
+    @property
+    def null_classes(self) -> range | None:
+        # nn.Embedding(num_class_embeds): no row of its own for the null class, so guidance needs a model
+        # trained with one of its classes as "no class"; the file names it
+        return range(self.config["num_class_embeds"]) if self.config.get("num_class_embeds") else None
+
     def denoise(self, model, sample, t, cond):
         return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])
 
@@ -292,6 +325,11 @@ class DiTAdapter(TransformerFamily):
     def num_classes(self) -> int:
         return self.config["num_embeds_ada_norm"]
 
+    @property
+    def null_classes(self) -> range:
+        # diffusers' LabelEmbedding keeps one extra row, index num_classes, for classifier-free guidance
+        return range(self.num_classes, self.num_classes + 1)
+
     def denoise(self, model, sample, t, cond):
         return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])
 
@@ -316,13 +354,19 @@ class PixArtAdapter(TransformerFamily):
         ("adaln_single.*", f"adaLN-single timestep embedding and modulation: {TIME_INPUT}"),
     )
 
+    def __init__(self, config: dict):
+        super().__init__(config)
+        additional = config.get("use_additional_conditions")
+        if additional or (additional is None and config.get("sample_size") == 128):  # diffusers' own default
+            raise ModelError("PixArtTransformer2DModel with resolution/aspect-ratio conditioning "
+                             "(use_additional_conditions, on by default at sample_size 128) is not supported yet")
+
     @property
     def embedding_dim(self) -> int:
         return self.config["caption_channels"]
 
     def denoise(self, model, sample, t, cond):
-        # Resolution/aspect-ratio micro-conditioning is off unless the config enables it.
-        added = {"resolution": None, "aspect_ratio": None}
+        added = {"resolution": None, "aspect_ratio": None}  # micro-conditioning is off (refused at load)
         out = model(sample, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
         return self.postprocess(out)
 

@@ -84,7 +84,7 @@ def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Condit
     tensors = _read(Path(path))
     if kind == "embeddings":
         cond, uncond = _require(tensors, path, "cond", "uncond")
-        if cond.ndim != 3 or uncond.shape != (1, *cond.shape[1:]):
+        if cond.ndim != 3 or cond.shape[0] == 0 or uncond.shape != (1, *cond.shape[1:]):
             raise ConditioningError(
                 f"{path}: 'cond' must be [N, seq, dim] and 'uncond' [1, seq, dim]; "
                 f"got {tuple(cond.shape)} and {tuple(uncond.shape)}"
@@ -104,6 +104,16 @@ def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Condit
                     f"{path}: 'text_embeds' must be [N, P], 'uncond_text_embeds' [1, P] and 'time_ids' [N or 1, k] "
                     f"with N = {cond.shape[0]}; got {tuple(text.shape)}, {tuple(null_text.shape)}, "
                     f"{tuple(time_ids.shape)}")
+            if not (text.is_floating_point() and null_text.is_floating_point() and time_ids.is_floating_point()):
+                raise ConditioningError(f"{path}: 'text_embeds', 'uncond_text_embeds' and 'time_ids' must be "
+                                        "floating point")
+            widths = adapter.added_widths
+            if widths is not None and text.shape[1] + time_ids.shape[1] * widths[1] != widths[0]:
+                raise ConditioningError(
+                    f"{path}: 'text_embeds' of {text.shape[1]} features and {time_ids.shape[1]} 'time_ids' give "
+                    f"{text.shape[1] + time_ids.shape[1] * widths[1]} features ({text.shape[1]} + "
+                    f"{time_ids.shape[1]} x {widths[1]}), but the model's add embedding reads {widths[0]} "
+                    "(projection_class_embeddings_input_dim)")
             # the null half keeps each row's own sizes, as diffusers' SDXL pipeline does
             # (negative_add_time_ids = add_time_ids): guidance then amplifies only the text
             extra = {"text_embeds": (text.float(), null_text.float()),
@@ -112,9 +122,17 @@ def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Condit
     labels, null = _require(tensors, path, "class_labels", "null_class")
     if labels.ndim != 1 or null.shape != (1,) or labels.is_floating_point() or null.is_floating_point():
         raise ConditioningError(f"{path}: 'class_labels' must be integer [N] and 'null_class' integer [1]")
+    if labels.numel() == 0:
+        raise ConditioningError(f"{path}: 'class_labels' is empty")
     limit = adapter.num_classes
     if limit is not None and (int(labels.max()) >= limit or int(labels.min()) < 0):
         raise ConditioningError(f"{path}: class labels must lie in [0, {limit}) for this model")
+    allowed = adapter.null_classes
+    if allowed is not None and int(null[0]) not in allowed:
+        raise ConditioningError(
+            f"{path}: 'null_class' {int(null[0])} is not the model's null class (" + (
+                f"index {allowed[0]}: the extra row of its class table)" if len(allowed) == 1
+                else f"a row of its class table, in [0, {len(allowed)}))"))
     return Conditioning(kind, labels.long(), null.long(), Path(path))
 
 

@@ -123,3 +123,41 @@ def test_conditioning_checks(tiny_unet_dir, tmp_path):
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(ConditioningError, match="not a readable safetensors file"):
         load_conditioning(bad, adapter)
+
+
+def test_class_labels_and_the_null_class_must_be_rows_of_the_class_table(tiny_dit_dir, tiny_unet2d_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    dit = load_model(tiny_dit_dir).adapter  # 4 classes; diffusers keeps row 4 for guidance's null class
+    file = tmp_path / "c.safetensors"
+    for labels, null, message in ((torch.zeros(0, dtype=torch.int64), 4, "'class_labels' is empty"),
+                                  (torch.arange(4), 2, r"'null_class' 2 is not the model's null class \(index 4"),
+                                  (torch.arange(4), 5, r"'null_class' 5 is not the model's null class \(index 4"),
+                                  (torch.tensor([4]), 4, r"class labels must lie in \[0, 4\)")):
+        save_file({"class_labels": labels, "null_class": torch.tensor([null])}, str(file))
+        with pytest.raises(ConditioningError, match=message):
+            load_conditioning(file, dit)
+    unet2d = load_model(tiny_unet2d_dirs[1]).adapter  # nn.Embedding(3): no row of its own for the null class
+    save_file({"class_labels": torch.arange(3), "null_class": torch.tensor([3])}, str(file))
+    with pytest.raises(ConditioningError, match=r"a row of its class table, in \[0, 3\)"):
+        load_conditioning(file, unet2d)
+    save_file({"class_labels": torch.arange(3), "null_class": torch.tensor([2])}, str(file))
+    assert load_conditioning(file, unet2d).uncond.tolist() == [2]
+
+
+def test_model_options_the_conditioning_cannot_drive_are_refused_at_load():
+    from exporter.models.adapters import adapter_for
+
+    unet = {"sample_size": 8, "in_channels": 1, "cross_attention_dim": 32}
+    for extra, key in (({"num_class_embeds": 10}, "num_class_embeds"),
+                       ({"addition_embed_type": "text_image"}, "addition_embed_type"),
+                       ({"encoder_hid_dim": 16, "encoder_hid_dim_type": "image_proj"}, "encoder_hid_dim_type")):
+        with pytest.raises(ModelError, match=f"UNet2DConditionModel with .*'{key}'.* is not supported"):
+            adapter_for("UNet2DConditionModel", unet | extra)
+    # a text projection inside the model: the file's embeddings have its input width
+    assert adapter_for("UNet2DConditionModel", unet | {"encoder_hid_dim": 16}).embedding_dim == 16
+    assert adapter_for("UNet2DConditionModel", unet).embedding_dim == 32
+    pixart = {"sample_size": 128, "in_channels": 4, "caption_channels": 64}
+    with pytest.raises(ModelError, match="resolution/aspect-ratio conditioning"):
+        adapter_for("PixArtTransformer2DModel", pixart)
+    assert adapter_for("PixArtTransformer2DModel", pixart | {"use_additional_conditions": False}).embedding_dim == 64

@@ -73,3 +73,28 @@ def test_the_null_half_of_guidance_keeps_each_rows_time_ids(tiny_sdxl_dir, tmp_p
     cond, uncond = load_conditioning(tmp_path / "c.safetensors", load_model(tiny_sdxl_dir).adapter).batch([2, 0, 2])
     assert torch.equal(cond["time_ids"], sizes[[2, 0, 2]]) and torch.equal(uncond["time_ids"], sizes[[2, 0, 2]])
     assert torch.equal(uncond["text_embeds"], torch.zeros(3, 6))
+
+
+def test_pooled_text_and_time_ids_must_add_up_to_what_the_add_embedding_reads(tiny_sdxl_dir, tmp_path):
+    # the add embedding reads P + k x addition_time_embed_dim features: a file whose widths give
+    # another number is refused at load, not as a matmul error in the first step
+    from safetensors.torch import save_file
+
+    adapter = load_model(tiny_sdxl_dir).adapter
+    total, per_id = adapter.added_widths
+    base = {"cond": torch.randn(3, 2, 8), "uncond": torch.zeros(1, 2, 8)}
+    good_p = total - 6 * per_id
+    wrong = base | {"text_embeds": torch.randn(3, good_p + per_id), "uncond_text_embeds": torch.zeros(1, good_p + per_id),
+                    "time_ids": torch.ones(3, 5)}  # the same total, split otherwise
+    save_file(wrong, str(tmp_path / "c.safetensors"))
+    load_conditioning(tmp_path / "c.safetensors", adapter)  # the same total: P is not in the UNet's config
+    wrong["time_ids"] = torch.ones(3, 6)
+    save_file(wrong, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ConditioningError, match=rf"give {total + per_id} features .* reads {total} "
+                                                r"\(projection_class_embeddings_input_dim\)"):
+        load_conditioning(tmp_path / "c.safetensors", adapter)
+    integer = base | {"text_embeds": torch.ones(3, good_p, dtype=torch.int64),
+                      "uncond_text_embeds": torch.zeros(1, good_p), "time_ids": torch.ones(3, 6)}
+    save_file(integer, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ConditioningError, match="must be floating point"):
+        load_conditioning(tmp_path / "c.safetensors", adapter)
