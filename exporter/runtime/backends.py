@@ -45,6 +45,7 @@ class OnnxRuntimeBackend:
         # without them, ORT's own QDQ fusions are off as well (``cpu_disabled_optimizers``)
         self.disabled = [] if cuda or self.integer_matmul else cpu_disabled_optimizers(self.level, integer=False)
         self._transposed: dict = {}  # in-memory weights the sessions read, one per weight for all groups
+        self._in_memory: list[dict] = []  # every session's in-memory weights, kept alive with the sessions
         # Quantized convolutions on float weights folded once (exporter.runtime.ort_conv): the CPU
         # provider would dequantize them at every call and skip its blocked-layout convolution.
         # Only up to a budget of bytes per session: small graphs gain speed, large ones mostly memory.
@@ -81,6 +82,10 @@ class OnnxRuntimeBackend:
         _shared_cpu_arena(options)
         disabled = list(self.disabled)
         if weights:
+            # ONNX Runtime reads these in place and keeps no reference to them: every one stays referenced
+            # here as long as the backend (and its sessions) live (a weight stored inside its graph is
+            # not in the shared cache of external ones)
+            self._in_memory.append(weights)
             options.add_external_initializers(list(weights), list(weights.values()))
             # Common-subexpression elimination would merge the identical activation Q/DQ pairs of
             # layers sharing an input (to_q, to_k, to_v): a DequantizeLinear with several

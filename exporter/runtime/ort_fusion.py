@@ -103,7 +103,17 @@ def _default_scale(g: GraphIndex, q_mul, k_mul, q: str, k: str, head_dim: int | 
     cast = g.op(tensor, "Cast")
     div = g.op(cast.input[0] if cast is not None else tensor, "Div")
     one = g.const(div.input[0]) if div is not None else None
-    return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and g.op(div.input[1], "Sqrt") is not None
+    root = g.op(div.input[1], "Sqrt") if div is not None else None
+    if one is None or one.size != 1 or float(one.reshape(())) != 1.0 or root is None:
+        return False
+    # the square root of the query's last dimension: Cast(Slice(Shape(query), starts=[-1])), as
+    # torch.onnx writes SDPA's default scale; anything else is a scale the fused kernel would not apply
+    cast = g.op(root.input[0], "Cast")
+    last = g.op(cast.input[0] if cast is not None else root.input[0], "Slice")
+    shape = g.op(last.input[0], "Shape") if last is not None else None
+    starts = g.const(last.input[1]) if last is not None and len(last.input) > 1 else None
+    return (shape is not None and shape.input[0] == q and starts is not None and starts.size == 1
+            and int(starts.reshape(())) in (-1, 3))
 
 
 def _match(g: GraphIndex, softmax, default_axis: int = -1) -> tuple[list[str], str, int] | None:

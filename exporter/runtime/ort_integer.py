@@ -96,6 +96,8 @@ def integer_matmuls(model: onnx.ModelProto, folder: Path, cache: dict | None = N
         per_channel = scale is None or int(np.prod(scale.dims)) > 1
         if per_channel and attribute(dq, "axis", 1) % 2 != 0:  # scales along the input features (not ours)
             continue
+        if attribute(dq, "block_size", 0):  # blocked scales would need transposing too (INT4 is never here)
+            continue
         matmuls = g.consumers[transpose.output[0]]
         if not matmuls or not all(m.op_type == "MatMul" and m.input[1] == transpose.output[0] and
                                   g.op(m.input[0], "DequantizeLinear") is not None for m in matmuls):

@@ -77,6 +77,28 @@ def test_attention_with_something_between_matmul_and_softmax_is_left_alone(graph
     pytest.fail("no graph with attention")
 
 
+def test_a_computed_scale_is_the_default_only_when_it_comes_from_the_querys_last_dimension(graphs):
+    # 1/sqrt(D) computed from another tensor's shape is not SDPA's default scale: the fused kernel
+    # (which applies 1/sqrt(D) itself) would compute something else
+    manifest = read_manifest(graphs)
+    for block in manifest["blocks"]:
+        model = onnx.load(str(graphs / block["graphs"][0]), load_external_data=False)
+        queries = {n.output[0] for n in model.graph.node if n.op_type == "Transpose"}
+        shapes = [n for n in model.graph.node if n.op_type == "Shape" and n.input[0] in queries]
+        if not shapes or not any(n.op_type == "Softmax" for n in model.graph.node):
+            continue
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        assert fuse_attention(copy) > 0
+        for shape in shapes:
+            shape.input[0] = model.graph.input[0].name  # the block's input: another tensor's last dimension
+        assert fuse_attention(model) == 0
+        return
+    if "computed" in graphs.name:
+        pytest.fail("no attention with a computed scale")
+    pytest.skip("the scale is a constant in these graphs")
+
+
 def attention(out_target, opset=17, softmax_axis=-1):
     """diffusers' attention as the exporter writes it: heads split, both sides scaled by D^-1/4,
     Softmax, heads merged by a Reshape to ``out_target``."""

@@ -215,3 +215,18 @@ def test_integer_rewrite_of_shared_weights_and_scale_axes(axis, shared, rewritte
     got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_blocked_weight_scales_are_left_as_written(tmp_path):
+    # scales [out / block, in] along the output axis would need transposing with the weight: not rewritten
+    model, feeds = linear_layers(0, False)
+    scale = next(t for t in model.graph.initializer if t.name == "s")
+    blocked = np.random.default_rng(1).uniform(0.01, 0.02, (4, 16)).astype(np.float32)
+    scale.CopyFrom(onnx.numpy_helper.from_array(blocked, "s"))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w")
+    dq.attribute.append(onnx.helper.make_attribute("block_size", 2))
+    model.opset_import[0].version = 21
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert integer_matmuls(model, tmp_path) == {}
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(got[0], expected[0])
