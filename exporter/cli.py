@@ -207,9 +207,10 @@ def cmd_run(args) -> None:
 def cmd_bench(args) -> None:
     from exporter.bench import format_bench, run_bench
 
-    result = run_bench(args.out, quick=args.quick, models=tuple(args.models), progress=not args.quiet)
+    out = args.out or Path("runs/bench-quick" if args.quick else "runs/bench")
+    result = run_bench(out, quick=args.quick, models=tuple(args.models), progress=not args.quiet)
     print(format_bench(result))
-    print(f"wrote {Path(args.out) / 'bench.json'} and bench.md; pictures and report: exporter report {args.out}")
+    print(f"wrote {out / 'bench.json'} and bench.md; pictures and report: exporter report {out}")
 
 
 def cmd_report(args) -> None:
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16 images, one round, INT8 only, cache interval 3 (a few minutes on 2 cores)")
     p.add_argument("--models", type=lambda s: s.split(","), default=["digits-unet", "digits-dit"],
                    help="comma-separated reference names or model directories (default: both reference models)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/bench, with --quick runs/bench-quick)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", parents=[common], help="a bench run's tables and pictures in one Markdown file")

@@ -18,6 +18,7 @@ array conversions), which the ideal does not count. Results: ``OUT/bench.json`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from exporter.bench.probe import probe_peak_rss
 from exporter.bench.variants import Variant, deepcache_available, open_variant, plan_variants
+from exporter.errors import UsageError
 from exporter.fileio import atomic_write_bytes, atomic_write_json
 from exporter.imageio import write_image_folder
 from exporter.sampling.loop import SampleSettings
@@ -73,11 +75,23 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
     if torch.get_num_threads() != os.cpu_count():  # e.g. OMP_NUM_THREADS set: the race would be unfair
         log.warning("PyTorch runs %d threads, ONNX Runtime %d: unset OMP_NUM_THREADS for a fair comparison",
                     torch.get_num_threads(), os.cpu_count())
-    for model in models:
-        result["models"][model] = bench_model(model, out / model, plan, progress)
+    earlier = out / "bench.json"
+    if earlier.is_file() and json.loads(earlier.read_text()).get("quick") != quick:  # its calibration is another
+        raise UsageError(f"{out} holds a {'full' if quick else 'quick'} bench; choose another --out (defaults: "
+                         "runs/bench, runs/bench-quick)")
+    names = [model_name(m) for m in models]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two models of one name in --models ({', '.join(models)}): their results would share a folder")
+    for model, name in zip(models, names):
+        result["models"][name] = bench_model(model, out / name, plan, progress) | {"model": model}
         atomic_write_json(out / "bench.json", result)  # partial results survive a later failure
     atomic_write_bytes(out / "bench.md", (format_bench(result) + "\n").encode())
     return result
+
+
+def model_name(model: str) -> str:
+    """A model's name in the bench folder and report: a reference name, or its directory's name."""
+    return Path(model).name or model
 
 
 def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[dict[str, Path], Path]:
@@ -181,7 +195,7 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
         rows.append(row)
     backend = next(iter(shared.values())).backend
     return {"images": n_images, "steps": plan.steps, "guidance": settings.guidance, "rounds": plan.rounds,
-            "batch_size": plan.batch_size, "throughput_batch": plan.throughput_batch,
+            "batch_size": plan.batch_size, "throughput_batch": min(plan.throughput_batch, n_images),
             "backend": backend.name, "variants": rows, "parity": parity,
             "integer_matmul": getattr(backend, "integer_matmul", None),
             "calibration": str(calib), "graphs": {k: str(g) for k, g in graphs.items()},
@@ -263,6 +277,11 @@ def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings
     chosen = [v for v in variants if v.precision == "fp32" and v.schedule == "uniform"
               and (v.kind == "pytorch" or v.interval in (1, interval))]
     batched = dataclasses.replace(settings, batch_size=plan.throughput_batch)
+    # untimed: the latency rounds ran one image per call, and the first call at this batch allocates
+    # its buffers (one full batch, 3 steps: a full step and cached ones, so every graph sees its shapes)
+    rows = -(-plan.throughput_batch // settings.per_row)
+    for v in chosen:
+        runners[v.name](dataclasses.replace(batched, rows=settings.rows[:rows], steps=min(3, settings.steps)))
     seconds: dict[str, list[float]] = {v.name: [] for v in chosen}
     for r in range(plan.rounds):
         for v in chosen if r % 2 == 0 else chosen[::-1]:

@@ -33,8 +33,9 @@ def build_report(run: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     lines = ["# Benchmark report", "",
              (f"Run `{run}`{' (quick mode)' if bench.get('quick') else ''}; DeepCache package "
-             f"{bench.get('deepcache_package') or 'not installed'}. Every number below was measured in this "
-             "run, all variants side by side."), ""]
+             f"{bench.get('deepcache_package') or 'not installed'}. Times were measured in this run, the "
+             "variants taking turns (peak memory: one process per variant); calibration and graphs are the run "
+             "folder's, made by its first bench and reused by later ones."), ""]
     for model, result in models.items():
         lines += _model_section(run, out, model, result)
     report = out / "report.md"

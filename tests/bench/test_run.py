@@ -76,3 +76,39 @@ def test_latency_slices_keep_the_batches():
     # 8 images per row in calls of 3 would split differently row by row: one slice, as without slicing
     assert latency_slices(SampleSettings(rows=(0, 1), per_row=8, batch_size=3)) == [
         SampleSettings(rows=(0, 1), per_row=8, batch_size=3)]
+
+
+def test_throughput_runs_one_untimed_batch_of_its_size_first():
+    # the latency rounds ran one image per call: the first call at the throughput batch would be timed cold
+    from exporter.bench.run import BenchPlan, _throughput
+    from exporter.bench.variants import Variant
+    from exporter.sampling.loop import SampleSettings
+
+    calls = []
+    variants = [Variant("pytorch-fp32", "pytorch"), Variant("ort-fp32", "runtime"),
+                Variant("ort-fp32-cache3", "runtime", interval=3), Variant("ort-int8", "runtime", "int8")]
+    runners = {v.name: (lambda s, n=v.name: calls.append((n, s.rows, s.steps, s.batch_size))) for v in variants}
+    settings = SampleSettings(rows=tuple(range(10)), per_row=8, steps=20, batch_size=1)
+    plan = BenchPlan(("int8",), (2, 3, 5), ("uniform",), settings.rows, settings.per_row, rounds=2)
+    seconds = _throughput(variants, runners, settings, plan)
+    chosen = ["pytorch-fp32", "ort-fp32", "ort-fp32-cache3"]
+    assert calls[:3] == [(n, tuple(range(5)), 3, 40) for n in chosen]  # 5 rows x 8 = one call of 40, 3 steps
+    assert calls[3:] == [(n, tuple(range(10)), 20, 40) for n in chosen + chosen[::-1]]
+    assert {k: len(v) for k, v in seconds.items()} == dict.fromkeys(chosen, 2)
+
+
+def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from exporter.bench.run import model_name, run_bench
+    from exporter.errors import UsageError
+
+    assert model_name("digits-unet") == "digits-unet" and model_name("/models/sd15/") == "sd15"
+    (tmp_path / "bench.json").write_text(json.dumps({"quick": True, "models": {}}))
+    with pytest.raises(UsageError, match="holds a quick bench; choose another --out"):
+        run_bench(tmp_path, quick=False)
+    with pytest.raises(UsageError, match="two models of one name"):
+        run_bench(tmp_path / "new", quick=True, models=("/a/m", "/b/m"))
+    assert not (tmp_path / "new").exists()
