@@ -94,6 +94,7 @@ class Runtime:
         self.seconds: dict[str, float] = {}  # time spent per block, for benchmarks
         self.settings: SampleSettings | None = None  # the last generate's, the manifest's defaults filled in
         self.plan: CachePlan | None = None  # the last generate's caching: the branch taken, the full steps
+        self._conditioning: tuple | None = None  # (file key, Conditioning) of the last generate
 
     @classmethod
     def load(cls, folder: str | Path, backend: str | None = None, threads: int | None = None) -> Runtime:
@@ -199,6 +200,17 @@ class Runtime:
                         f"of {values.size} values in {name}{hint}; compare it with PyTorch: {parity}")
         return f"{where}: the noise prediction is NaN/Inf"
 
+    def _load_conditioning(self, path: Path | None):
+        """The conditioning file, read and checked once while it stays the same file (a server or the
+        bench calls generate per request; reading it every time would be timed with the graphs)."""
+        key = None
+        if path is not None and path.is_file():
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key is None or self._conditioning is None or self._conditioning[0] != key:
+            self._conditioning = (key, load_conditioning(path, self.adapter))
+        return self._conditioning[1]
+
     def generate(self, cond: str | Path | None = None, rows: list[int] | None = None, per_row: int = 8,
                  steps: int | None = None, scheduler: str | None = None, guidance: float | None = None,
                  seed: int = 0, cache_interval: int = 1, cache_branch: str | None = None,
@@ -210,7 +222,7 @@ class Runtime:
         defaults = {"steps": 20, "scheduler": "ddim", "guidance": 1.0, **self.manifest["sampling_defaults"]}
         cond_path = Path(cond) if cond else (self.folder / self.manifest["conditioning"]
                                              if self.manifest["conditioning"] else None)
-        conditioning = load_conditioning(cond_path, self.adapter)
+        conditioning = self._load_conditioning(cond_path)
         settings = SampleSettings(
             rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)), per_row=per_row,
             steps=steps if steps is not None else defaults["steps"], scheduler=scheduler or defaults["scheduler"],

@@ -278,3 +278,30 @@ def test_wrong_options_and_conditioning_are_refused_before_a_graph_runs(unet_gra
     # a repeated row is one row: each image denoised once
     images = runtime.generate(rows=[1, 0, 1], per_row=1, steps=1, progress=False)
     assert list(images) == [(1, 0), (0, 0)] and runtime.settings.rows == (1, 0)
+
+
+def test_the_conditioning_file_is_read_once_while_it_stays_the_same(unet_graphs, tmp_path, monkeypatch):
+    # a server (or the bench) calls generate per request: the file is not re-read and re-checked inside
+    # every timed call, and a changed file is read again
+    import os
+
+    from safetensors.torch import save_file
+
+    from exporter.runtime import runtime as runtime_module
+
+    reads = []
+    real = runtime_module.load_conditioning
+    monkeypatch.setattr(runtime_module, "load_conditioning", lambda path, adapter: reads.append(path) or real(path, adapter))
+    runtime = Runtime.load(unet_graphs)
+    first = runtime.generate(rows=[0], per_row=1, steps=1, progress=False)
+    runtime.generate(rows=[1], per_row=1, steps=1, progress=False)
+    assert len(reads) == 1
+    shipped = load_conditioning(unet_graphs / runtime.manifest["conditioning"], runtime.adapter)
+    file = tmp_path / "c.safetensors"
+    save_file({"cond": shipped.cond, "uncond": shipped.uncond}, str(file))
+    same = runtime.generate(cond=file, rows=[0], per_row=1, steps=1, progress=False)
+    assert len(reads) == 2 and torch.equal(same[(0, 0)], first[(0, 0)])
+    save_file({"cond": shipped.cond.flip(0), "uncond": shipped.uncond}, str(file))
+    os.utime(file, ns=(1, 1))  # another file, even where the clock would give the same time
+    flipped = runtime.generate(cond=file, rows=[0], per_row=1, steps=1, progress=False)
+    assert len(reads) == 3 and not torch.equal(flipped[(0, 0)], first[(0, 0)])
