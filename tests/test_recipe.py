@@ -116,7 +116,7 @@ def test_build_section_is_typed_and_checked():
                          ({"latent": [[8, 8], [4, 4], [16, 16]]}, "min <= opt <= max"),
                          ({"fp8_fallback": "fp16"}, "is not int8 or null"),
                          ({"hardware_compatibility": "ampere"}, "is not one of none, same_compute_capability"),
-                         ({"version_compatible": "yes"}, "version_compatible"),
+                         ({"version_compatible": "yes"}, r"build.version_compatible: expected bool, got 'yes'"),
                          ({"profile": 1}, r"unknown key\(s\) \['profile'\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"build": bad})

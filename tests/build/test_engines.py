@@ -50,7 +50,8 @@ def test_build_writes_one_engine_per_graph_and_a_manifest_the_runtime_can_check(
 def test_engines_from_another_gpu_are_refused_before_loading(tiny_int8_graphs, fake_tensorrt, tmp_path):
     build_engines(tiny_int8_graphs, tmp_path / "e", progress=False)
     fake_tensorrt["device"] = A10
-    with pytest.raises(BuildError, match="rebuild them here with 'exporter build"):
+    with pytest.raises(BuildError, match=r"built for compute capability 8\.9 \(NVIDIA L4\), this GPU \(NVIDIA A10\) "
+                                         r"is 8\.6.*rebuild them here with 'exporter build"):
         Runtime.load(tmp_path / "e")
     with pytest.raises(UsageError, match="holds TensorRT engines"):
         Runtime.load(tmp_path / "e", backend="onnxruntime")
@@ -168,6 +169,19 @@ def test_build_without_gpu_fails_fast_with_what_is_missing(tiny_int8_graphs, run
 
 
 def test_the_cpu_path_never_imports_tensorrt():
-    code = ("import sys, exporter, exporter.cli, exporter.build.engines, exporter.runtime, exporter.parity\n"
-            "assert 'tensorrt' not in sys.modules, 'tensorrt imported'")
+    # a finder ahead of every other records each attempt: an import of tensorrt that fails (it is not
+    # installed here) and is caught would leave no trace in sys.modules
+    code = ("import sys\n"
+            "tried = []\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'tensorrt': tried.append(name)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "import exporter, exporter.cli, exporter.build.engines, exporter.runtime, exporter.parity\n"
+            "import exporter.build, exporter.build.gating, exporter.build.precision, exporter.build.lean\n"
+            "assert not tried and 'tensorrt' not in sys.modules, f'tensorrt imported: {tried}'\n"
+            "import importlib.util\n"
+            "importlib.util.find_spec('tensorrt')\n"
+            "assert tried == ['tensorrt'], tried  # the watch itself works\n")
     subprocess.run([sys.executable, "-c", code], check=True)

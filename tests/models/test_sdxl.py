@@ -19,7 +19,7 @@ def test_blocks_reproduce_the_model_with_added_conditioning(tiny_sdxl_dir):
     loaded = load_model(tiny_sdxl_dir)
     cond, _ = load_conditioning(loaded.default_conditioning, loaded.adapter).batch([0, 1, 2])
     assert set(cond) == {"encoder_hidden_states", "text_embeds", "time_ids"}
-    x, t = torch.randn(3, *loaded.adapter.sample_shape), torch.tensor([999, 500, 3])
+    x, t = torch.randn(3, *loaded.adapter.sample_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500, 3])
     blocks = loaded.adapter.blocks(loaded.model)
     assert blocks[0].inputs == ("sample", "timestep", "text_embeds", "time_ids")
     with torch.no_grad():
