@@ -76,9 +76,14 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
         log.warning("PyTorch runs %d threads, ONNX Runtime %d: unset OMP_NUM_THREADS for a fair comparison",
                     torch.get_num_threads(), os.cpu_count())
     earlier = out / "bench.json"
-    if earlier.is_file() and json.loads(earlier.read_text()).get("quick") != quick:  # its calibration is another
-        raise UsageError(f"{out} holds a {'full' if quick else 'quick'} bench; choose another --out (defaults: "
-                         "runs/bench, runs/bench-quick)")
+    if earlier.is_file():  # a folder of the other mode holds calibration and graphs of another plan
+        try:
+            mode = json.loads(earlier.read_text()).get("quick")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UsageError(f"{earlier} is not a bench result; choose another --out") from None
+        if mode != quick:
+            raise UsageError(f"{out} holds a {'full' if quick else 'quick'} bench; choose another --out (defaults: "
+                             "runs/bench, runs/bench-quick)")
     names = [model_name(m) for m in models]
     if len(set(names)) != len(names):
         raise UsageError(f"two models of one name in --models ({', '.join(models)}): their results would share a folder")

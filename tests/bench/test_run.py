@@ -109,6 +109,9 @@ def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(
     (tmp_path / "bench.json").write_text(json.dumps({"quick": True, "models": {}}))
     with pytest.raises(UsageError, match="holds a quick bench; choose another --out"):
         run_bench(tmp_path, quick=False)
+    (tmp_path / "bench.json").write_text("{not json")
+    with pytest.raises(UsageError, match="bench.json is not a bench result"):
+        run_bench(tmp_path, quick=True)
     with pytest.raises(UsageError, match="two models of one name"):
         run_bench(tmp_path / "new", quick=True, models=("/a/m", "/b/m"))
     assert not (tmp_path / "new").exists()
