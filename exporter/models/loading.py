@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,5 +143,25 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         adapter=adapter,
         scheduler_config=scheduler_config,
         default_conditioning=cond_file if cond_file.is_file() else None,
-        sampling_defaults=read_json(defaults_file, "sampling defaults") if defaults_file.is_file() else {},
+        sampling_defaults=read_sampling_defaults(defaults_file) if defaults_file.is_file() else {},
     )
+
+
+def read_sampling_defaults(path: Path) -> dict:
+    """A model folder's ``sampling.json``, checked like the options it stands in for: a NaN guidance
+    (Python's json reads it) would silently turn guidance off, a string would fail mid-sampling."""
+    from exporter.sampling.schedulers import SCHEDULERS
+
+    data = read_json(path, "sampling defaults")
+    unknown = sorted(set(data) - {"guidance", "steps", "scheduler"})
+    if unknown:
+        raise ModelError(f"{path}: unknown key(s) {unknown}; known: guidance, steps, scheduler")
+    guidance, steps, scheduler = data.get("guidance"), data.get("steps"), data.get("scheduler")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise ModelError(f"{path}: guidance must be a finite number, got {guidance!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ModelError(f"{path}: steps must be a positive whole number, got {steps!r}")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ModelError(f"{path}: scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    return data

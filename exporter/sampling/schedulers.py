@@ -3,9 +3,9 @@
 A pixel-space model trained with ``clip_sample`` (the reference models; DDPM/DDIM configs) expects
 the predicted clean image to be clipped to [-range, range] at every step. DDIM honours that key,
 diffusers' DPM-Solver++ and Euler ignore it: on the reference UNet they gave FD-digits 66.8 instead
-of DDIM's 6.66 (saturated, speckled digits; 2026-12-01). So DPM-Solver++ gets the same clip through
-its own thresholding (with ``sample_max_value`` = the range, its dynamic threshold is clamped to
-[1, range]: exactly the clip for the usual range 1), and Euler through ``ClippedEulerScheduler``.
+of DDIM's 6.66 (saturated, speckled digits; 2026-12-01). So DPM-Solver++ gets the same clip at its
+thresholding hook (``ClippedDPMSolverScheduler``: a plain clip where diffusers' dynamic threshold
+would rescale into [-1, 1]), and Euler through ``ClippedEulerScheduler``, for every prediction type.
 Latent-space models (Stable Diffusion: ``clip_sample`` false) are left as they are.
 """
 
@@ -44,12 +44,15 @@ def _build(name: str, config: dict):
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm++":
-        thresholding = {"thresholding": True, "sample_max_value": clip} if clip is not None else {}
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       **thresholding)
+        if clip is None:
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        scheduler = _clipped_dpm_solver().from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                      thresholding=True)  # calls _threshold_sample on x0
+        scheduler.clip_range = clip
+        return scheduler
     if name == "euler":
         scheduler = _clipped_euler().from_config(config)
-        scheduler.clip_range = clip if config.get("prediction_type", "epsilon") == "epsilon" else None
+        scheduler.clip_range = clip
         return scheduler
     raise AssertionError(name)  # make_scheduler checked the name
 
@@ -69,11 +72,36 @@ def _clipped_euler():
                 if self.step_index is None:
                     self._init_step_index(timestep)
                 sigma = self.sigmas[self.step_index].to(sample.device, sample.dtype)
-                clean = (sample - sigma * model_output).clamp(-self.clip_range, self.clip_range)
-                model_output = (sample - clean) / sigma
+                kind = self.config.prediction_type
+                # the clean image each prediction type gives (as EulerDiscreteScheduler.step computes it,
+                # without churn), clipped, and the model output that gives the clipped one
+                if kind == "epsilon":
+                    clean = (sample - sigma * model_output).clamp(-self.clip_range, self.clip_range)
+                    model_output = (sample - clean) / sigma
+                elif kind == "v_prediction":
+                    a, b = -sigma / (sigma**2 + 1) ** 0.5, 1 / (sigma**2 + 1)
+                    clean = (model_output * a + sample * b).clamp(-self.clip_range, self.clip_range)
+                    model_output = (clean - sample * b) / a
+                elif kind in ("sample", "original_sample"):
+                    model_output = model_output.clamp(-self.clip_range, self.clip_range)
             return super().step(model_output, timestep, sample, *args, **kwargs)
 
     return ClippedEulerScheduler
+
+
+@functools.cache
+def _clipped_dpm_solver():
+    from diffusers import DPMSolverMultistepScheduler
+
+    class ClippedDPMSolverScheduler(DPMSolverMultistepScheduler):
+        """DPM-Solver++ whose predicted clean image is clipped like DDIM's ``clip_sample``."""
+
+        clip_range: float = 1.0
+
+        def _threshold_sample(self, sample):
+            return sample.clamp(-self.clip_range, self.clip_range)
+
+    return ClippedDPMSolverScheduler
 
 
 def set_steps(scheduler, steps: int) -> None:
@@ -84,3 +112,8 @@ def set_steps(scheduler, steps: int) -> None:
         raise UsageError(f"{steps} denoising steps: the model's scheduler was trained with {trained} timesteps, "
                          f"so at most {trained} steps")
     scheduler.set_timesteps(steps)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    if len(timesteps) != steps or len(set(timesteps)) != steps:  # DPM-Solver++ near `trained` steps: NaN
+        raise UsageError(f"{steps} denoising steps: {type(scheduler).__name__} with this model's schedule "
+                         f"({trained} training timesteps, {scheduler.config.get('timestep_spacing')} spacing) "
+                         f"gives {len(set(timesteps))} distinct timestep(s); ask for fewer steps")

@@ -161,3 +161,18 @@ def test_model_options_the_conditioning_cannot_drive_are_refused_at_load():
     with pytest.raises(ModelError, match="resolution/aspect-ratio conditioning"):
         adapter_for("PixArtTransformer2DModel", pixart)
     assert adapter_for("PixArtTransformer2DModel", pixart | {"use_additional_conditions": False}).embedding_dim == 64
+
+
+@pytest.mark.parametrize(("defaults", "message"), [
+    ('{"guidance": NaN}', "guidance must be a finite number, got nan"),  # json reads NaN; it would turn guidance off
+    ('{"guidance": "7.5"}', "guidance must be a finite number, got '7.5'"),
+    ('{"steps": 0}', "steps must be a positive whole number, got 0"),
+    ('{"scheduler": "pndm"}', "scheduler 'pndm' is not one of ddim, dpm\\+\\+, euler"),
+    ('{"guidence": 2}', r"unknown key\(s\) \['guidence'\]"),
+])
+def test_sampling_defaults_are_checked_when_the_model_loads(tiny_unet_dir, tmp_path, defaults, message):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_unet_dir, model)
+    (model / "sampling.json").write_text(defaults)
+    with pytest.raises(ModelError, match=rf"sampling.json: {message}"):
+        load_model(model)

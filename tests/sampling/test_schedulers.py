@@ -36,6 +36,28 @@ def test_clip_sample_bounds_the_predicted_clean_image(name):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("bound", [0.5, 2.0])
+def test_every_sampler_clips_at_the_models_range_for_every_prediction_type(name, prediction, bound):
+    # clipped at [-range, range], as DDIM's clip_sample does: not rescaled into [-1, 1] (diffusers'
+    # dynamic thresholding), not left unclipped (v-prediction or sample models under Euler)
+    config = {**PIXEL_CONFIG, "prediction_type": prediction, "clip_sample_range": bound}
+    clean = predicted_clean_image(name, config)
+    assert abs(float(clean.abs().max()) - bound) <= 0.01 * max(bound, 1.0), (name, prediction)
+
+
+def test_dpm_solver_refuses_steps_that_repeat_timesteps():
+    # DDPM's "leading" spacing at 1000 of 1000 steps gives DPM-Solver++ a repeated timestep: NaN images
+    from exporter.sampling.schedulers import set_steps
+
+    config = {**PIXEL_CONFIG, "timestep_spacing": "leading", "num_train_timesteps": 1000}
+    with pytest.raises(UsageError, match=r"1000 denoising steps: .* gives 1 distinct timestep\(s\); ask for fewer"):
+        set_steps(make_scheduler("dpm++", config), 1000)
+    set_steps(make_scheduler("ddim", config), 1000)  # DDIM's timesteps stay distinct
+    set_steps(make_scheduler("dpm++", config), 20)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
 def test_without_clip_sample_nothing_is_clipped(name):
     assert float(predicted_clean_image(name, LATENT_CONFIG).abs().max()) > 10.0
 
