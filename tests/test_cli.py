@@ -169,8 +169,9 @@ def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_edited_manifest_without_a_key_is_refused(tiny_unet_dir, run_cli, tmp_path):
+def test_an_edited_manifest_without_a_key_or_with_damaged_contents_is_refused(tiny_unet_dir, run_cli, tmp_path):
     import json
+    import re
 
     from exporter.export import ManifestError, export_graphs, read_manifest
 
@@ -180,6 +181,24 @@ def test_an_edited_manifest_without_a_key_is_refused(tiny_unet_dir, run_cli, tmp
     (tmp_path / "g" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="manifest.json: no blocks: the manifest was edited or cut short"):
         read_manifest(tmp_path / "g")
+    # keys present, contents damaged: one line naming what, not a KeyError deep in the runtime
+    export_graphs(str(tiny_unet_dir), tmp_path / "h", progress=False)
+    original = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    assert read_manifest(tmp_path / "h")["versions"]["onnxruntime"]  # the export passes' tools are recorded
+    name = original["blocks"][0]["name"]
+    for edit, message in (
+            (lambda m: m["blocks"][0].pop("graphs"), f"block {name}: 'graphs' must list 1 file"),
+            (lambda m: m["blocks"][0].pop("weights"), f"block {name}: no 'weights' file"),
+            (lambda m: m.update(files=list(m["files"])), "'files' must map file names to sha256 digests"),
+            (lambda m: m["blocks"][1].update(inputs="sample"),
+             f"block {original['blocks'][1]['name']}: 'inputs' must be a list of tensors with names"),
+            (lambda m: m.update(groups={"ranges": []}), "'groups' must be null or hold a list of t ranges"),
+            (lambda m: m.update(blocks=[]), "'blocks' must be a non-empty list")):
+        damaged = json.loads(json.dumps(original))
+        edit(damaged)
+        (tmp_path / "h" / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(ManifestError, match=f"manifest.json: {re.escape(message)}.*edited or damaged; re-export"):
+            read_manifest(tmp_path / "h")
 
 
 def test_format_fp16_exports_fp16_graphs_and_dtype_overrides_the_recipe(run_cli, tiny_unet_dir, tmp_path):

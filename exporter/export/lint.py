@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporter.errors import UsageError
 from exporter.export.manifest import node_scope, read_manifest
 from exporter.recipe import TENSORRT_INT4_BLOCKS
 
@@ -195,6 +196,9 @@ def _int4_block_problems(node, dq, feeder, weight, attrs: dict) -> list[str]:
 def lint_folder(folder: str | Path) -> list[BlockReport]:
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest.get("kind") == "tensorrt":  # plans, not graphs: the graphs they were built from are linted
+        raise UsageError(f"{folder} holds TensorRT engines; lint the graphs they were built from: "
+                         f"exporter lint {manifest['source']['graphs']}")
     return [lint_graph(folder / graph, block, manifest) for block in manifest["blocks"] for graph in block["graphs"]]
 
 

@@ -66,8 +66,17 @@ def scaled_size(tensor: dict, dim: str, traced: int, latent: tuple[int, int], na
 def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
     """Refuse a latent (height, width) the folder's graphs or engines cannot run, saying why."""
     native = tuple(manifest["sample_shape"][1:])
-    if tuple(latent) == native:
-        return
+    if tuple(latent) != native:
+        _check_other_latent(manifest, tuple(latent), native)
+    if manifest.get("kind") == "tensorrt":  # the model's own size too: build.latent may leave it out
+        low, _, high = manifest["tensorrt"]["latent"]
+        if not all(low[a] <= latent[a] <= high[a] for a in (0, 1)):
+            raise UsageError(f"latent {latent[0]}x{latent[1]} lies outside the engines' optimization profile "
+                             f"({low[0]}x{low[1]} to {high[0]}x{high[1]}); rebuild with a wider build.latent "
+                             "in the recipe")
+
+
+def _check_other_latent(manifest: dict, latent: tuple[int, int], native: tuple[int, int]) -> None:
     if min(latent) < 1:
         raise UsageError(f"latent {latent[0]}x{latent[1]}: height and width must be positive")
     if not resizable(manifest):
@@ -81,12 +90,6 @@ def check_latent(manifest: dict, latent: tuple[int, int]) -> None:
             for dim, traced in zip(tensor["shape"], tensor["trace_shape"]):
                 if isinstance(dim, str) and dim.endswith(("_height", "_width")):
                     scaled_size(tensor, dim, traced, latent, native)
-    if manifest.get("kind") == "tensorrt":
-        low, _, high = manifest["tensorrt"]["latent"]
-        if not all(low[a] <= latent[a] <= high[a] for a in (0, 1)):
-            raise UsageError(f"latent {latent[0]}x{latent[1]} lies outside the engines' optimization profile "
-                             f"({low[0]}x{low[1]} to {high[0]}x{high[1]}); rebuild with a wider build.latent "
-                             "in the recipe")
 
 
 def resizable(manifest: dict) -> bool:
@@ -128,6 +131,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
                    dtype: str = "fp32", finetuned=None) -> dict:
     import diffusers
     import onnx
+    import onnx_graphsurgeon
+    import onnxruntime
     import torch
 
     from exporter.export.graphs import dynamic_axes
@@ -175,6 +180,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
         "cache": {"features": {f: blocks_to_run_with_cache(blocks, f, model_inputs) for f in features}},
         "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
         "versions": {"exporter": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     # the export's passes: ORT's constant folding and shape inference, graphsurgeon's folding
+                     "onnxruntime": onnxruntime.__version__, "onnx-graphsurgeon": onnx_graphsurgeon.__version__,
                      "diffusers": diffusers.__version__},
     }
     atomic_write_json(folder / MANIFEST, manifest)
@@ -209,6 +216,7 @@ def read_manifest(folder: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: no {', '.join(missing)}: the manifest was edited or cut short; re-export")
+    _check_structure(manifest, path)
     files = manifest["files"]
     if manifest.get("kind") == "tensorrt":  # an engines folder (exporter build): plans, not graphs
         referenced = {n for b in manifest["blocks"] for n in b["engines"]}
@@ -227,6 +235,39 @@ def read_manifest(folder: str | Path) -> dict:
         if sha256_file(file) != digest:
             raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped since export")
     return manifest
+
+
+def _check_structure(manifest: dict, path: Path) -> None:
+    """The shapes of what the runtime, lint and parity index into (the manifest carries no sha256 of
+    its own: an edited one gets here), so that a damaged manifest is refused in one line."""
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{path}: {what}: the manifest was edited or damaged; re-export")
+
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise bad("'files' must map file names to sha256 digests")
+    groups = manifest["groups"]
+    if groups is not None and not (isinstance(groups, dict) and isinstance(groups.get("ranges"), list)
+                                   and groups["ranges"]):
+        raise bad("'groups' must be null or hold a list of t ranges")
+    count = len(groups["ranges"]) if groups else 1
+    files_key = "engines" if manifest.get("kind") == "tensorrt" else "graphs"
+    blocks = manifest["blocks"]
+    if not isinstance(blocks, list) or not blocks:
+        raise bad("'blocks' must be a non-empty list")
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or not isinstance(block.get("name"), str):
+            raise bad(f"block {i} has no name")
+        for key in ("inputs", "outputs"):
+            if not isinstance(block.get(key), list) or not all(isinstance(t, dict) and "name" in t
+                                                                 for t in block[key]):
+                raise bad(f"block {block['name']}: '{key}' must be a list of tensors with names")
+        names = block.get(files_key)
+        if not isinstance(names, list) or len(names) not in (1, count) or not all(isinstance(n, str) for n in names):
+            raise bad(f"block {block['name']}: '{files_key}' must list " + (
+                "1 file" if count == 1 else f"1 or {count} files (one per timestep group)"))
+        if files_key == "graphs" and not isinstance(block.get("weights"), str):
+            raise bad(f"block {block['name']}: no 'weights' file")
 
 
 def deployed_bytes(folder: str | Path) -> int:

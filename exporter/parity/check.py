@@ -143,8 +143,7 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: 
     engine_manifest = read_manifest(engines)
     if engine_manifest.get("kind") != "tensorrt":
         raise UsageError(f"{engines} is not an engines folder (exporter build writes one)")
-    if latent is not None:
-        check_latent(engine_manifest, latent)
+    check_latent(engine_manifest, tuple(latent or engine_manifest["sample_shape"][1:]))  # own size: maybe outside
     check_engines_compatible(engine_manifest, device_info())
     runtime = folder_runtime(engines, engine_manifest)  # version-compatible engines: their lean runtime
     runners = {}

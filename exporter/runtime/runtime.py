@@ -233,8 +233,7 @@ class Runtime:
         plan = self.cache_plan(settings.steps, cache_interval, cache_branch, cache_schedule)
         self.settings, self.plan = settings, plan
         channels, *native = self.adapter.sample_shape
-        if latent is not None:
-            check_latent(self.manifest, latent)
+        check_latent(self.manifest, tuple(latent or native))  # engines: the own size may lie outside the profile
         sample_shape = (channels, *(latent or native))
         cache: dict = {}
 

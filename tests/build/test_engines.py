@@ -185,3 +185,14 @@ def test_the_cpu_path_never_imports_tensorrt():
             "importlib.util.find_spec('tensorrt')\n"
             "assert tried == ['tensorrt'], tried  # the watch itself works\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lint_of_an_engines_folder_points_at_its_graphs(tiny_int8_graphs, fake_tensorrt, tmp_path):
+    from exporter.export.lint import lint_folder
+
+    build_engines(tiny_int8_graphs, tmp_path / "e", progress=False)
+    import re
+
+    with pytest.raises(UsageError, match="holds TensorRT engines; lint the graphs they were built from: "
+                                         + re.escape(f"exporter lint {tiny_int8_graphs}")):
+        lint_folder(tmp_path / "e")

@@ -57,6 +57,10 @@ def test_engines_run_latents_inside_their_profile_only(tiny_int8_graphs):
         check_latent(manifest, (16, 14))
     with pytest.raises(UsageError, match="does not divide"):  # inside the profile, but no UNet can take it
         check_latent(manifest, (9, 9))
+    # a build.latent that leaves out the model's own size: its own size is refused too
+    outside = dict(manifest, tensorrt={"latent": [[12, 12], [16, 16], [16, 16]]})
+    with pytest.raises(UsageError, match=r"latent 8x8 lies outside the engines' optimization profile"):
+        check_latent(outside, (8, 8))
     for block in manifest["blocks"]:
         for tensor in block["inputs"]:
             del tensor["trace_shape"]
