@@ -62,8 +62,8 @@ def _clipped_euler():
     from diffusers import EulerDiscreteScheduler
 
     class ClippedEulerScheduler(EulerDiscreteScheduler):
-        """Euler that clips its predicted clean image like DDIM's ``clip_sample`` (epsilon models):
-        the noise prediction is replaced by the one that leads to the clipped image."""
+        """Euler that clips its predicted clean image like DDIM's ``clip_sample``: the model output is
+        replaced by the one that leads to the clipped image."""
 
         clip_range: float | None = None
 
