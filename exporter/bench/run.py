@@ -277,11 +277,17 @@ def latency_slices(settings: SampleSettings) -> list[SampleSettings]:
 def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan
                 ) -> dict[str, list[float]]:
     """Seconds per round at ``plan.throughput_batch`` images per call, for PyTorch, the DeepCache
-    package and our FP32 graphs at the middle cache interval (and uncached)."""
+    package and our FP32 graphs at the middle cache interval (and uncached). Like the latency rounds,
+    the variants take turns call by call (the order reversing every turn), so the machine's drift
+    over a round meets every variant alike."""
     interval = plan.intervals[len(plan.intervals) // 2]
     chosen = [v for v in variants if v.precision == "fp32" and v.schedule == "uniform"
               and (v.kind == "pytorch" or v.interval in (1, interval))]
     batched = dataclasses.replace(settings, batch_size=plan.throughput_batch)
+    # one call's rows per turn where rows are whole calls, else all rows at once (the same batches)
+    per_call = plan.throughput_batch // settings.per_row if plan.throughput_batch % settings.per_row == 0 else 0
+    turns = ([dataclasses.replace(batched, rows=settings.rows[i:i + per_call])
+              for i in range(0, len(settings.rows), per_call)] if per_call else [batched])
     # untimed: the latency rounds ran one image per call, and the first call at this batch allocates
     # its buffers (one full batch, 3 steps: a full step and cached ones, so every graph sees its shapes)
     rows = -(-plan.throughput_batch // settings.per_row)
@@ -289,11 +295,15 @@ def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings
         runners[v.name](dataclasses.replace(batched, rows=settings.rows[:rows], steps=min(3, settings.steps)))
     seconds: dict[str, list[float]] = {v.name: [] for v in chosen}
     for r in range(plan.rounds):
-        for v in chosen if r % 2 == 0 else chosen[::-1]:
-            start = time.perf_counter()
-            runners[v.name](batched)
-            seconds[v.name].append(time.perf_counter() - start)
-            _say(f"throughput round {r + 1}/{plan.rounds}, {v.name}: {seconds[v.name][-1]:.2f} s")
+        spent = dict.fromkeys(seconds, 0.0)
+        for j, part in enumerate(turns):
+            for v in chosen if (r * len(turns) + j) % 2 == 0 else chosen[::-1]:
+                start = time.perf_counter()
+                runners[v.name](part)
+                spent[v.name] += time.perf_counter() - start
+        for name, s in spent.items():
+            seconds[name].append(s)
+        _say(f"throughput round {r + 1}/{plan.rounds}: " + ", ".join(f"{n} {s:.2f} s" for n, s in spent.items()))
     return seconds
 
 

@@ -78,7 +78,7 @@ def test_latency_slices_keep_the_batches():
         SampleSettings(rows=(0, 1), per_row=8, batch_size=3)]
 
 
-def test_throughput_runs_one_untimed_batch_of_its_size_first():
+def test_throughput_runs_one_untimed_batch_of_its_size_first_then_takes_turns_call_by_call():
     # the latency rounds ran one image per call: the first call at the throughput batch would be timed cold
     from exporter.bench.run import BenchPlan, _throughput
     from exporter.bench.variants import Variant
@@ -93,8 +93,11 @@ def test_throughput_runs_one_untimed_batch_of_its_size_first():
     seconds = _throughput(variants, runners, settings, plan)
     chosen = ["pytorch-fp32", "ort-fp32", "ort-fp32-cache3"]
     assert calls[:3] == [(n, tuple(range(5)), 3, 40) for n in chosen]  # 5 rows x 8 = one call of 40, 3 steps
-    assert calls[3:] == [(n, tuple(range(10)), 20, 40) for n in chosen + chosen[::-1]]
-    assert {k: len(v) for k, v in seconds.items()} == dict.fromkeys(chosen, 2)
+    # then turns of one call each (rows 0-4, rows 5-9), the order reversing every turn, over 2 rounds
+    first, second = tuple(range(5)), tuple(range(5, 10))
+    order = [(first, chosen), (second, chosen[::-1])] * 2
+    assert calls[3:] == [(n, rows, 20, 40) for rows, names in order for n in names]
+    assert {k: len(v) for k, v in seconds.items()} == dict.fromkeys(chosen, 2)  # one total per round
 
 
 def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(tmp_path):
