@@ -82,6 +82,10 @@ def _check_other_latent(manifest: dict, latent: tuple[int, int], native: tuple[i
     if not resizable(manifest):
         raise UsageError(f"{manifest['source']['model_class']} graphs are exported for latent "
                          f"{native[0]}x{native[1]} only (their token count and position embedding are fixed)")
+    multiple = manifest["latent_multiple"]
+    if latent[0] % multiple or latent[1] % multiple:  # said once, not tensor by tensor
+        raise UsageError(f"latent {latent[0]}x{latent[1]}: these {manifest['source']['model_class']} graphs take "
+                         f"heights and widths that are multiples of {multiple} (one halving per downsampling)")
     for block in manifest["blocks"]:
         for tensor in block["inputs"]:
             if "trace_shape" not in tensor:  # manifests written before sizes were recorded

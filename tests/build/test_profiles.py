@@ -55,7 +55,7 @@ def test_engines_run_latents_inside_their_profile_only(tiny_int8_graphs):
     with pytest.raises(UsageError, match=r"latent 16x14 lies outside the engines' optimization profile "
                                          r"\(8x8 to 16x12\); rebuild with a wider build.latent"):
         check_latent(manifest, (16, 14))
-    with pytest.raises(UsageError, match="does not divide"):  # inside the profile, but no UNet can take it
+    with pytest.raises(UsageError, match="multiples of 2"):  # inside the profile, but no UNet can take it
         check_latent(manifest, (9, 9))
     # a build.latent that leaves out the model's own size: its own size is refused too
     outside = dict(manifest, tensorrt={"latent": [[12, 12], [16, 16], [16, 16]]})

@@ -50,7 +50,8 @@ def test_unet_graphs_run_at_another_latent_size(tiny_unet_dir, unet_graphs):
     cached = runtime.generate(rows=[0], per_row=1, steps=6, guidance=2.0, latent=(6, 12), cache_interval=3,
                               progress=False)
     assert tuple(cached[(0, 0)].shape) == (1, 6, 12) and torch.isfinite(cached[(0, 0)]).all()
-    with pytest.raises(UsageError, match=r"latent height 9 does not divide into .* use a multiple of 2"):
+    with pytest.raises(UsageError, match=r"latent 9x8: these UNet2DConditionModel graphs take heights and widths "
+                                         r"that are multiples of 2 \(one halving per downsampling\)"):
         runtime.generate(rows=[0], per_row=1, steps=2, latent=(9, 8), progress=False)
 
 
@@ -148,7 +149,7 @@ def test_cli_run_writes_images_and_record(unet_graphs, tmp_path, run_cli):
     with Image.open(tmp_path / "wide" / "0_0.png") as image:
         assert image.size == (10, 6)  # width x height
     result = run_cli("-q", "run", unet_graphs, "--latent", "7", "--out", tmp_path / "odd")
-    assert result.returncode == 2 and "use a multiple of 2" in result.stderr
+    assert result.returncode == 2 and "multiples of 2" in result.stderr
     result = run_cli("-q", "run", unet_graphs, "--latent", "6x", "--out", tmp_path / "bad")
     assert result.returncode == 2 and "invalid latent size '6x'" in result.stderr
 
