@@ -222,7 +222,7 @@ def _latency(model: str, variants: list[Variant], runners: dict, settings: Sampl
     _say(f"{model}: warm-up of {len(variants)} variants")
     for v in variants:  # opens every session and touches every timestep group's graph
         runners[v.name](dataclasses.replace(settings, rows=settings.rows[:1], per_row=1))
-    slices = latency_slices(settings)
+    slices = call_turns(settings)
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     block_seconds: dict[str, dict[str, float]] = {}
     graph_seconds: dict[str, list[float]] = {v.name: [] for v in variants if v.kind == "runtime"}
@@ -265,13 +265,18 @@ def loop_time(seconds: list[float], graph_seconds: list[float], images: int, ste
             / (images * steps)}
 
 
-def latency_slices(settings: SampleSettings) -> list[SampleSettings]:
-    """The turns of :func:`_latency`: one row each when a row is whole calls (its images a multiple
-    of the batch), else all rows at once (so the calls are the same batches as without slicing).
-    Images do not depend on the split: each one's noise is seeded by (seed, row, k)."""
-    if settings.per_row % settings.batch_size:
+def call_turns(settings: SampleSettings) -> list[SampleSettings]:
+    """The turns variants take in :func:`_latency` and :func:`_throughput`: one row each when a row
+    is whole calls (its images a multiple of the batch), one call's rows each when a call is whole
+    rows, else all rows at once (so the calls are the same batches as without turns). Images do not
+    depend on the split: each one's noise is seeded by (seed, row, k)."""
+    if settings.per_row % settings.batch_size == 0:
+        size = 1
+    elif settings.batch_size % settings.per_row == 0:
+        size = settings.batch_size // settings.per_row
+    else:
         return [settings]
-    return [dataclasses.replace(settings, rows=(row,)) for row in settings.rows]
+    return [dataclasses.replace(settings, rows=settings.rows[i:i + size]) for i in range(0, len(settings.rows), size)]
 
 
 def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings, plan: BenchPlan
@@ -284,10 +289,7 @@ def _throughput(variants: list[Variant], runners: dict, settings: SampleSettings
     chosen = [v for v in variants if v.precision == "fp32" and v.schedule == "uniform"
               and (v.kind == "pytorch" or v.interval in (1, interval))]
     batched = dataclasses.replace(settings, batch_size=plan.throughput_batch)
-    # one call's rows per turn where rows are whole calls, else all rows at once (the same batches)
-    per_call = plan.throughput_batch // settings.per_row if plan.throughput_batch % settings.per_row == 0 else 0
-    turns = ([dataclasses.replace(batched, rows=settings.rows[i:i + per_call])
-              for i in range(0, len(settings.rows), per_call)] if per_call else [batched])
+    turns = call_turns(batched)
     # untimed: the latency rounds ran one image per call, and the first call at this batch allocates
     # its buffers (one full batch, 3 steps: a full step and cached ones, so every graph sees its shapes)
     rows = -(-plan.throughput_batch // settings.per_row)

@@ -66,16 +66,21 @@ def test_loop_time_is_what_the_graphs_leave_per_step():
     assert abs(got["loop_ms_per_step"] - 10.0) < 1e-9  # median of 0.4 / 0.8 / 0.3 s over 40 steps
 
 
-def test_latency_slices_keep_the_batches():
-    from exporter.bench.run import latency_slices
+def test_call_turns_keep_the_batches():
+    from exporter.bench.run import call_turns
     from exporter.sampling.loop import SampleSettings
 
     settings = SampleSettings(rows=(0, 1), per_row=8, batch_size=1)
-    assert [s.rows for s in latency_slices(settings)] == [(0,), (1,)]
-    assert [s.rows for s in latency_slices(SampleSettings(rows=(0, 1), per_row=8, batch_size=4))] == [(0,), (1,)]
-    # 8 images per row in calls of 3 would split differently row by row: one slice, as without slicing
-    assert latency_slices(SampleSettings(rows=(0, 1), per_row=8, batch_size=3)) == [
+    assert [s.rows for s in call_turns(settings)] == [(0,), (1,)]
+    assert [s.rows for s in call_turns(SampleSettings(rows=(0, 1), per_row=8, batch_size=4))] == [(0,), (1,)]
+    # 8 images per row in calls of 3 would split differently row by row: one turn, as without turns
+    assert call_turns(SampleSettings(rows=(0, 1), per_row=8, batch_size=3)) == [
         SampleSettings(rows=(0, 1), per_row=8, batch_size=3)]
+    # calls of whole rows (throughput: 40 images, 8 per row): one call's rows per turn
+    assert [s.rows for s in call_turns(SampleSettings(rows=tuple(range(10)), per_row=8, batch_size=40))] == [
+        (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
+    assert [s.rows for s in call_turns(SampleSettings(rows=(0, 1, 2, 3), per_row=4, batch_size=40))] == [
+        (0, 1, 2, 3)]  # --quick: 16 images, one call
 
 
 def test_throughput_runs_one_untimed_batch_of_its_size_first_then_takes_turns_call_by_call():
