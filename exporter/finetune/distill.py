@@ -85,7 +85,9 @@ def _load_state(layers, optimizer, tensors: dict[str, torch.Tensor], where: Path
             for p, t in layer.named_parameters(recurse=False):
                 key = f"{name}.{p}"
                 if key not in tensors or tensors[key].shape != t.shape:
-                    raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe")
+                    raise FinetuneError(f"{where}: no matching {key}; it was written for another model or recipe, "
+                                        "or by an exporter before 2026-12-05 (one log-step per layer, not per "
+                                        "timestep group): finetune again")
                 t.copy_(tensors[key])
     broken = _unusable_state(layers)  # NaN/Inf parameters (runs before finetune stopped at NaN) or unusable steps
     if broken:
