@@ -17,6 +17,7 @@ import numpy as np
 
 from exporter.bfloat16 import to_numpy, to_torch
 from exporter.build.gating import BuildError, DeviceInfo, check_engines_compatible
+from exporter.export.manifest import check_unchanged
 from exporter.recipe import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def folder_runtime(folder: Path, manifest: dict):
     lean = manifest["tensorrt"].get("lean_runtime")
     if not lean:
         return tensorrt_runtime(trt, None)[0]
+    check_unchanged(folder, manifest, lean)
     key = (str((Path(folder) / lean).resolve()), manifest["files"][lean])
     if key not in _LEAN_RUNTIMES:
         _LEAN_RUNTIMES[key] = tensorrt_runtime(trt, Path(key[0]))
@@ -175,7 +177,7 @@ class TensorRTBackend:
         import torch
 
         self.trt, self.torch = trt, torch
-        self.folder = Path(folder)
+        self.folder, self.manifest = Path(folder), manifest
         self.runtime = folder_runtime(self.folder, manifest)
         self.stream = torch.cuda.Stream()
         self.engines: dict[str, object] = {}
@@ -186,6 +188,7 @@ class TensorRTBackend:
 
     def _open(self, plan: str):
         if plan not in self.contexts:
+            check_unchanged(self.folder, self.manifest, plan)  # opened now, maybe long after the folder was verified
             engine = deserialize(self.runtime, self.folder / plan)
             context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             self.engines[plan], self.contexts[plan] = engine, context

@@ -8,7 +8,8 @@ groups with their t ranges, the cache topology (which blocks a cached step runs 
 feature), the sha256 of every file, and tool versions.
 
 ``read_manifest`` refuses a folder whose manifest, graphs or weights are missing, truncated,
-edited or swapped (sha256), or that names a path outside the folder.
+edited or swapped (sha256), or that names a path outside the folder. The runtime opens its graphs
+on first use, possibly long after; ``check_unchanged`` refuses a file changed in between.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ CONDITIONING = "conditioning.safetensors"
 
 class ManifestError(ExporterError):
     """A graphs/engines folder that is incomplete, corrupted or inconsistent."""
+
+
+# Files read_manifest verified: resolved path -> (stat at the time, sha256). ``check_unchanged``
+# hashes a file again only when its stat changed since.
+_verified: dict[str, tuple[tuple, str]] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev
 
 
 def sha256_file(path: Path) -> str:
@@ -236,9 +247,31 @@ def read_manifest(folder: str | Path) -> dict:
         file = _inside(folder, name)
         if not file.is_file():
             raise ManifestError(f"{file}: missing (listed in {MANIFEST})")
+        key = _stat_key(file)  # before hashing: a change while it is hashed shows as a changed stat later
         if sha256_file(file) != digest:
             raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped since export")
+        _verified[str(file)] = (key, digest)
     return manifest
+
+
+def check_unchanged(folder: str | Path, manifest: dict, name: str) -> None:
+    """Refuse ``name`` (a file of a folder ``read_manifest`` verified) if it changed since: a backend
+    opens a graph or engine on first use, which may be long after the folder was loaded. Hashed
+    again only when its size, modification time or inode differ from when it was verified."""
+    folder = Path(folder)
+    digest = manifest["files"].get(name)
+    if digest is None:
+        raise ManifestError(f"{folder / MANIFEST} lists no sha256 for {name}")
+    file = _inside(folder, name)
+    if not file.is_file():
+        raise ManifestError(f"{file}: missing (removed after {folder} was loaded)")
+    key = _stat_key(file)
+    if _verified.get(str(file)) == (key, digest):
+        return
+    if sha256_file(file) != digest:
+        raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped after {folder} "
+                            "was loaded; load the folder again once it is complete")
+    _verified[str(file)] = (key, digest)
 
 
 def _check_structure(manifest: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.export.manifest import check_unchanged
 from exporter.runtime.ort_conv import float_conv_weights_budget, fold_conv_weights
 from exporter.runtime.ort_integer import integer_matmul_enabled, integer_matmuls
 
@@ -25,6 +26,8 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         self.folder, self.threads, self.level = folder, threads, optimization_level(manifest)
+        self.manifest = manifest
+        self.weights_of = {g: b["weights"] for b in manifest["blocks"] for g in b["graphs"]}
         # onnxruntime-gpu lists CUDA even without a GPU, then warns on every session: ask for it only
         # where a CUDA device exists.
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
@@ -68,6 +71,8 @@ class OnnxRuntimeBackend:
         from exporter.runtime.ort_fusion import fuse_attention
 
         path = self.folder / graph
+        for name in (graph, self.weights_of[graph]):  # opened now, maybe long after the folder was verified
+            check_unchanged(self.folder, self.manifest, name)
         model = onnx.load(str(path), load_external_data=False)  # weights stay in their files
         self.fused_attention[graph] = fuse_attention(model)
         weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ConditioningError, NonFiniteError, UsageError
-from exporter.export.manifest import check_latent, read_manifest
+from exporter.export.manifest import check_latent, check_unchanged, read_manifest
 from exporter.models import adapter_for, load_conditioning
 from exporter.quant.timestep_groups import TimestepGroups
 from exporter.runtime.backends import BACKENDS, default_backend
@@ -204,6 +204,8 @@ class Runtime:
         """The conditioning file, read and checked once while it stays the same file (a server or the
         bench calls generate per request; reading it every time would be timed with the graphs)."""
         key = None
+        if path is not None and self.manifest["conditioning"] and path == self.folder / self.manifest["conditioning"]:
+            check_unchanged(self.folder, self.manifest, self.manifest["conditioning"])  # the folder's own, verified
         if path is not None and path.is_file():
             stat = path.stat()
             key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)

@@ -7,6 +7,7 @@ import pytest
 
 from exporter.build.gating import BuildError
 from exporter.build.tensorrt import deserialize, folder_runtime, scratch_size, tensorrt_runtime
+from exporter.export.manifest import ManifestError, sha256_file
 
 
 def test_scratch_size_takes_v2_when_present_even_if_zero():
@@ -63,11 +64,16 @@ def test_an_engines_folder_loads_its_lean_runtime_once_per_library_content(tmp_p
             made.append(self)
 
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(Logger=fake_trt(None).Logger, Runtime=RecordedRuntime))
-    manifest = {"tensorrt": {"lean_runtime": "libnvinfer_lean.so.11"}, "files": {"libnvinfer_lean.so.11": "aa"}}
+    library = tmp_path / "libnvinfer_lean.so.11"
+    library.write_bytes(b"one lean runtime")
+    manifest = {"tensorrt": {"lean_runtime": library.name}, "files": {library.name: sha256_file(library)}}
     assert folder_runtime(tmp_path, manifest) is lean and folder_runtime(tmp_path, manifest) is lean
     assert sum(len(r.loaded) for r in made) == 1  # the backend and parity share one load
-    folder_runtime(tmp_path, {**manifest, "files": {"libnvinfer_lean.so.11": "bb"}})  # another library there
+    library.write_bytes(b"another lean runtime")  # another library there, with its manifest
+    folder_runtime(tmp_path, {**manifest, "files": {library.name: sha256_file(library)}})
     assert sum(len(r.loaded) for r in made) == 2
+    with pytest.raises(ManifestError, match="libnvinfer_lean.so.11: sha256 mismatch"):  # swapped after load
+        folder_runtime(tmp_path, manifest)
     assert isinstance(folder_runtime(tmp_path, {"tensorrt": {"lean_runtime": None}}), FakeRuntime)
     assert sum(len(r.loaded) for r in made) == 2  # ordinary engines: TensorRT's own runtime, nothing loaded
 

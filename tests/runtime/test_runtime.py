@@ -306,3 +306,29 @@ def test_the_conditioning_file_is_read_once_while_it_stays_the_same(unet_graphs,
     os.utime(file, ns=(1, 1))  # another file, even where the clock would give the same time
     flipped = runtime.generate(cond=file, rows=[0], per_row=1, steps=1, progress=False)
     assert len(reads) == 3 and not torch.equal(flipped[(0, 0)], first[(0, 0)])
+
+
+def test_a_file_changed_after_load_is_refused_when_it_is_opened(unet_graphs, tmp_path):
+    # sessions open on first use, maybe long after Runtime.load verified the folder: a graph, weight or
+    # conditioning file changed in between is refused then, naming it; one merely touched still runs
+    import shutil
+
+    from exporter.export.manifest import ManifestError
+
+    folder = tmp_path / "g"
+    shutil.copytree(unet_graphs, folder)
+    runtime = Runtime.load(folder)
+    (folder / "mid.onnx").touch()  # a new stat, the same bytes: hashed again and accepted
+    runtime.generate(rows=[0], per_row=1, steps=1, progress=False)
+    weights = folder / "up0.weights"
+    runtime = Runtime.load(folder)
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ManifestError, match=r"up0\.weights: sha256 mismatch: .* after .* was loaded"):
+        runtime.generate(rows=[0], per_row=1, steps=1, progress=False)
+    shutil.rmtree(folder)
+    shutil.copytree(unet_graphs, folder)
+    runtime = Runtime.load(folder)
+    conditioning = folder / runtime.manifest["conditioning"]
+    conditioning.write_bytes(conditioning.read_bytes()[:-4])
+    with pytest.raises(ManifestError, match=rf"{conditioning.name}: sha256 mismatch"):
+        runtime.generate(rows=[0], per_row=1, steps=1, progress=False)
