@@ -201,6 +201,36 @@ def test_an_edited_manifest_without_a_key_or_with_damaged_contents_is_refused(ti
             read_manifest(tmp_path / "h")
 
 
+def test_a_manifest_with_edited_timestep_groups_is_refused(tiny_int8_graphs, tmp_path):
+    # the thresholds are written for servers of their own and must be the ranges' midpoints, which
+    # the runtime switches at: an edited one would silently not be followed
+    import json
+    import re
+    import shutil
+
+    from exporter.export import ManifestError, read_manifest
+    from exporter.quant.timestep_groups import TimestepGroups
+
+    folder = tmp_path / "g"
+    shutil.copytree(tiny_int8_graphs, folder)
+    original = read_manifest(folder)
+    groups = TimestepGroups.from_dict(original["groups"])
+    (_, high), (after, _) = groups.ranges[:2]
+    assert original["groups"]["thresholds"][0] == (high + after) / 2
+    assert groups.group_of(original["groups"]["thresholds"][0]) == 1 and groups.group_of(high) == 0
+    for edit, message in (
+            (lambda g: g["ranges"].reverse(), "'groups' ranges must be [low, high] pairs of t in increasing order"),
+            (lambda g: g["ranges"][0].append(1.0), "'groups' ranges must be [low, high] pairs"),
+            (lambda g: g["ranges"][0].__setitem__(1, "high"), "'groups' ranges must be [low, high] pairs"),
+            (lambda g: g["thresholds"].__setitem__(0, g["thresholds"][0] + 1),
+             "'groups' thresholds must be the midpoints between neighbouring ranges")):
+        damaged = json.loads(json.dumps(original))
+        edit(damaged["groups"])
+        (folder / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(ManifestError, match=f"manifest.json: {re.escape(message)}.*edited or damaged; re-export"):
+            read_manifest(folder)
+
+
 def test_format_fp16_exports_fp16_graphs_and_dtype_overrides_the_recipe(run_cli, tiny_unet_dir, tmp_path):
     import json
 

@@ -15,6 +15,7 @@ on first use, possibly long after; ``check_unchanged`` refuses a file changed in
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -287,6 +288,8 @@ def _check_structure(manifest: dict, path: Path) -> None:
     if groups is not None and not (isinstance(groups, dict) and isinstance(groups.get("ranges"), list)
                                    and groups["ranges"]):
         raise bad("'groups' must be null or hold a list of t ranges")
+    if groups is not None:
+        _check_groups(groups, bad)
     count = len(groups["ranges"]) if groups else 1
     files_key = "engines" if manifest.get("kind") == "tensorrt" else "graphs"
     blocks = manifest["blocks"]
@@ -305,6 +308,18 @@ def _check_structure(manifest: dict, path: Path) -> None:
                 "1 file" if count == 1 else f"1 or {count} files (one per timestep group)"))
         if files_key == "graphs" and not isinstance(block.get("weights"), str):
             raise bad(f"block {block['name']}: no 'weights' file")
+
+
+def _check_groups(groups: dict, bad) -> None:
+    """Ranges [lo, hi] of t in increasing order; the thresholds between them, where written, are
+    their midpoints (what the runtime switches at: an edited threshold would not be followed)."""
+    ranges = groups["ranges"]
+    numbers = all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              and math.isfinite(v) for v in r) for r in ranges)
+    if not numbers or any(lo > hi for lo, hi in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(ranges)):
+        raise bad("'groups' ranges must be [low, high] pairs of t in increasing order, not overlapping")
+    if "thresholds" in groups and groups["thresholds"] != [(a[1] + b[0]) / 2 for a, b in itertools.pairwise(ranges)]:
+        raise bad("'groups' thresholds must be the midpoints between neighbouring ranges")
 
 
 def deployed_bytes(folder: str | Path) -> int:

@@ -252,8 +252,8 @@ def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -
         raise FinetuneError(f"{folder}: finetuning stopped after {record['done_batches']} of {batches} batches; "
                             "rerun exporter finetune with the same options to finish it")
     context = getattr(loaded.model, "_exporter_context", None)
-    groups = context.groups.to_dict() if context is not None and context.groups else None
-    if json.loads(json.dumps(groups)) != record["groups"]:
+    groups = context.groups.ranges if context is not None and context.groups else None
+    if json.loads(json.dumps(groups)) != (record["groups"] or {}).get("ranges"):
         raise FinetuneError(f"{folder} was finetuned with other timestep groups than this quantized model's; "
                             "use the calibration and recipe it was finetuned from")
     if json.loads(json.dumps(dataclasses.asdict(quantization))) != record["quantization"]:

@@ -16,7 +16,7 @@ cost is found exactly by dynamic programming, O(K T^2) over T calibrated timeste
     best[k][j] = min_i best[k-1][i-1] + cost(i..j)
 
 Lookup: the threshold between two neighbouring groups is the midpoint of the last t of one and
-the first t of the next. A t outside the calibrated coverage uses the nearest group, with one
+the first t of the next (a t equal to it belongs to the later group). A t outside the calibrated coverage uses the nearest group, with one
 warning per ``TimestepGroups`` object.
 """
 
@@ -102,7 +102,9 @@ class TimestepGroups:
         return bisect.bisect_right(self.thresholds, t)
 
     def to_dict(self) -> dict:
-        return {"ranges": [list(r) for r in self.ranges]}
+        # the thresholds are derived from the ranges, written out for readers of a manifest who pick
+        # the group themselves (a server of their own): t < thresholds[0] is group 0, and so on
+        return {"ranges": [list(r) for r in self.ranges], "thresholds": list(self.thresholds)}
 
     @classmethod
     def from_dict(cls, data: dict) -> TimestepGroups:
