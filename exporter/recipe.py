@@ -60,6 +60,13 @@ class CalibrationSpec:
                 raise RecipeError(f"{where}.{name} must be >= 1")
         if self.steps_per_trajectory is not None and not 1 <= self.steps_per_trajectory <= self.steps:
             raise RecipeError(f"{where}.steps_per_trajectory must lie in [1, steps]")
+        if self.timestep_sampling == "normal" and (self.steps_per_trajectory or self.steps) >= self.steps:
+            # the draws are distinct steps of a trajectory: drawing all of them is every step, uniform
+            raise RecipeError(f"{where}.timestep_sampling: normal draws steps_per_trajectory of the {self.steps} "
+                              "steps around 0.4 T; set steps_per_trajectory below steps (recording every step "
+                              "is uniform sampling)")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise RecipeError(f"{where}.seed must be >= 0")
         if self.latent is not None and (len(self.latent) != 2 or min(self.latent) < 1):
             raise RecipeError(f"{where}.latent must be [height, width], both >= 1")
 

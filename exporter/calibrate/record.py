@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from exporter import __version__
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_write_bytes, atomic_write_json, occupied
 from exporter.models import load_conditioning, load_model
 from exporter.models.loading import read_json
@@ -66,6 +67,20 @@ def recorded_steps(spec: CalibrationSpec, timesteps: list[int], trajectory: int,
     return sorted(chosen)
 
 
+def model_config(config: dict) -> dict:
+    """The architecture part of a model's config.json (not diffusers' bookkeeping keys, ``_...``)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, by name, as loaded (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -87,6 +102,7 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
     rows = spec.rows if spec.rows is not None else list(range(conditioning.num_rows or 1))
     conditioning.check_rows(rows)
     shape = adapter.sample_shape_at(loaded.model, spec.latent)  # a latent the model cannot take: refused here
+    set_steps(make_scheduler(spec.scheduler, loaded.scheduler_config), spec.steps)  # a step count it cannot take too
     blocks = adapter.blocks(loaded.model, split=spec.split)
     read = {n for b in blocks for n in b.inputs}
     produced_in_order = [n for b in blocks for n in (*b.inputs, *b.outputs)]  # model inputs come first
@@ -97,6 +113,10 @@ def calibrate(model: str, out: str | Path, spec: CalibrationSpec, cond: str | Pa
         "schema": SCHEMA,
         "model": str(loaded.directory),
         "model_class": adapter.class_name,
+        # what the model was, not only where: a calibration of another config is refused where it is
+        # used, and other weights under the same path do not resume
+        "model_config": model_config(adapter.config),
+        "weights_sha256": weights_sha256(loaded.model),
         "conditioning": str(conditioning.source) if conditioning.source else None,
         # what the rows were, not only where: another file under the same name must not resume
         "conditioning_sha256": _sha256(conditioning.source) if conditioning.source else None,
@@ -190,6 +210,11 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     for path in debris:
         path.unlink()
     old = read_json(spec_file, "calibration spec")
+    if isinstance(old, dict) and not old.get("shards"):
+        # an earlier run that stopped before its first shard (a refused option, a divergence, a kill):
+        # nothing recorded to keep or mix with, whatever its spec was
+        log.info("%s holds no recorded shard of an earlier run; starting over", out)
+        return {}
     # spec fields added since that run was written take their defaults (e.g. latent: the model's own size)
     old["spec"] = {**dataclasses.asdict(CalibrationSpec()), **old.get("spec", {})}
     keys = ("schema", "model_class", "spec", "tensors")
@@ -199,6 +224,10 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     if any(old.get(k) != state[k] for k in keys) or not _same_path(old.get("model"), state["model"]):
         raise CalibrationError(f"{out} holds calibration data of another model or spec; "
                                "choose another --out or delete it")
+    for key, what in (("model_config", "another config"), ("weights_sha256", "other weights")):
+        if key in old and old[key] != state[key]:  # folders from before these keys: the path decided
+            raise CalibrationError(f"{out} holds calibration data recorded from {what} than {state['model']} has "
+                                   "now; choose another --out or delete it")
     if not same_conditioning:
         raise CalibrationError(f"{out} holds calibration data recorded with another conditioning file "
                                f"({old.get('conditioning')}); choose another --out or delete it")
@@ -242,6 +271,20 @@ class CalibrationData:
         for path in self.paths:
             if not path.is_file() or _sha256(path) != state["shards"][path.name]["sha256"]:
                 raise CalibrationError(f"{path}: missing or modified since calibration (sha256 mismatch)")
+
+    def check_recorded_from(self, adapter) -> None:
+        """Refuse data recorded from another architecture than ``adapter``'s model: its tensors would
+        not fit the blocks (a shape error or a missing tensor deep in a run)."""
+        if self.state.get("model_class") != adapter.class_name:
+            raise UsageError(f"{self.directory} was recorded from a {self.state.get('model_class')}, "
+                             f"not this {adapter.class_name}")
+        recorded = self.state.get("model_config")  # absent in folders from before 2026-12-05
+        if recorded is not None and recorded != json.loads(json.dumps(model_config(adapter.config))):
+            ours = model_config(adapter.config)
+            differ = sorted(k for k in {*recorded, *ours} if recorded.get(k) != ours.get(k))
+            shown = ", ".join(f"{k} {recorded.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
+            raise UsageError(f"{self.directory} was recorded from a {adapter.class_name} of another config "
+                             f"({shown}{', ...' if len(differ) > 3 else ''}); calibrate this model")
 
     @property
     def timesteps(self) -> list[int]:

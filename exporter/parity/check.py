@@ -108,6 +108,7 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, sample
         raise UsageError("parity needs calibration data for real inputs: pass --calib (FP32 graphs) "
                          "or export from a calibration folder")
     data = CalibrationData(calib)
+    data.check_recorded_from(loaded.adapter)
     shard = next(iter(data))
     context = getattr(loaded.model, "_exporter_context", None)
     per_group: dict[int, dict] = {}

@@ -281,9 +281,7 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
         if calib_dir is None:
             raise UsageError("activation quantization needs calibration data: run exporter calibrate first")
         data = CalibrationData(calib_dir)
-        if data.state.get("model_class") != adapter.class_name:
-            raise UsageError(f"{calib_dir} was recorded from a {data.state.get('model_class')}, "
-                             f"not this {adapter.class_name}")
+        data.check_recorded_from(adapter)
 
     def calibration_pass(mode: str, desc: str) -> None:
         from tqdm.auto import tqdm

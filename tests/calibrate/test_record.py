@@ -186,6 +186,13 @@ def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_
     assert "Traceback" not in result.stderr
     with pytest.raises(RecipeError, match="timestep_sampling"):
         CalibrationSpec(timestep_sampling="log").validate("x")
+    # drawing every step of a trajectory records each once: uniform sampling under PTQ4DM's name
+    for every in (None, 20):
+        with pytest.raises(RecipeError, match="set steps_per_trajectory below steps"):
+            CalibrationSpec(timestep_sampling="normal", steps=20, steps_per_trajectory=every).validate("x")
+    CalibrationSpec(timestep_sampling="normal", steps=20, steps_per_trajectory=19).validate("x")
+    with pytest.raises(RecipeError, match=r"x.seed must be >= 0"):
+        CalibrationSpec(seed=-1).validate("x")
 
 
 def test_nan_in_recorded_activations_names_the_tensor(tiny_unet_dir, tmp_path):
@@ -226,3 +233,58 @@ def test_peak_memory_does_not_grow_with_the_trajectory_count(tmp_path):
     # Held in memory, the 48 extra trajectories would add 6 shards (~225 MiB). Streamed, the peak
     # only moves by allocator noise (measured: 16 -> 638, 24 -> 639, 48 -> 666, 72 -> 672 MiB).
     assert peaks[64] - peaks[16] < 2 * shard_mib, (peaks, shard_mib)
+
+
+def test_data_of_another_config_is_refused_where_it_is_used(tiny_unet_dir, tiny_unet_calib, tmp_path):
+    # same class, other architecture: before, a shape error or a KeyError deep in PTQ
+    import shutil
+
+    from exporter.quant.ptq import quantize_model
+    from exporter.recipe import QuantizationSpec
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_unet_dir, other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, "attention_head_dim": 2}))
+    with pytest.raises(UsageError, match=r"recorded from a UNet2DConditionModel of another config "
+                                         r"\(attention_head_dim 4 there, 2 here\); calibrate this model"):
+        quantize_model(load_model(other), QuantizationSpec(), tiny_unet_calib)
+    quantize_model(load_model(tiny_unet_dir), QuantizationSpec(), tiny_unet_calib)  # its own model
+
+
+def test_other_weights_under_the_same_path_do_not_resume(tiny_unet_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_unet_dir, model)
+    out = tmp_path / "calib"
+    calibrate(str(model), out, SPEC, progress=False)
+    (out / "shard-00001.safetensors").unlink()  # interrupted
+    state = json.loads((out / "spec.json").read_text())
+    (out / "spec.json").write_text(json.dumps({**state, "complete": False}))
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({n: 3 * t for n, t in load_file(str(weights)).items()}, str(weights))  # retrained, same path
+    with pytest.raises(CalibrationError, match="recorded from other weights than .* has now"):
+        calibrate(str(model), out, SPEC, progress=False)
+
+
+def test_a_first_run_that_recorded_nothing_does_not_block_the_next(tiny_unet_dir, tmp_path, monkeypatch):
+    from exporter.calibrate import record
+
+    out = tmp_path / "calib"
+    with pytest.raises(UsageError, match="1001 denoising steps"):  # refused before anything is written
+        calibrate(str(tiny_unet_dir), out, CalibrationSpec(steps=1001), progress=False)
+    assert not out.exists() or not any(out.iterdir())
+
+    def diverged(*args):
+        raise CalibrationError("NaN/Inf in tensor 'sample'")
+
+    monkeypatch.setattr(record, "_record_batch", diverged)
+    with pytest.raises(CalibrationError, match="NaN/Inf"):
+        calibrate(str(tiny_unet_dir), out, SPEC, progress=False)
+    assert json.loads((out / "spec.json").read_text())["shards"] == {}
+    monkeypatch.undo()
+    other = CalibrationSpec(trajectories=1, steps=2, seed=5)  # another spec: nothing recorded to mix with
+    assert calibrate(str(tiny_unet_dir), out, other, progress=False)["complete"]
