@@ -19,7 +19,8 @@ log = logging.getLogger("exporter")
 
 def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", required=True, help="reference name (digits-unet, digits-dit) or model directory")
+        p.add_argument("--model", help="reference name (digits-unet, digits-dit) or model directory (default: the "
+                       "recipe's model, or the --finetuned run's)")
     p.add_argument("--cond", type=Path, help="conditioning safetensors (default: the model's or graphs' own)")
     add_image_options(p)
     p.add_argument("--batch-size", type=positive_int, default=40, help="images per denoiser call")
@@ -83,11 +84,14 @@ def cmd_sample(args) -> None:
             raise UsageError(f"{fmt or args.recipe}: export.dtype {recipe.export.dtype} is a type of the exported "
                              "graphs; sample runs PyTorch in FP32: export the graphs and use exporter run")
         quantization = recipe.quantization
+        args.model = args.model or recipe.model
         if quantization is not None and quantization.activations is not None and args.calib is None:
             raise UsageError("quantized activations need --calib (a folder written by exporter calibrate)")
         if quantization is None and args.calib is not None:  # it would be recorded but not used
             raise UsageError(f"--calib with an unquantized recipe ({fmt or args.recipe}): leave out --calib for FP32 "
                              "images, or pick a quantized --format / --recipe")
+    if args.model is None:
+        raise UsageError("no model: pass --model (or --finetuned DIR, which brings its own, or a recipe with 'model')")
     record = sample_pytorch(args.model, args.out, calib=args.calib, quantization=quantization,
                             finetuned=args.finetuned, latent=args.latent, **sampling_kwargs(args))
     print(f"wrote {record['precision']} images to {args.out}")

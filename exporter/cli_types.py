@@ -38,6 +38,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def names_from(choices) -> callable:
+    """An argparse type for a comma-separated list drawn from ``choices`` (the tools' --models, --formats)."""
+    choices = list(choices)
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: a comma-separated list of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def finite_float(text: str) -> float:
     """A number that is not NaN or infinite (a NaN guidance scale would silently turn guidance off)."""
     try:

@@ -70,6 +70,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     sampling = dataclasses.asdict(recipe.sampling) | {k: v for k, v in chosen.items() if v is not None}
     recipe_from_dict({"sampling": sampling}, where="pipeline options")  # an override the recipe would refuse
     cache_interval = sampling.pop("cache_interval")
+    _preflight(model, sampling)
     started = time.perf_counter()
 
     calib = None
@@ -159,6 +160,27 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     print(format_summary(summary))
     print(f"wrote {root}/ (summary.json, graphs/, images/)")
     return summary
+
+
+def _preflight(model: str, sampling: dict) -> None:
+    """What the run stage would refuse, refused before calibrating, finetuning and exporting for
+    minutes: rows the conditioning file lacks, a step count the scheduler cannot take, a bad
+    EXPORTER_ORT_* setting (README "Benchmarks")."""
+    from exporter.models import load_conditioning, load_model
+    from exporter.reference import resolve
+    from exporter.runtime.ort_conv import float_conv_weights_budget
+    from exporter.runtime.ort_integer import integer_matmul_enabled
+    from exporter.sampling.pytorch import BUILTIN_DEFAULTS
+    from exporter.sampling.schedulers import make_scheduler, set_steps
+
+    integer_matmul_enabled()
+    float_conv_weights_budget()
+    loaded = load_model(resolve(model))
+    if sampling["rows"] is not None:
+        load_conditioning(loaded.default_conditioning, loaded.adapter).check_rows(sampling["rows"])
+    defaults = {**BUILTIN_DEFAULTS, **loaded.sampling_defaults}
+    scheduler = make_scheduler(sampling["scheduler"] or defaults["scheduler"], loaded.scheduler_config)
+    set_steps(scheduler, sampling["steps"] if sampling["steps"] is not None else defaults["steps"])
 
 
 def format_summary(summary: dict) -> str:

@@ -87,6 +87,7 @@ def test_missing_model_directory(run_cli, tmp_path):
     one_line_error(run_cli("sample", "--model", tmp_path / "absent", "--out", tmp_path / "o"),
                    "model directory not found", "absent")
     assert not (tmp_path / "o").exists()
+    one_line_error(run_cli("sample", "--out", tmp_path / "o"), "no model: pass --model")
 
 
 def test_corrupted_weights(run_cli, broken_copy, tmp_path):
@@ -249,3 +250,23 @@ def test_format_fp16_exports_fp16_graphs_and_dtype_overrides_the_recipe(run_cli,
     recipe.write_text("quantization: null\nexport:\n  dtype: fp64\n")
     result = run_cli("export", "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "d")
     assert result.returncode == 2 and "export.dtype: 'fp64' is not one of fp32, fp16, bf16" in result.stderr
+
+
+def test_the_tools_refuse_bad_options_before_any_work(tmp_path):
+    # before: a KeyError or a pool error after minutes of calibration, or --steps 0 silently the full run
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "work" / "graphs").mkdir(parents=True)
+    out = ["--out", str(tmp_path / "out")]
+    for tool, options, message in (
+            ("ptq_evidence.py", [*out, "--formats", "int4"], "argument --formats: invalid value 'int4'"),
+            ("ptq_evidence.py", [*out, "--workers", "0"], "argument --workers: invalid value '0'"),
+            ("finetune_evidence.py", [*out, "--models", "digits-unett"], "argument --models: invalid value"),
+            ("train_reference.py", [*out, "digits-dit", "--steps", "0"], "argument --steps: invalid value '0'"),
+            ("real_size.py", ["--work", str(tmp_path / "work")], "holds an earlier run's graphs")):
+        result = subprocess.run([sys.executable, str(root / "tools" / tool), *options], capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == 2 and message in result.stderr, (tool, result.stderr[-2000:])
+    assert not (tmp_path / "out").exists()

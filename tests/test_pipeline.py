@@ -58,3 +58,21 @@ def test_the_fp16_format_runs_fp16_graphs_beside_the_fp32_baseline(tiny_unet_dir
     bf16.write_text("quantization: null\nexport:\n  dtype: bf16\n")
     result = run_cli("pipeline", "--model", tiny_unet_dir, "--recipe", bf16, "--out", tmp_path / "b")
     assert result.returncode == 2 and "no bf16 kernels" in result.stderr and not (tmp_path / "b").exists()
+
+
+def test_what_the_run_stage_would_refuse_is_refused_before_calibrating(tiny_unet_dir, tmp_path, monkeypatch):
+    # before: refused after calibration, export, lint and parity, and the folder then blocked a rerun
+    import pytest
+
+    from exporter.errors import UsageError
+    from exporter.pipeline import run_pipeline
+
+    out = tmp_path / "run"
+    for options, message in (({"rows": [3]}, r"row\(s\) \[3\] out of range"),
+                             ({"rows": [0], "steps": 1001}, "1001 denoising steps")):
+        with pytest.raises(UsageError, match=message):
+            run_pipeline(str(tiny_unet_dir), out, "int8", progress=False, **options)
+    monkeypatch.setenv("EXPORTER_ORT_INTEGER_MATMUL", "maybe")
+    with pytest.raises(UsageError, match="EXPORTER_ORT_INTEGER_MATMUL='maybe'"):
+        run_pipeline(str(tiny_unet_dir), out, "int8", rows=[0], progress=False)
+    assert not out.exists()  # nothing calibrated, nothing in the way of the corrected command

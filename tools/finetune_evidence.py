@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.cli_types import names_from, positive_int
+
 MODELS = ("digits-unet", "digits-dit")
 FORMATS = ("w4a8", "w4a4")
 QAT_FORMATS = ("w4a4",)
@@ -102,11 +104,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-evidence")
     parser.add_argument("--ptq-evidence", type=Path, default=ROOT / "runs" / "evidence",
                         help="tools/ptq_evidence.py's folder, whose calibration and FP32 images are reused")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--workers", type=int, default=2, help="parallel jobs (one thread each)")
+    parser.add_argument("--models", type=names_from(MODELS), default=list(MODELS))
+    parser.add_argument("--workers", type=positive_int, default=2, help="parallel jobs (one thread each)")
     args = parser.parse_args()
     jobs, fp32 = [], {}
-    for model in args.models.split(","):
+    for model in args.models:
         calib, fp32_dir = prepare(model, args.out, args.ptq_evidence)
         fp32[model] = json.loads((fp32_dir / "metrics.json").read_text())
         for fmt in FORMATS:
@@ -121,7 +123,9 @@ def main() -> None:
         for i, r in enumerate(pool.imap_unordered(run_job, jobs), 1):
             print(f"[{i}/{len(jobs)}] {r['model']} {r['format']} {r['variant']}: {r['psnr']:.2f} dB "
                   f"(elapsed {time.perf_counter() - start:.0f} s)", flush=True)
-    results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/*/*/result.json"))]
+    # this run's models only: --out may hold another model's results of an earlier run
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(args.out.glob("*/*/*/result.json")))
+               if r["model"] in args.models]
     (args.out / "finetune.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, fp32)
     (args.out / "finetune.md").write_text(table)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.cli_types import names_from, positive_int
 from exporter.recipe import QuantizationSpec
 
 MODELS = ("digits-unet", "digits-dit")
@@ -155,11 +156,11 @@ def plot_ranges(root: Path, model: str) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evidence")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--formats", default=",".join(FORMATS))
-    parser.add_argument("--workers", type=int, default=2, help="parallel jobs (one thread each)")
+    parser.add_argument("--models", type=names_from(MODELS), default=list(MODELS))
+    parser.add_argument("--formats", type=names_from(FORMATS), default=list(FORMATS))
+    parser.add_argument("--workers", type=positive_int, default=2, help="parallel jobs (one thread each)")
     args = parser.parse_args()
-    models, formats = args.models.split(","), args.formats.split(",")
+    models, formats = args.models, args.formats
     jobs = []
     for model in models:
         calib, fp32, has_sites = prepare(model, args.out)

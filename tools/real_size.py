@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from exporter.cli_types import positive_int
 
 # W8A8 with the settings a real run would take, scaled down in calibration effort only: 2 timestep
 # groups, split shortcut, min-max ranges (the MSE observers' histograms cost minutes at this size).
@@ -69,13 +72,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--work", type=Path, required=True, help="working folder (model, calib, graphs, logs)")
-    parser.add_argument("--trajectories", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--trajectories", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=4)
     parser.add_argument("--parity-block", help="the block checked for parity (default: the last up layer)")
     parser.add_argument("--fp32", action="store_true", help="also export the unquantized FP32 graphs and lint them")
     args = parser.parse_args()
     block = args.parity_block or {"sd15": "up3.layer2", "sdxl": "up2.layer2"}[args.layout]
     work = args.work
+    # an earlier run's outputs would be reported (sizes) or resumed (calibration) as this run's
+    earlier = [name for name in ("calib", "graphs", "graphs-fp32", "images") if (work / name).exists()]
+    if earlier:
+        parser.error(f"{work} holds an earlier run's {', '.join(earlier)}; delete them (model/ is reused) "
+                     "or choose another --work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.yaml").write_text(RECIPE.format(trajectories=args.trajectories, steps=args.steps))
     exporter = [sys.executable, "-m", "exporter", "-q"]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.cli_types import finite_float, positive_int
 from exporter.reference.digits import NUM_CLASSES, RESOLUTION, load_digits_16
 
 log = logging.getLogger("train_reference")
@@ -222,9 +223,9 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, sn
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=sorted(SETTINGS))
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--steps", type=positive_int)
+    parser.add_argument("--batch", type=positive_int)
+    parser.add_argument("--lr", type=finite_float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="default: exporter/reference/<model>")
@@ -236,9 +237,9 @@ def main() -> None:
     cfg = SETTINGS[args.model]
     train(
         args.model,
-        steps=args.steps or cfg["steps"],
-        batch=args.batch or cfg["batch"],
-        lr=args.lr or cfg["lr"],
+        steps=args.steps if args.steps is not None else cfg["steps"],
+        batch=args.batch if args.batch is not None else cfg["batch"],
+        lr=args.lr if args.lr is not None else cfg["lr"],
         seed=args.seed,
         out=args.out or ROOT / "exporter" / "reference" / args.model,
         snapshot_every=args.snapshot_every,

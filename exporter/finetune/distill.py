@@ -157,6 +157,13 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; finetuning writes a folder")
+    # a finetune folder holds its record and checkpoint (and the temporary file of a killed write):
+    # anything else (a graphs or calibration folder) is not ours to write into
+    ours = (RECORD, CHECKPOINT, CHECKPOINT + ".partial")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours
+                     and not (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+    if foreign:
+        raise UsageError(f"{out} exists and is not a finetune folder (it holds {foreign[0]}); choose another --out")
     teacher, student = load_model(resolve(model)), load_model(resolve(model))
     summary = quantize_model(student, quantization, calib)
     out.mkdir(parents=True, exist_ok=True)  # only now: a model or calibration refused above leaves no empty folder
@@ -230,7 +237,7 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
         record["seconds"] = round(time.perf_counter() - start, 1)
         bar.set_postfix(loss=f"{record['losses'][-1]:.2e}")
         if record["done_batches"] % spec.checkpoint_every == 0 or record["done_batches"] == batches:
-            partial = out / (CHECKPOINT + ".partial")
+            partial = out / (CHECKPOINT + ".partial")  # a kill leaves this, never a half checkpoint
             save_file(_state_tensors(layers, optimizer), str(partial), metadata={"record": json.dumps(record)})
             os.replace(partial, out / CHECKPOINT)
             atomic_write_json(out / RECORD, record)

@@ -194,7 +194,7 @@ def test_cli_finetunes_a_dit_and_samples_and_exports_from_the_run(tiny_dit_dir, 
                      "--out", tmp_path / "ft")
     assert result.returncode == 0, result.stderr
     assert "export with: exporter export --finetuned" in result.stdout
-    result = run_cli("sample", "--model", tiny_dit_dir, "--finetuned", tmp_path / "ft", "--rows", "0",
+    result = run_cli("sample", "--finetuned", tmp_path / "ft", "--rows", "0",  # the run brings its model
                      "--per-row", "2", "--steps", "2", "--out", tmp_path / "img")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "img" / "samples.json").read_text())["finetuned"] == str(tmp_path / "ft")
@@ -240,3 +240,7 @@ def test_a_refused_calibration_or_a_file_as_out_leaves_nothing_behind(tiny_unet_
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match=r"--out .*file is a file; finetuning writes a folder"):
         finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "file", progress=False)
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / "manifest.json").write_text("{}")  # another stage's folder: not written into
+    with pytest.raises(UsageError, match="graphs exists and is not a finetune folder .*manifest.json"):
+        finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "graphs", progress=False)
