@@ -71,10 +71,9 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
     import torch
 
     result = {"quick": quick, "plan": dataclasses.asdict(plan), "deepcache_package": _deepcache_version(),
-              "threads": {"torch": torch.get_num_threads(), "onnxruntime": os.cpu_count()}, "models": {}}
-    if torch.get_num_threads() != os.cpu_count():  # e.g. OMP_NUM_THREADS set: the race would be unfair
-        log.warning("PyTorch runs %d threads, ONNX Runtime %d: unset OMP_NUM_THREADS for a fair comparison",
-                    torch.get_num_threads(), os.cpu_count())
+              # the runtime's sessions are given PyTorch's thread count (exporter.bench.variants)
+              "threads": {"torch": torch.get_num_threads(), "onnxruntime": torch.get_num_threads(),
+                          "cpus": os.cpu_count()}, "models": {}}
     earlier = out / "bench.json"
     if earlier.is_file():  # a folder of the other mode holds calibration and graphs of another plan
         try:

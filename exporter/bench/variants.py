@@ -67,7 +67,11 @@ def open_variant(variant: Variant, model: str, graphs: dict[str, Path], shared: 
             raise UsageError(f"no {variant.precision} graphs for {variant.name}")
         key = ("runtime", variant.precision)
         if key not in shared:
-            shared[key] = Runtime.load(graphs[variant.precision])
+            import torch
+
+            # ONNX Runtime's sessions get as many threads as PyTorch has, whatever its own default
+            # would be (physical cores; PyTorch's OMP_NUM_THREADS, when set): one race, one thread count
+            shared[key] = Runtime.load(graphs[variant.precision], threads=torch.get_num_threads())
         runtime = shared[key]
 
         def run_graphs(s: SampleSettings) -> Images:

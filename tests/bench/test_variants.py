@@ -64,3 +64,17 @@ def test_memory_probe_reports_its_own_process(tiny_unet_dir, graphs):
                           SampleSettings(rows=(0,), per_row=1, steps=2))
     assert 50 < peak < 1024
     del ballast
+
+
+def test_the_runtime_gets_as_many_threads_as_pytorch(graphs, tiny_unet_dir):
+    # one race, one thread count: ONNX Runtime's default (physical cores) may differ from PyTorch's
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        generate = open_variant(Variant("fp32", "runtime", precision="fp32"), str(tiny_unet_dir), graphs)
+    finally:
+        torch.set_num_threads(before)
+    assert generate.runtime.backend.threads == 1
+    generate(SETTINGS)
+    session = next(iter(generate.runtime.backend._sessions.values()))
+    assert session.get_session_options().intra_op_num_threads == 1
