@@ -58,17 +58,18 @@ def example_tensors(loaded, blocks, conditioning, sample_shape=None) -> dict[str
     return env
 
 
-def dynamic_axes(names, env) -> dict[str, dict[int, str]]:
-    """Batch everywhere; height and width of image-shaped tensors."""
+def dynamic_axes(names, env, spatial: bool = True) -> dict[str, dict[int, str]]:
+    """Batch everywhere; height and width of image-shaped tensors when ``spatial`` (UNets: a
+    transformer's token count and position embedding are fixed, so its graphs declare its size)."""
     axes = {}
     for name in names:
         axes[name] = {0: "batch"}
-        if env[name].ndim == 4:
+        if spatial and env[name].ndim == 4:
             axes[name].update({2: f"{name}_height", 3: f"{name}_width"})
     return axes
 
 
-def _trace(block, env, scratch: Path) -> onnx.ModelProto:
+def _trace(block, env, scratch: Path, spatial: bool) -> onnx.ModelProto:
     """The block as traced by torch.onnx.export, its weights external data in ``scratch``.
 
     Traced into a file, not memory: a block over protobuf's 2 GB limit (SDXL's up0 in FP16 or
@@ -84,7 +85,7 @@ def _trace(block, env, scratch: Path) -> onnx.ModelProto:
         try:
             torch.onnx.export(block, tuple(env[n] for n in block.inputs), str(path), dynamo=False,
                               opset_version=OPSET, input_names=list(block.inputs), output_names=list(block.outputs),
-                              dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env),
+                              dynamic_axes=dynamic_axes((*block.inputs, *block.outputs), env, spatial),
                               do_constant_folding=True)
         finally:
             for module, training in modes.items():
@@ -94,10 +95,11 @@ def _trace(block, env, scratch: Path) -> onnx.ModelProto:
     return model
 
 
-def export_graph(block, env, weights: WeightFile, path: Path, opset: int | None = None) -> None:
-    """One graph: traced, simplified, weights appended to ``weights``, saved to ``path``, checked."""
+def export_graph(block, env, weights: WeightFile, path: Path, opset: int | None = None, spatial: bool = True) -> None:
+    """One graph: traced, simplified, weights appended to ``weights``, saved to ``path``, checked.
+    ``spatial``: height and width dynamic (``dynamic_axes``)."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
-        onnx.save_model(finalize(_trace(block, env, Path(scratch)), weights, opset, Path(scratch)), path)
+        onnx.save_model(finalize(_trace(block, env, Path(scratch), spatial), weights, opset, Path(scratch)), path)
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -140,6 +142,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     conditioning = load_conditioning(loaded.default_conditioning, adapter)
     env = example_tensors(loaded, blocks, conditioning)  # the model's own size: the manifest's shapes
     traced_latent = adapter.trace_sample_shape(loaded.model)  # smaller for UNets: same graphs, traced faster
+    resizable = adapter.latent_multiple(loaded.model) is not None
     trace_env = env if traced_latent == adapter.sample_shape else example_tensors(loaded, blocks, conditioning,
                                                                                    traced_latent)
     if dtype != "fp32":
@@ -162,7 +165,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                     for layer in layers:
                         layer.prepare_export(g)
                     name = f"{block.name}.onnx" if _group_count(block, groups) == 1 else f"{block.name}.g{g}.onnx"
-                    export_graph(block, trace_env, weights, partial / name, BF16_OPSET if dtype == "bf16" else None)
+                    export_graph(block, trace_env, weights, partial / name, BF16_OPSET if dtype == "bf16" else None,
+                                 spatial=resizable)
                     files.append(name)
                     bar.update(1)
                 exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})

@@ -163,7 +163,7 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
     block_entries = []
     for item in exported:
         block = item["block"]
-        axes = dynamic_axes((*block.inputs, *block.outputs), env)
+        axes = dynamic_axes((*block.inputs, *block.outputs), env, adapter.latent_multiple(loaded.model) is not None)
         layers = item["layers"]
         block_entries.append({
             "name": block.name,

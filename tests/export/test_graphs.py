@@ -349,11 +349,11 @@ def test_a_failed_export_leaves_nothing_half_written(tiny_unet_dir, tmp_path, mo
 
     real, calls = graphs.export_graph, []
 
-    def second_graph_fails(*args):
+    def second_graph_fails(*args, **kwargs):
         calls.append(args)
         if len(calls) == 2:
             raise RuntimeError("trace failed")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(graphs, "export_graph", second_graph_fails)
     with pytest.raises(RuntimeError, match="trace failed"):

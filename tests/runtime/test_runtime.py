@@ -63,6 +63,16 @@ def test_dit_graphs_with_class_labels(tiny_dit_dir, tmp_path):
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-3
     assert runtime.manifest["latent_multiple"] is None  # the adapter's: a transformer's token count is fixed
+    # and its graphs say so: only the batch is dynamic, in the manifest and in the ONNX files (TensorRT
+    # profiles or trtexec shapes of another size would fail inside the graph)
+    import onnx
+
+    for block in runtime.manifest["blocks"]:
+        for tensor in block["inputs"]:
+            assert [d for d in tensor["shape"] if isinstance(d, str)] == ["batch"], (block["name"], tensor)
+        graph = onnx.load(str(tmp_path / "g" / block["graphs"][0]), load_external_data=False).graph
+        for value in graph.input:  # what a TensorRT profile or trtexec's --shapes sets
+            assert [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param] == ["batch"], value.name
     own = runtime.generate(rows=[1], per_row=1, steps=2, latent=(8, 8), progress=False)  # its own size
     assert own.keys() == {(1, 0)} and tuple(own[(1, 0)].shape) == (1, 8, 8) and torch.isfinite(own[(1, 0)]).all()
     with pytest.raises(UsageError, match=r"DiTTransformer2DModel graphs are exported for latent 8x8 only"):
