@@ -131,11 +131,12 @@ def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, sample
     return per_group
 
 
-def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None) -> dict:
+def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None
+                    ) -> tuple[dict, list[int] | None]:
     """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``
-    (whose profile must take ``latent``)."""
+    (whose profile must take ``latent``), and the engines' batch range (min, opt, max per call)."""
     if engines is None:
-        return {}
+        return {}, None
     from polygraphy.backend.trt import TrtRunner
 
     from exporter.build.gating import check_engines_compatible
@@ -154,7 +155,20 @@ def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: 
                 raise UsageError(f"{engines / plan} was built from another {source['graph']} than the one in "
                                  f"{folder}; rebuild the engines or pass their graphs folder")
             runners[source["graph"]] = (plan, TrtRunner(partial(deserialize, runtime, engines / plan)))
-    return runners
+    return runners, engine_manifest["tensorrt"]["batch"]
+
+
+def check_engine_batch(per_group: dict, batch: list[int], calib) -> None:
+    """Each group's inputs go through the engines as one batch: refused below the profile's
+    minimum (a timestep with fewer recorded samples) before anything runs, instead of polygraphy's
+    shape error from inside TensorRT."""
+    low = batch[0]
+    for group, data in per_group.items():
+        n = len(next(iter(data["env"].values())))
+        if n < low:
+            raise UsageError(f"timestep group {group} has {n} recorded sample(s) at t={data['t']:g} in {calib}, and the "
+                             f"engines take {low} to {batch[2]} per call: rebuild with a smaller build.images (or "
+                             "build.cfg false), or calibrate more trajectories")
 
 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
@@ -195,7 +209,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if latent is not None:
         check_latent(manifest, latent)
     # checked before work
-    trt_runners = _engine_runners(Path(engines) if engines else None, folder, manifest, latent)
+    trt_runners, engine_batch = _engine_runners(Path(engines) if engines else None, folder, manifest, latent)
+    if engine_batch is not None and samples > engine_batch[2]:  # one batch per graph, inside the profile
+        log.info("%d samples per graph: the engines take at most %d per call", engine_batch[2], engine_batch[2])
+        samples = engine_batch[2]
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
@@ -224,6 +241,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if unknown:
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
     per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
+    if engine_batch is not None:
+        check_engine_batch(per_group, engine_batch, calib)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
     disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU
@@ -256,6 +275,12 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 + ([OnnxrtRunner(runtime_session, name="runtime-session")] if rewritten else [])
             run = Comparator.run(runners, data_loader=[feed])
             del runners, runtime_session  # one runtime session alive at a time (a real-size block's weights)
+            # TensorRT returns bf16 engines' outputs as torch bfloat16 tensors, which polygraphy cannot
+            # compare with PyTorch's NumPy float32 outputs (it converts them with .numpy()): widened here
+            for i in range(1, len(run)):
+                for outputs in run[i][1]:
+                    for name in list(outputs.keys()):
+                        outputs[name] = comparable(outputs[name])
             (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
             accuracy = Comparator.compare_accuracy(  # every runner against PyTorch, by the same SQNR
                 run, comparisons=[(0, i) for i in range(1, len(run))],
@@ -263,7 +288,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             result = GraphParity(entry["name"], graph, group, _against(torch_out, ort_out), threshold,
                                  bool(accuracy), engine=plan, runtime=rewritten or None)
             if trt_runner is not None:
-                result.engine_outputs = _against(torch_out, {n: comparable(v) for n, v in run[2][1][0].items()})
+                result.engine_outputs = _against(torch_out, run[2][1][0])
             if rewritten:
                 result.runtime_outputs = _against(torch_out, run[-1][1][0])
             if not result.file_passed:  # the file itself: find the layer

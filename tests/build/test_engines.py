@@ -196,3 +196,37 @@ def test_lint_of_an_engines_folder_points_at_its_graphs(tiny_int8_graphs, fake_t
     with pytest.raises(UsageError, match="holds TensorRT engines; lint the graphs they were built from: "
                                          + re.escape(f"exporter lint {tiny_int8_graphs}")):
         lint_folder(tmp_path / "e")
+
+
+def test_parity_against_engines_compares_bfloat16_outputs_and_keeps_each_batch_in_the_profile(
+        tiny_int8_graphs, fake_tensorrt, monkeypatch, tmp_path):
+    # TensorRT's side of `exporter parity --engines` on CPU: each fake engine runs the graph it was built
+    # from on ONNX Runtime and answers in torch bfloat16, as polygraphy's TrtRunner does for bf16 engines
+    import polygraphy.backend.trt as polygraphy_trt
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from exporter.build import tensorrt
+    from exporter.parity import check_parity
+
+    engines = tmp_path / "e"
+    build_engines(tiny_int8_graphs, engines, BuildSpec(images=[1, 1, 2], cfg=True), progress=False)  # 2 to 4 per call
+    batches = []
+
+    class EngineAsItsGraph(OnnxrtRunner):
+        def __init__(self, load):  # load: partial(deserialize, runtime, plan)
+            graph = load.args[1].read_bytes().removeprefix(b"fake plan of ").decode()
+            super().__init__(SessionFromOnnx(str(tiny_int8_graphs / graph)), name=f"engine-{graph}")
+
+        def infer_impl(self, feed_dict):
+            batches.append(len(next(iter(feed_dict.values()))))
+            return {n: torch.from_numpy(v).to(torch.bfloat16) for n, v in super().infer_impl(feed_dict).items()}
+
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", EngineAsItsGraph)
+    monkeypatch.setattr(tensorrt, "folder_runtime", lambda folder, manifest: None)
+    results, _ = check_parity(tiny_int8_graphs, engines=engines, end_to_end_check=False, write_golden=False)
+    plans = {g: p for b in read_manifest(engines)["blocks"] for p, s in b["source_graphs"].items() for g in [s["graph"]]}
+    for r in results:  # compared (before: polygraphy's TypeError on bfloat16), to bfloat16's precision
+        assert r.engine == plans[r.graph] and all(30 < sqnr < 200 for sqnr, _ in r.engine_outputs.values()), r
+    assert batches and set(batches) == {4}  # 8 recorded samples per t, the engines' largest batch 4
+    with pytest.raises(UsageError, match=r"group \d has 1 recorded sample\(s\) .* engines take 2 to 4 per call"):
+        check_parity(tiny_int8_graphs, engines=engines, samples=1, end_to_end_check=False, write_golden=False)
