@@ -99,36 +99,45 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
 
 def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES,
                   latent: tuple[int, int] | None = None) -> dict[int, dict]:
-    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples; with
+    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples at
+    one t of the group, from the first shard that has one (shards are read one at a time, until
+    every group has its inputs: with steps drawn per trajectory a shard may miss a group); with
     ``latent``, the recorded latents resized to it (bilinear) before the blocks run on them."""
     from exporter.calibrate import CalibrationData
-    from exporter.models.blocks import run_blocks
 
     if calib is None:
         raise UsageError("parity needs calibration data for real inputs: pass --calib (FP32 graphs) "
                          "or export from a calibration folder")
     data = CalibrationData(calib)
     data.check_recorded_from(loaded.adapter)
-    shard = next(iter(data))
     context = getattr(loaded.model, "_exporter_context", None)
     per_group: dict[int, dict] = {}
-    ts = sorted({float(t) for t in shard["t"].tolist()})
-    for t in ts:
-        g = group_of(t)
-        if g in per_group:
-            continue
-        index = (shard["t"] == t).nonzero().flatten()[:samples]
-        env = {n: shard[n][index] for n in manifest["model_inputs"]}
-        env["timestep"] = env["timestep"].to(torch.float32)
-        if latent is not None and tuple(latent) != tuple(env["sample"].shape[2:]):
-            env["sample"] = torch.nn.functional.interpolate(env["sample"].float(), size=tuple(latent), mode="bilinear",
-                                                            align_corners=False).to(env["sample"].dtype)
-        if context is not None:
-            context.t = t
-        with torch.no_grad():
-            run_blocks(blocks, env, ("noise_pred",), keep=env)
-        per_group[g] = {"t": t, "env": {n: v.numpy() for n, v in env.items()}}
+    count = len(manifest["groups"]["ranges"]) if manifest["groups"] else 1
+    for shard in data:
+        if len(per_group) == count:
+            break
+        for t in sorted({float(t) for t in shard["t"].tolist()}):
+            g = group_of(t)
+            if g not in per_group:
+                per_group[g] = _group_inputs(manifest, blocks, shard, t, samples, latent, context)
     return per_group
+
+
+def _group_inputs(manifest, blocks, shard, t: float, samples: int, latent, context) -> dict:
+    """Every block tensor for up to ``samples`` recorded samples at ``t``."""
+    from exporter.models.blocks import run_blocks
+
+    index = (shard["t"] == t).nonzero().flatten()[:samples]
+    env = {n: shard[n][index] for n in manifest["model_inputs"]}
+    env["timestep"] = env["timestep"].to(torch.float32)
+    if latent is not None and tuple(latent) != tuple(env["sample"].shape[2:]):
+        env["sample"] = torch.nn.functional.interpolate(env["sample"].float(), size=tuple(latent), mode="bilinear",
+                                                        align_corners=False).to(env["sample"].dtype)
+    if context is not None:
+        context.t = t
+    with torch.no_grad():
+        run_blocks(blocks, env, ("noise_pred",), keep=env)
+    return {"t": t, "env": {n: v.numpy() for n, v in env.items()}}
 
 
 def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None
@@ -241,6 +250,11 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if unknown:
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
     per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
+    uncovered = sorted(set(range(len(groups) if groups else 1)) - set(per_group))
+    if uncovered:  # every graph is checked, or parity fails: a graph left out is not a passed one
+        raise UsageError(f"{calib} holds no sample at any t of timestep group(s) {uncovered} "
+                         f"(t ranges {[groups.ranges[g] for g in uncovered] if groups else 'all'}): pass the "
+                         "calibration the graphs were exported from (--calib)")
     if engine_batch is not None:
         check_engine_batch(per_group, engine_batch, calib)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
@@ -255,9 +269,6 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         for g, graph in enumerate(entry["graphs"]):
             bar.update(1)
             group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
-            if group not in per_group:
-                log.warning("no calibration sample falls in timestep group %d: %s not checked", group, graph)
-                continue
             t, env = per_group[group]["t"], per_group[group]["env"]
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)

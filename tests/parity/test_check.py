@@ -225,3 +225,27 @@ def test_sqnr_of_non_finite_outputs_is_the_worst_and_fails():
     nan_graph = GraphParity("b", "b.onnx", 0, {"y": (sqnr_db(reference, broken), np.nan)}, 40.0, False, self_sqnr=70.0)
     assert not nan_graph.passed and "| -inf dB |" in format_parity([nan_graph])
     assert "FAIL (first diverging layer" in format_parity([nan_graph])
+
+
+def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tmp_path):
+    # one t per trajectory, one trajectory per shard: the first shard holds one group only (before, the
+    # other group's graphs were skipped with a warning and parity still passed)
+    from exporter.calibrate import calibrate
+    from exporter.recipe import CalibrationSpec
+
+    spec = CalibrationSpec(trajectories=4, steps=6, batch_trajectories=1, guidance=2.0, timestep_sampling="normal",
+                           steps_per_trajectory=1)
+    state = calibrate(str(tiny_unet_dir), tmp_path / "c", spec, progress=False)
+    assert len(state["coverage"]) >= 2 and len(state["shards"]["shard-00000.safetensors"]["timesteps"]) == 1
+    folder = tmp_path / "g"
+    export_graphs(str(tiny_unet_dir), folder, calib=tmp_path / "c", quantization=QuantizationSpec(groups=2),
+                  progress=False)
+    results, _ = check_parity(folder, end_to_end_check=False)
+    manifest = read_manifest(folder)
+    assert sorted(r.graph for r in results) == sorted(g for b in manifest["blocks"] for g in b["graphs"])
+    assert {r.group for r in results} == {0, 1} and all(r.passed for r in results)
+    # a calibration covering one group only: refused, not half checked
+    calibrate(str(tiny_unet_dir), tmp_path / "one", CalibrationSpec(**{**spec.__dict__, "trajectories": 1}),
+              progress=False)
+    with pytest.raises(UsageError, match=r"holds no sample at any t of timestep group\(s\) \[\d\]"):
+        check_parity(folder, calib=tmp_path / "one", end_to_end_check=False)
