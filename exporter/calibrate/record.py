@@ -73,7 +73,7 @@ def model_config(config: dict) -> dict:
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, by name, as loaded (about 1 s per GB)."""
+    """sha256 over every parameter and buffer, by name, as loaded."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

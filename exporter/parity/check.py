@@ -220,7 +220,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     # checked before work
     trt_runners, engine_batch = _engine_runners(Path(engines) if engines else None, folder, manifest, latent)
     if engine_batch is not None and samples > engine_batch[2]:  # one batch per graph, inside the profile
-        log.info("%d samples per graph: the engines take at most %d per call", engine_batch[2], engine_batch[2])
+        log.info("%d samples per graph instead of %d: the engines take at most %d per call", engine_batch[2],
+                 samples, engine_batch[2])
         samples = engine_batch[2]
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])

@@ -44,10 +44,10 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
             f"--load-outputs parity/{stem}.golden.json --compare snr --snr-threshold {threshold:g} "
             f"--input-shapes {shapes}\n")
     existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
-        if commands.is_file() else [("# run from the graphs folder; on a GPU machine replace --onnxrt (and its optimization level) "
-                                     "with --trt --strongly-typed: polygraphy compares each run with the next, so "
-                                     "one live backend is compared with the golden outputs (bf16 graphs: TensorRT "
-                                     "only, ONNX Runtime's CPU provider cannot run them)\n")]
+        if commands.is_file() else [("# run from the graphs folder; on a GPU machine replace --onnxrt (and its "
+                                     "optimization level) with --trt --strongly-typed: polygraphy compares each run "
+                                     "with the next, so one live backend is compared with the golden outputs (bf16 "
+                                     "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
     write(commands, "".join(existing) + line)
 
 

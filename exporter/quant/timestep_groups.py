@@ -16,8 +16,8 @@ cost is found exactly by dynamic programming, O(K T^2) over T calibrated timeste
     best[k][j] = min_i best[k-1][i-1] + cost(i..j)
 
 Lookup: the threshold between two neighbouring groups is the midpoint of the last t of one and
-the first t of the next (a t equal to it belongs to the later group). A t outside the calibrated coverage uses the nearest group, with one
-warning per ``TimestepGroups`` object.
+the first t of the next (a t equal to it belongs to the later group). A t outside the calibrated
+coverage uses the nearest group, with one warning per ``TimestepGroups`` object.
 """
 
 from __future__ import annotations
