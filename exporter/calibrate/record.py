@@ -279,8 +279,8 @@ class CalibrationData:
             raise UsageError(f"{self.directory} was recorded from a {self.state.get('model_class')}, "
                              f"not this {adapter.class_name}")
         recorded = self.state.get("model_config")  # absent in folders from before 2026-12-05
-        if recorded is not None and recorded != json.loads(json.dumps(model_config(adapter.config))):
-            ours = model_config(adapter.config)
+        ours = json.loads(json.dumps(model_config(adapter.config)))  # as spec.json holds it (lists, not tuples)
+        if recorded is not None and recorded != ours:
             differ = sorted(k for k in {*recorded, *ours} if recorded.get(k) != ours.get(k))
             shown = ", ".join(f"{k} {recorded.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
             raise UsageError(f"{self.directory} was recorded from a {adapter.class_name} of another config "

@@ -25,6 +25,7 @@ from exporter import __version__
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_write_json
 from exporter.models.blocks import blocks_to_run_with_cache
+from exporter.quant.timestep_groups import TimestepGroups
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -318,7 +319,7 @@ def _check_groups(groups: dict, bad) -> None:
                                                               and math.isfinite(v) for v in r) for r in ranges)
     if not numbers or any(lo > hi for lo, hi in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(ranges)):
         raise bad("'groups' ranges must be [low, high] pairs of t in increasing order, not overlapping")
-    if "thresholds" in groups and groups["thresholds"] != [(a[1] + b[0]) / 2 for a, b in itertools.pairwise(ranges)]:
+    if "thresholds" in groups and groups["thresholds"] != TimestepGroups([tuple(r) for r in ranges]).thresholds:
         raise bad("'groups' thresholds must be the midpoints between neighbouring ranges")
 
 

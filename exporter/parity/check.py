@@ -24,7 +24,8 @@ Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs
 polygraphy RunResults), a data-loader script and the command that repeats the check without
 this package: ``polygraphy run G.onnx --onnxrt --data-loader-script parity/G_data_loader.py
 --load-outputs parity/G.golden.json --compare snr --snr-threshold T`` with the graph's threshold T
-in ``parity/COMMANDS.txt`` (``--trt`` on a GPU machine): polygraphy's SNR is this module's SQNR.
+in ``parity/COMMANDS.txt`` (on a GPU machine ``--trt --strongly-typed`` in place of ``--onnxrt``):
+polygraphy's SNR is this module's SQNR.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import torch
 from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest
+from exporter.parity.engines import check_engine_batch, engine_runners
+from exporter.parity.inputs import SAMPLES, model_inputs
 from exporter.parity.report import save_golden
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ log = logging.getLogger(__name__)
 # self-sensitivity probe below, digits-unet FP8), so their threshold sits under that.
 THRESHOLD_DB = {("fp32", False): 80.0, ("fp32", True): 40.0, ("fp16", False): 60.0, ("fp16", True): 30.0,
                 ("bf16", False): 40.0, ("bf16", True): 25.0}
-SAMPLES = 8  # inputs per graph (a batch of 8)
 # Relative input noise of the sensitivity probe: a few float32 ulps, the size of the differences
 # between two correct implementations of the layers upstream.
 SENSITIVITY_NOISE = 1e-6
@@ -97,89 +99,6 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
-def _model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES,
-                  latent: tuple[int, int] | None = None) -> dict[int, dict]:
-    """Per timestep group: every block tensor (numpy) for up to ``samples`` recorded samples at
-    one t of the group, from the first shard that has one (shards are read one at a time, until
-    every group has its inputs: with steps drawn per trajectory a shard may miss a group); with
-    ``latent``, the recorded latents resized to it (bilinear) before the blocks run on them."""
-    from exporter.calibrate import CalibrationData
-
-    if calib is None:
-        raise UsageError("parity needs calibration data for real inputs: pass --calib (FP32 graphs) "
-                         "or export from a calibration folder")
-    data = CalibrationData(calib)
-    data.check_recorded_from(loaded.adapter)
-    context = getattr(loaded.model, "_exporter_context", None)
-    per_group: dict[int, dict] = {}
-    count = len(manifest["groups"]["ranges"]) if manifest["groups"] else 1
-    for shard in data:
-        if len(per_group) == count:
-            break
-        for t in sorted({float(t) for t in shard["t"].tolist()}):
-            g = group_of(t)
-            if g not in per_group:
-                per_group[g] = _group_inputs(manifest, blocks, shard, t, samples, latent, context)
-    return per_group
-
-
-def _group_inputs(manifest, blocks, shard, t: float, samples: int, latent, context) -> dict:
-    """Every block tensor for up to ``samples`` recorded samples at ``t``."""
-    from exporter.models.blocks import run_blocks
-
-    index = (shard["t"] == t).nonzero().flatten()[:samples]
-    env = {n: shard[n][index] for n in manifest["model_inputs"]}
-    env["timestep"] = env["timestep"].to(torch.float32)
-    if latent is not None and tuple(latent) != tuple(env["sample"].shape[2:]):
-        env["sample"] = torch.nn.functional.interpolate(env["sample"].float(), size=tuple(latent), mode="bilinear",
-                                                        align_corners=False).to(env["sample"].dtype)
-    if context is not None:
-        context.t = t
-    with torch.no_grad():
-        run_blocks(blocks, env, ("noise_pred",), keep=env)
-    return {"t": t, "env": {n: v.numpy() for n, v in env.items()}}
-
-
-def _engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None
-                    ) -> tuple[dict, list[int] | None]:
-    """{graph file: (plan file, polygraphy TrtRunner)} for an engines folder built from ``folder``
-    (whose profile must take ``latent``), and the engines' batch range (min, opt, max per call)."""
-    if engines is None:
-        return {}, None
-    from polygraphy.backend.trt import TrtRunner
-
-    from exporter.build.gating import check_engines_compatible
-    from exporter.build.tensorrt import deserialize, device_info, folder_runtime
-
-    engine_manifest = read_manifest(engines)
-    if engine_manifest.get("kind") != "tensorrt":
-        raise UsageError(f"{engines} is not an engines folder (exporter build writes one)")
-    check_latent(engine_manifest, tuple(latent or engine_manifest["sample_shape"][1:]))  # own size: maybe outside
-    check_engines_compatible(engine_manifest, device_info())
-    runtime = folder_runtime(engines, engine_manifest)  # version-compatible engines: their lean runtime
-    runners = {}
-    for block in engine_manifest["blocks"]:
-        for plan, source in block["source_graphs"].items():
-            if manifest["files"].get(source["graph"]) != source["sha256"]:
-                raise UsageError(f"{engines / plan} was built from another {source['graph']} than the one in "
-                                 f"{folder}; rebuild the engines or pass their graphs folder")
-            runners[source["graph"]] = (plan, TrtRunner(partial(deserialize, runtime, engines / plan)))
-    return runners, engine_manifest["tensorrt"]["batch"]
-
-
-def check_engine_batch(per_group: dict, batch: list[int], calib) -> None:
-    """Each group's inputs go through the engines as one batch: refused below the profile's
-    minimum (a timestep with fewer recorded samples) before anything runs, instead of polygraphy's
-    shape error from inside TensorRT."""
-    low = batch[0]
-    for group, data in per_group.items():
-        n = len(next(iter(data["env"].values())))
-        if n < low:
-            raise UsageError(f"timestep group {group} has {n} recorded sample(s) at t={data['t']:g} in {calib}, and the "
-                             f"engines take {low} to {batch[2]} per call: rebuild with a smaller build.images (or "
-                             "build.cfg false), or calibrate more trajectories")
-
-
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
                  end_to_end_check: bool = True, engines: str | Path | None = None,
                  blocks_to_check: list[str] | None = None, samples: int = SAMPLES,
@@ -218,7 +137,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if latent is not None:
         check_latent(manifest, latent)
     # checked before work
-    trt_runners, engine_batch = _engine_runners(Path(engines) if engines else None, folder, manifest, latent)
+    trt_runners, engine_batch = engine_runners(Path(engines) if engines else None, folder, manifest, latent)
     if engine_batch is not None and samples > engine_batch[2]:  # one batch per graph, inside the profile
         log.info("%d samples per graph instead of %d: the engines take at most %d per call", engine_batch[2],
                  samples, engine_batch[2])
@@ -250,7 +169,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     unknown = sorted(set(blocks_to_check or ()) - set(blocks))
     if unknown:
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
-    per_group = _model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
+    per_group = model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
     uncovered = sorted(set(range(len(groups) if groups else 1)) - set(per_group))
     if uncovered:  # every graph is checked, or parity fails: a graph left out is not a passed one
         raise UsageError(f"{calib} holds no sample at any t of timestep group(s) {uncovered} "
