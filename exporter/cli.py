@@ -250,7 +250,9 @@ def cmd_eval(args) -> None:
     from exporter.eval import evaluate, format_table
     from exporter.fileio import atomic_write_json
 
-    result = evaluate(args.images, args.reference)
+    if args.no_digits and args.reference is None:
+        raise UsageError("--no-digits leaves only the comparison with --reference: pass --reference")
+    result = evaluate(args.images, args.reference, digits=not args.no_digits)
     out = args.json or Path(args.images) / "metrics.json"
     atomic_write_json(out, result)
     print(format_table(result))
@@ -394,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of <row>_<k>.png")
     p.add_argument("--reference", type=Path, help="folder generated from the same seeds (e.g. FP32)")
     p.add_argument("--json", type=Path, help="where to write the metrics (default: IMAGES/metrics.json)")
+    p.add_argument("--no-digits", action="store_true",
+                   help="images of another model than the digits references: no digit accuracy or FD-digits, "
+                   "only PSNR/SSIM against --reference")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pipeline", parents=[common], **RUNS_GRAPHS,

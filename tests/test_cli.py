@@ -1,6 +1,7 @@
 """What a user's shell sees: the command list, exit codes, one-line errors without tracebacks."""
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
@@ -160,6 +161,12 @@ def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp
     one_line_error(run_cli(*sample, "--latent", "10000000", "--out", tmp_path / "big"), "out of memory", "--latent")
     result = run_cli("eval", "--images", tmp_path / "o", "--json", tmp_path)  # a folder where the file goes
     one_line_error(result, str(tmp_path))
+    # images of another model: no digit yardstick (it would score any 16x16 picture), only the comparison
+    one_line_error(run_cli("eval", "--images", tmp_path / "o", "--no-digits"), "pass --reference")
+    result = run_cli("eval", "--images", tmp_path / "o", "--reference", tmp_path / "o", "--no-digits")
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert result.returncode == 0 and "accuracy" not in metrics and "fd_digits" not in metrics
+    assert metrics["n_identical"] == metrics["n_images"] == 1
     weights = broken_copy / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(str(weights))
     del tensors["conv_out.weight"]
