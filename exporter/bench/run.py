@@ -390,7 +390,9 @@ def format_bench(result: dict) -> str:
                           f"interval {v['interval']}: " + ("identical" if v["psnr_vs_ours"] is None
                                                            else f"{v['psnr_vs_ours']:.1f} dB")
                           for v in same)]
-        for precision, graphs in r["parity"].items():
+        for precision, graphs in r.get("parity", {}).items():
+            if not graphs:
+                continue
             finite = [g for g in graphs if g["sqnr_db"] is not None]
             worst = (f"worst {min(g['sqnr_db'] for g in finite):.1f} dB "
                      f"({min(finite, key=lambda g: g['sqnr_db'])['graph']})" if finite else "all identical")

@@ -4,7 +4,8 @@
 * :func:`activation_ranges`: per-t input range of the layers whose range moves most over t, with
   the timestep-group boundaries the calibration chose;
 * :func:`parity_bars`: per-graph SQNR of PyTorch fake quant vs ONNX Runtime, threshold line;
-* :func:`speed_quality`: speed-up over PyTorch against PSNR vs FP32, one point per variant.
+* :func:`speed_quality`: speed-up over PyTorch against PSNR vs FP32 (the mean over the images that
+  differ; the label says how many are identical), one point per variant.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ def _save(plt, fig, out: Path, tight: bool = True) -> Path:
     return atomic_write_bytes(out, buffer.getvalue())
 
 
-def variant_grid(folders: dict[str, Path], out: Path, columns: int = 12) -> Path:
-    """Image grid: one row per variant (label on the left), the same ``columns`` seeds in each."""
-    plt = _pyplot()
+def variant_grid(folders: dict[str, Path], out: Path, columns: int = 12) -> Path | None:
+    """Image grid: one row per variant (label on the left), the same ``columns`` seeds in each;
+    None when the variants share no image name (row and seed) to put side by side."""
     images = {name: read_image_folder(folder) for name, folder in folders.items()}
     keys = sorted(set.intersection(*(set(v) for v in images.values())), key=lambda rk: (rk[1], rk[0]))[:columns]
+    if not keys:
+        return None
+    plt = _pyplot()
     fig, axes = plt.subplots(len(images), len(keys), figsize=(0.75 * len(keys) + 2.2, 0.75 * len(images) + 0.3),
                              dpi=100, squeeze=False)
     for r, (name, imgs) in enumerate(images.items()):
@@ -74,7 +78,9 @@ def activation_ranges(quantization: dict, out: Path, title: str, lines: int = 4)
     for name in sorted(spread, key=spread.get, reverse=True):
         if len(chosen) < lines and all(layers[name] != layers[c] for c in chosen):
             chosen.append(name)
-    chosen.append(min(spread, key=spread.get))
+    flattest = min(spread, key=spread.get)
+    if flattest not in chosen:  # with few layers it may already be among the widest-varying ones
+        chosen.append(flattest)
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     for name in chosen:
         ax.plot(ts, layers[name], marker="o", markersize=3, label=f"{name} ({spread[name]:.1f}x)")
@@ -97,8 +103,9 @@ def parity_bars(graphs: list[dict], out: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(graphs) + 2.0), 4.0), dpi=110)
     colors = plt.get_cmap("tab10")
     x = np.arange(len(graphs))
+    threshold = graphs[0]["threshold_db"]
     finite = [g["sqnr_db"] for g in graphs if g["sqnr_db"] is not None]
-    top = max(finite, default=graphs[0]["threshold_db"]) * 1.1
+    top = max([*finite, threshold]) * 1.1  # the threshold line stays in view when every graph misses it
     heights = [top if g["sqnr_db"] is None else g["sqnr_db"] for g in graphs]  # None: identical outputs
     bars = ax.bar(x, heights, color=[colors(g["group"] % 10) for g in graphs])
     for bar, g in zip(bars, graphs):
@@ -106,7 +113,6 @@ def parity_bars(graphs: list[dict], out: Path, title: str) -> Path:
             bar.set_hatch("//")
             ax.annotate("identical", (bar.get_x() + bar.get_width() / 2, top / 2), rotation=90, fontsize=6,
                         ha="center", va="center", backgroundcolor="white")
-    threshold = graphs[0]["threshold_db"]
     ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"threshold {threshold:.0f} dB")
     ax.set_xticks(x, [g["graph"].removesuffix(".onnx") for g in graphs], rotation=90, fontsize=6)
     ax.set_ylabel("SQNR, PyTorch vs ONNX Runtime (dB)")
@@ -131,7 +137,10 @@ def speed_quality(variants: list[dict], out: Path, title: str) -> Path:
         color, marker = styles.get(v["kind"], ("tab:blue" if v["precision"] == "fp32" else "tab:green", "o"))
         ax.scatter(v["speedup_vs_pytorch"], psnr, color=color, marker=marker,
                    facecolors=color if v["interval"] == 1 else "none", s=40)
-        ax.annotate(v["name"], (v["speedup_vs_pytorch"], psnr), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        # the PSNR is the mean over the images that differ from FP32: say how many did not
+        same = v.get("identical_vs_fp32") if v["psnr_vs_fp32"] is not None else None
+        label = v["name"] + (f" ({same}/{v['images']} identical)" if same and v.get("images") else "")
+        ax.annotate(label, (v["speedup_vs_pytorch"], psnr), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.axvline(1.0, color="grey", linewidth=0.6)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))

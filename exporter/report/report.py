@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from exporter.bench import format_bench
-from exporter.errors import UsageError
+from exporter.errors import ImageFolderError, UsageError
 from exporter.fileio import atomic_write_bytes
 from exporter.report import figures
 
@@ -50,10 +50,18 @@ def _model_section(run: Path, out: Path, model: str, result: dict) -> list[str]:
 
     folders = {v["name"]: root / "images" / v["name"] for v in result["variants"]}
     missing = [name for name, f in folders.items() if not f.is_dir()]
+    grid = None
     if missing:
         lines += [f"Image grid left out: no images for {', '.join(missing)}.", ""]
     else:
-        grid = figures.variant_grid(folders, out / f"grid_{model}.png")
+        try:
+            grid = figures.variant_grid(folders, out / f"grid_{model}.png")
+        except ImageFolderError as e:  # a folder emptied or damaged since the bench: the rest still reports
+            lines += [f"Image grid left out: {e}.", ""]
+        else:
+            if grid is None:
+                lines += ["Image grid left out: the variants share no image name (row and seed).", ""]
+    if grid is not None:
         lines += ["### Images (rows: variants; columns: the same seeds)", "", f"![image grid]({grid.name})", ""]
 
     scatter = figures.speed_quality(result["variants"], out / f"speed_quality_{model}.png",
@@ -61,6 +69,8 @@ def _model_section(run: Path, out: Path, model: str, result: dict) -> list[str]:
     lines += ["### Speed against quality", "", f"![speed vs quality]({scatter.name})", ""]
 
     for precision, graphs in result.get("parity", {}).items():
+        if not graphs:
+            continue
         bars = figures.parity_bars(graphs, out / f"parity_{model}_{precision}.png",
                                    f"{model} {precision}: per-block parity, PyTorch fake quant vs ONNX Runtime")
         lines += [f"### Per-block parity, {precision}", "", f"![parity {precision}]({bars.name})", ""]

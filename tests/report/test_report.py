@@ -58,3 +58,60 @@ def test_report_refuses_a_folder_without_bench_results(tmp_path):
     (tmp_path / "bench.json").write_text("{not json")
     with pytest.raises(UsageError, match="not a bench result"):
         build_report(tmp_path)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures' axes as drawn, captured just before each is saved."""
+    from exporter.report import figures
+
+    axes = []
+    save = figures._save
+
+    def capture(plt, fig, out, tight=True):
+        axes.append(fig.axes[0])
+        return save(plt, fig, out, tight)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    return axes
+
+
+def test_parity_bars_keep_the_threshold_in_view_when_every_graph_misses_it(tmp_path, drawn):
+    from exporter.report.figures import parity_bars
+
+    graphs = [{"graph": f"b.g{g}.onnx", "group": g, "threshold_db": 40.0, "sqnr_db": 20.0 + g} for g in range(3)]
+    parity_bars(graphs, tmp_path / "p.png", "all below")
+    (ax,) = drawn
+    threshold = [line.get_ydata()[0] for line in ax.get_lines()]
+    assert threshold == [40.0] and ax.get_ylim()[1] > 40.0  # before: the axis ended at 1.1 x 22 dB
+
+
+def test_activation_ranges_draw_each_layer_once(tmp_path, drawn):
+    from exporter.report.figures import activation_ranges
+
+    record = {"per_t_amax": {"timesteps": [1, 500, 999], "layers": {"a": [1.0, 2.0, 4.0], "b": [3.0, 3.0, 3.1]}}}
+    activation_ranges(record, tmp_path / "a.png", "two layers")
+    (ax,) = drawn
+    assert sorted(line.get_label().split()[0] for line in ax.get_lines()) == ["a", "b"]  # "b" was drawn twice
+
+
+def test_speed_quality_labels_say_how_many_images_are_identical(tmp_path, drawn):
+    from exporter.report.figures import speed_quality
+
+    variants = [variant("ort-fp32", psnr=None), {**variant("ort-int8", precision="int8", psnr=31.0),
+                                                 "identical_vs_fp32": 3}]
+    speed_quality(variants, tmp_path / "s.png", "labels")
+    (ax,) = drawn
+    assert sorted(t.get_text() for t in ax.texts) == ["ort-fp32", "ort-int8 (3/4 identical)"]
+
+
+def test_report_leaves_the_grid_out_when_the_images_cannot_be_compared(bench_run):
+    images = bench_run / "m" / "images"
+    for png in (images / "deepcache-3").iterdir():  # no image name in common with the other variants
+        png.rename(png.with_name(png.name.replace("0_", "7_").replace("1_", "8_")))
+    text = build_report(bench_run).read_text()
+    assert "Image grid left out: the variants share no image name" in text and "![parity int8]" in text
+    for png in (images / "deepcache-3").iterdir():
+        png.unlink()
+    text = build_report(bench_run).read_text()
+    assert "Image grid left out:" in text and "no images named" in text and "![speed vs quality]" in text
