@@ -68,6 +68,14 @@ def finetuned_inputs(args) -> tuple[str, Path, object]:
     return args.model or model, calib, quantization
 
 
+def warn_unused_finetune(recipe, source) -> None:
+    """A recipe's finetune: section is run by exporter finetune / pipeline only: say so where it is
+    read and not used, since the bundled W4A8/W4A4 recipes are tuned for after finetuning."""
+    if recipe.finetune is not None:
+        log.warning("%s has a finetune: section, which this command does not run (PTQ only); for the finetuned "
+                    "model run exporter finetune and pass --finetuned DIR, or use exporter pipeline", source)
+
+
 def cmd_sample(args) -> None:
     from exporter.fileio import require_new_folder
     from exporter.recipe import resolve_recipe
@@ -80,6 +88,7 @@ def cmd_sample(args) -> None:
     elif args.calib is not None or args.recipe is not None or args.format is not None:
         fmt = args.format or ("int8" if args.recipe is None else None)
         recipe = resolve_recipe(args.recipe, fmt, args.model)
+        warn_unused_finetune(recipe, args.recipe or f"the bundled {fmt} recipe")
         if recipe.export.dtype != "fp32":  # not a PyTorch precision: sampling would quietly be FP32
             raise UsageError(f"{fmt or args.recipe}: export.dtype {recipe.export.dtype} is a type of the exported "
                              "graphs; sample runs PyTorch in FP32: export the graphs and use exporter run")
@@ -148,6 +157,7 @@ def cmd_export(args) -> None:
         model, args.calib, quantization = finetuned_inputs(args)
     else:
         recipe = resolve_recipe(args.recipe, args.format, args.model)
+        warn_unused_finetune(recipe, args.recipe or f"the bundled {args.format} recipe")
         model = args.model or recipe.model
         if model is None:
             raise UsageError("no model: pass --model or set 'model' in the recipe")

@@ -170,8 +170,11 @@ class FinetuneSpec:
         for name in ("rank", "trajectories", "batch", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{where}.{name} must be >= 1")
-        if self.lr <= 0 or self.scale_lr < 0:
-            raise RecipeError(f"{where}: lr must be > 0 and scale_lr >= 0")
+        # written so NaN fails too (every comparison with NaN is False)
+        if not (0 < self.lr < math.inf and 0 <= self.scale_lr < math.inf):
+            raise RecipeError(f"{where}: lr must be a finite number > 0 and scale_lr a finite number >= 0")
+        if not math.isfinite(self.guidance):
+            raise RecipeError(f"{where}.guidance must be a finite number")
 
 
 HARDWARE_COMPATIBILITY = ("none", "same_compute_capability", "ampere_plus")
@@ -341,6 +344,12 @@ def load_recipe(path: str | Path | None) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path} is a folder; --recipe takes a YAML file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a YAML recipe (not UTF-8 text)") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return recipe_from_dict(data, where=str(path))

@@ -143,6 +143,12 @@ def test_fake_quantized_sampling_from_a_bundled_format(run_cli, tiny_unet_dir, t
     recipe.write_text("quantization:\n  weights: int8\n  group: 4\n")
     one_line_error(run_cli("sample", "--model", tiny_unet_dir, "--calib", calib, "--recipe", recipe,
                            "--out", tmp_path / "o"), "r.yaml.quantization: unknown key(s) ['group']")
+    # a finetune: section is run by exporter finetune / pipeline; sample and export say they leave it out
+    recipe.write_text("quantization:\n  weights: int8\nfinetune:\n  rank: 4\n")
+    for command in ("sample", "export"):
+        result = run_cli(command, "--model", tiny_unet_dir, "--recipe", recipe, "--out", tmp_path / "o")
+        one_line_error(result, "quantized activations need --calib")
+        assert "r.yaml has a finetune: section, which this command does not run (PTQ only)" in result.stderr
 
 
 def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp_path):

@@ -130,6 +130,11 @@ def test_finetune_section_is_typed_checked_and_needs_quantization():
     assert recipe_from_dict({}).finetune is None  # PTQ only unless asked
     for bad, message in (({"finetune": {"method": "lora"}}, "is not qalora or qat"),
                          ({"finetune": {"rank": 0}}, "rank must be >= 1"),
+                         ({"finetune": {"lr": float("nan")}}, "lr must be a finite number > 0"),
+                         ({"finetune": {"lr": float("inf")}}, "lr must be a finite number > 0"),
+                         ({"finetune": {"scale_lr": float("nan")}}, "scale_lr a finite number >= 0"),
+                         ({"finetune": {"guidance": float("nan")}}, "finetune.guidance must be a finite number"),
+                         ({"finetune": {"guidance": float("inf")}}, "finetune.guidance must be a finite number"),
                          ({"quantization": None, "finetune": {}}, "needs a quantization section")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict(bad)
@@ -159,3 +164,11 @@ def test_sampling_section_is_typed_and_checked():
                          ({"cache": 3}, r"r.yaml.sampling: unknown key\(s\) \['cache'\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({"sampling": bad}, "r.yaml")
+
+
+def test_a_recipe_path_that_is_not_a_yaml_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(200, 256)))
+    with pytest.raises(RecipeError, match=r"bin.yaml: not a YAML recipe \(not UTF-8 text\)"):
+        load_recipe(tmp_path / "bin.yaml")
+    with pytest.raises(RecipeError, match="is a folder; --recipe takes a YAML file"):
+        load_recipe(tmp_path)

@@ -290,6 +290,14 @@ class CalibrationData:
     def timesteps(self) -> list[int]:
         return sorted(int(t) for t in self.state["coverage"])
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the shards' names and sha256s (checked at open): what a finetune run, whose
+        learned steps multiply the scales PTQ took from this data, is tied to. A recalibration into
+        the same folder (another seed, model or recipe) changes it."""
+        shards = {name: info["sha256"] for name, info in sorted(self.state["shards"].items())}
+        return _sha256_bytes(json.dumps(shards, sort_keys=True).encode())
+
     def __len__(self) -> int:
         return len(self.paths)
 

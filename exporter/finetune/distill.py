@@ -167,17 +167,17 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     teacher, student = load_model(resolve(model)), load_model(resolve(model))
     summary = quantize_model(student, quantization, calib)
     out.mkdir(parents=True, exist_ok=True)  # only now: a model or calibration refused above leaves no empty folder
-    identity = {"model": str(student.directory), "calibration": str(Path(calib).resolve()),
-                "quantization": dataclasses.asdict(quantization), "finetune": dataclasses.asdict(spec),
-                "groups": summary["groups"]}
-    identity = json.loads(json.dumps(identity))  # as finetune.json holds it (lists, not tuples)
     context = student.model._exporter_context
+    identity = {"model": str(student.directory), "calibration": str(Path(calib).resolve()),
+                "calibration_sha256": context.calibration, "quantization": dataclasses.asdict(quantization),
+                "finetune": dataclasses.asdict(spec), "groups": summary["groups"]}
+    identity = json.loads(json.dumps(identity))  # as finetune.json holds it (lists, not tuples)
     layers = wrap(student.model, spec)
     optimizer = _optimizer(layers, spec)
     record = {**identity, "done_batches": 0, "losses": [], "seconds": 0.0}
     if (out / RECORD).is_file():
         previous = _read_record(out / RECORD)
-        if {k: previous.get(k) for k in identity} != identity:
+        if _resumable(previous) != _resumable(identity):
             raise UsageError(f"{out} holds a finetune of another model, calibration or recipe; choose another --out")
     if (out / RECORD).is_file() and (out / CHECKPOINT).is_file():  # resume
         tensors, saved = _load_checkpoint(out / CHECKPOINT)
@@ -192,7 +192,7 @@ def finetune(model: str, calib: str | Path, quantization: QuantizationSpec, spec
     conditioning = load_conditioning(student.default_conditioning, adapter)
     rows = list(range(conditioning.num_rows or 1))
     batches = -(-spec.trajectories // spec.batch)
-    params = sum(p.numel() for layer in layers.values() for p in layer.parameters(recurse=False) if p.requires_grad)
+    params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])  # what trains
     log.info("finetuning %d layers (%s, %d trainable parameters) on %d trajectories x %d steps", len(layers),
              spec.method, params, spec.trajectories, spec.steps)
     teacher.model.requires_grad_(False)
@@ -263,6 +263,11 @@ def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -
     if json.loads(json.dumps(groups)) != (record["groups"] or {}).get("ranges"):
         raise FinetuneError(f"{folder} was finetuned with other timestep groups than this quantized model's; "
                             "use the calibration and recipe it was finetuned from")
+    recorded = record.get("calibration_sha256")  # absent in runs from before 2026-12-05
+    if recorded is not None and context is not None and context.calibration != recorded:
+        # the same folder path, recalibrated since (another seed, say): PTQ's scales have moved
+        raise FinetuneError(f"{folder} was finetuned on other calibration data than this model's "
+                            f"({record['calibration']} has changed since); finetune again")
     if json.loads(json.dumps(dataclasses.asdict(quantization))) != record["quantization"]:
         # the learned steps multiply the PTQ scales of that quantization: on another one they mean nothing
         raise FinetuneError(f"{folder} was finetuned with another quantization than this one "
@@ -275,6 +280,15 @@ def apply_finetune(loaded, folder: str | Path, quantization: QuantizationSpec) -
     _load_state(layers, None, _load_checkpoint(folder / CHECKPOINT)[0], folder / CHECKPOINT)
     unwrap(loaded.model, layers)
     return record
+
+
+def _resumable(identity: dict) -> dict:
+    """What a resume must match: all of a run's identity except how often it checkpoints."""
+    finetune = {k: v for k, v in (identity.get("finetune") or {}).items() if k != "checkpoint_every"}
+    return {**{k: identity.get(k) for k in IDENTITY_KEYS}, "finetune": finetune}
+
+
+IDENTITY_KEYS = ("model", "calibration", "calibration_sha256", "quantization", "finetune", "groups")
 
 
 def finetuned_source(folder: str | Path) -> tuple[str, Path, QuantizationSpec]:

@@ -67,6 +67,7 @@ class TimestepContext:
     def __init__(self):
         self.t: float | None = None
         self.groups: TimestepGroups | None = None
+        self.calibration: str | None = None  # CalibrationData.fingerprint of the scales; None: weight-only
 
     @property
     def group(self) -> int:
@@ -282,6 +283,7 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
             raise UsageError("activation quantization needs calibration data: run exporter calibrate first")
         data = CalibrationData(calib_dir)
         data.check_recorded_from(adapter)
+        context.calibration = data.fingerprint
 
     def calibration_pass(mode: str, desc: str) -> None:
         from tqdm.auto import tqdm

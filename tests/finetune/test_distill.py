@@ -244,3 +244,31 @@ def test_a_refused_calibration_or_a_file_as_out_leaves_nothing_behind(tiny_unet_
     (tmp_path / "graphs" / "manifest.json").write_text("{}")  # another stage's folder: not written into
     with pytest.raises(UsageError, match="graphs exists and is not a finetune folder .*manifest.json"):
         finetune(str(tiny_unet_dir), not_calib, QUANT, SPEC, tmp_path / "graphs", progress=False)
+
+
+def test_a_folder_recalibrated_since_the_finetune_is_refused(tiny_unet_dir, tmp_path):
+    """The learned steps multiply the scales PTQ took from the calibration data: a run is tied to
+    that data, not only to its folder's path."""
+    import shutil
+
+    from exporter.calibrate import calibrate
+    from exporter.recipe import CalibrationSpec
+
+    calib = tmp_path / "calib"
+    calibration = CalibrationSpec(trajectories=4, steps=6, batch_trajectories=4, guidance=2.0)
+    calibrate(str(tiny_unet_dir), calib, calibration, progress=False)
+    quick = dataclasses.replace(SPEC, trajectories=2, batch=2, steps=2)
+    finetune(str(tiny_unet_dir), calib, QUANT, quick, tmp_path / "run", progress=False)
+    # how often it checkpoints is not what a run is: the finished run is found, nothing retrains
+    again = finetune(str(tiny_unet_dir), calib, QUANT, dataclasses.replace(quick, checkpoint_every=5),
+                     tmp_path / "run", progress=False)
+    assert again["done_batches"] == 1
+
+    shutil.rmtree(calib)
+    calibrate(str(tiny_unet_dir), calib, dataclasses.replace(calibration, seed=7), progress=False)
+    loaded = load_model(tiny_unet_dir)
+    quantize_model(loaded, QUANT, calib)  # same timestep groups (same steps), other scales
+    with pytest.raises(FinetuneError, match="other calibration data .* has changed since"):
+        apply_finetune(loaded, tmp_path / "run", QUANT)
+    with pytest.raises(UsageError, match="another model, calibration or recipe"):
+        finetune(str(tiny_unet_dir), calib, QUANT, quick, tmp_path / "run", progress=False)
