@@ -1,7 +1,7 @@
 """Loading diffusers-format models and the architecture adapters that know how to call them."""
 
 from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
-from exporter.models.conditioning import Conditioning, load_conditioning
+from exporter.models.conditioning import Conditioning, load_conditioning, resolve_guidance
 from exporter.models.loading import LoadedModel, load_model
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "adapter_for",
     "load_conditioning",
     "load_model",
+    "resolve_guidance",
     "supported_classes",
 ]

@@ -28,12 +28,29 @@ def supported_classes() -> list[str]:
 
 
 def adapter_for(class_name: str, config: dict) -> ArchitectureAdapter:
-    try:
-        return _REGISTRY[class_name](config)
-    except KeyError:
-        raise ModelError(
-            f"model class {class_name!r} is not supported; supported: {', '.join(supported_classes())}"
-        ) from None
+    if class_name not in _REGISTRY:
+        raise ModelError(f"model class {class_name!r} is not supported; supported: {', '.join(supported_classes())}")
+    return _REGISTRY[class_name](config)
+
+
+# Checkpoints saved before diffusers split its transformer classes name the generic class; diffusers
+# picks the class by norm_type when loading them (models/model_loading_utils.py), and so do we: the
+# published DiT-XL-2 and PixArt-alpha checkpoints say Transformer2DModel.
+LEGACY_CLASSES = {"Transformer2DModel": ("norm_type", {"ada_norm_zero": "DiTTransformer2DModel",
+                                                       "ada_norm_single": "PixArtTransformer2DModel"})}
+
+
+def model_class_of(config: dict) -> str | None:
+    """The class a config's model loads as: its ``_class_name``, or what diffusers remaps a legacy one to."""
+    class_name = config.get("_class_name")
+    if class_name in LEGACY_CLASSES:
+        key, classes = LEGACY_CLASSES[class_name]
+        if config.get(key) not in classes:
+            raise ModelError(f"{class_name} with {key} {config.get(key)!r} is not supported; supported: "
+                             f"{', '.join(supported_classes())} (a {class_name} with {key} "
+                             f"{' or '.join(classes)} loads as {' or '.join(classes.values())})")
+        return classes[config[key]]
+    return class_name
 
 
 class ArchitectureAdapter:
@@ -42,6 +59,15 @@ class ArchitectureAdapter:
 
     def __init__(self, config: dict):
         self.config = config
+        # the shape every sampler, calibration and export starts from: refused here if the config
+        # cannot give it, not as a TypeError at the first sample (diffusers' UNets default to None)
+        size, channels = config.get("sample_size"), config.get("in_channels")
+        sizes = [size] if isinstance(size, int) else size if isinstance(size, list) and len(size) == 2 else [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            raise ModelError(f"{self.class_name} config has sample_size {size!r}: set it in config.json to the "
+                             "latent size the model was trained at (an int, or [height, width])")
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ModelError(f"{self.class_name} config has in_channels {channels!r}: set it in config.json")
 
     @property
     def conditioning(self) -> ConditioningKind:
@@ -166,6 +192,16 @@ class UNetFamily(ArchitectureAdapter):
     default_exclusions = UNET_EXCLUSIONS
     default_weight_only = UNET_WEIGHT_ONLY
 
+    def __init__(self, config: dict):
+        super().__init__(config)
+        # the sampler feeds the predicted noise back as the next input: an inpainting or instruct-pix2pix
+        # UNet (in 9 or 8 channels, out 4) reads a masked or source image no conditioning file here carries
+        channels, out = config["in_channels"], config.get("out_channels", config["in_channels"])
+        if out not in (channels, 2 * channels):
+            raise ModelError(f"{self.class_name} with in_channels {channels} and out_channels {out} is not supported: "
+                             "its extra input channels (an inpainting mask, a source image) have no conditioning "
+                             "here; the output must have the input's channels (or twice, with learned variance)")
+
     def units(self, model):
         from exporter.models.units import unet_units
 
@@ -209,8 +245,19 @@ class TransformerFamily(ArchitectureAdapter):
 
     subfolder = "transformer"
 
+    def __init__(self, config: dict):
+        super().__init__(config)
+        _, h, w = self.sample_shape
+        patch = config.get("patch_size", 2)
+        if h % patch or w % patch:  # diffusers would cut the image into patches and return a smaller one
+            raise ModelError(f"{self.class_name} of sample size {h}x{w} with patch_size {patch}: the size must be a "
+                             "multiple of the patch size")
+
     def cacheable_features(self, blocks):
-        # the token stream entering each transformer block (FORA / learning-to-cache style reuse)
+        # the token stream entering each transformer block, reused whole: a cached step runs only the
+        # blocks after it and the head, so (unlike a UNet's, whose stem and skips read the current
+        # input) it does not read the current latents at all. FORA and learning-to-cache reuse each
+        # block's residual update instead, with the stem still run; that is not what this does.
         return [b.inputs[0] for b in blocks if b.name.startswith("blocks.")]
 
 
@@ -233,15 +280,18 @@ class UNet2DConditionAdapter(UNetFamily):
             unsupported["addition_embed_type"] = config["addition_embed_type"]
         if config.get("encoder_hid_dim_type") not in (None, "text_proj"):
             unsupported["encoder_hid_dim_type"] = config["encoder_hid_dim_type"]
+        widths = config.get("cross_attention_dim", 1280)  # diffusers' default
+        if isinstance(widths, (list, tuple)) and len(set(widths)) > 1 and not config.get("encoder_hid_dim"):
+            unsupported["cross_attention_dim"] = widths  # one embeddings tensor cannot be two widths
         if unsupported:
             raise ModelError(f"UNet2DConditionModel with {unsupported} is not supported: conditioning here is text "
-                             "embeddings (cond/uncond), plus SDXL's text_embeds/time_ids (addition_embed_type "
-                             "text_time)")
+                             "embeddings (cond/uncond) of one width, plus SDXL's text_embeds/time_ids "
+                             "(addition_embed_type text_time)")
 
     @property
     def embedding_dim(self) -> int:
         # with encoder_hid_dim the model projects embeddings of that width to cross_attention_dim itself
-        return self.config.get("encoder_hid_dim") or self.config["cross_attention_dim"]
+        return self.config.get("encoder_hid_dim") or _one_width(self.config.get("cross_attention_dim", 1280))
 
     @property
     def pooled_text(self) -> bool:
@@ -266,6 +316,11 @@ class UNet2DConditionAdapter(UNetFamily):
         if isinstance(cond, dict):
             return {"sample": sample, "timestep": t, **cond}
         return {"sample": sample, "timestep": t, "encoder_hidden_states": cond}
+
+
+def _one_width(width) -> int:
+    """cross_attention_dim may be given per block; one embeddings tensor feeds them all (checked at init)."""
+    return width[0] if isinstance(width, (list, tuple)) else width
 
 
 @register
@@ -295,6 +350,16 @@ class UNet2DAdapter(UNetFamily):
         # nn.Embedding(num_class_embeds): no row of its own for the null class, so guidance needs a model
         # trained with one of its classes as "no class"; the file names it
         return range(self.config["num_class_embeds"]) if self.config.get("num_class_embeds") else None
+
+    def sample_shape_at(self, model, latent):
+        # unlike UNet2DConditionModel, diffusers' UNet2DModel passes no upsample_size: it cannot run
+        # a size its downsamplings do not halve exactly, so that is refused before any sampling
+        shape = super().sample_shape_at(model, latent)
+        multiple = self.latent_multiple(model)
+        if shape[1] % multiple or shape[2] % multiple:
+            raise ModelError(f"UNet2DModel of sample size {shape[1]}x{shape[2]}: diffusers runs it only at sizes its "
+                             f"downsamplings halve exactly (multiples of {multiple})")
+        return shape
 
     def denoise(self, model, sample, t, cond):
         return self.postprocess(model(sample, t, class_labels=cond, return_dict=False)[0])

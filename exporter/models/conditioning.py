@@ -75,6 +75,9 @@ def cfg_batch(uncond, cond):
 def load_conditioning(path: Path | None, adapter: ArchitectureAdapter) -> Conditioning:
     kind = adapter.conditioning
     if kind == "none":
+        if path is not None:  # it would be recorded as the run's conditioning and never read
+            raise ConditioningError(f"{path}: this {adapter.class_name} is unconditional; it takes no conditioning "
+                                    "file (leave out --cond)")
         return Conditioning(kind, None, None, None)
     if path is None:
         raise ConditioningError(
@@ -159,3 +162,17 @@ def _require(tensors: dict, path, *keys: str) -> list[torch.Tensor]:
             raise ConditioningError(f"{path}: '{key}' holds NaN/Inf (in row(s) {rows[:10]}); "
                                     "recompute the embeddings")
     return [tensors[k] for k in keys]
+
+
+
+def resolve_guidance(guidance: float | None, default: float, conditioning: Conditioning,
+                     adapter: ArchitectureAdapter) -> float:
+    """The guidance scale of a run: ``guidance`` if given, else the model's ``default``. An
+    unconditional model has nothing to guide by: a scale above 1 asked of it is refused, and its
+    default is 1, so the run's record says what ran."""
+    if conditioning.kind != "none":
+        return default if guidance is None else guidance
+    if guidance is not None and guidance > 1.0:
+        raise ConditioningError(f"guidance {guidance:g}: this {adapter.class_name} is unconditional, so there is "
+                                "nothing to guide by (leave out --guidance)")
+    return 1.0 if guidance is None else guidance

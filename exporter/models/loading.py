@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import ModelError
-from exporter.models.adapters import ArchitectureAdapter, adapter_for, supported_classes
+from exporter.models.adapters import ArchitectureAdapter, adapter_for, model_class_of, supported_classes
 from exporter.models.non_finite import all_finite
 from exporter.reference import NAMES
 
@@ -85,9 +85,13 @@ def check_weights(model_dir: Path) -> None:
     for f in files:
         if not f.is_file():
             pickled = list(model_dir.glob("*.bin")) + list(model_dir.glob("*.pt")) + list(model_dir.glob("*.ckpt"))
+            # a download of one variant only (--include "*.fp16.*") names its files after the variant
+            variants = sorted(p.name for p in model_dir.glob(f"{WEIGHTS.removesuffix('.safetensors')}*.*.safetensors"))
             hint = (
                 f"; found {pickled[0].name}, but pickled checkpoints are not loaded (they can run code): "
-                "convert it to safetensors first" if pickled else ""
+                "convert it to safetensors first" if pickled else
+                f"; found {variants[0]}, a weights variant: copy or link it (and its index, if sharded) under the "
+                "plain name, which is what is loaded" if variants else ""
             )
             raise ModelError(f"weights not found: {f}{hint}")
         try:
@@ -103,9 +107,9 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     directory = Path(directory)
     model_dir = find_model_dir(directory)
     config = read_json(model_dir / "config.json", "model config")
-    class_name = config.get("_class_name")
-    if not class_name:
+    if not config.get("_class_name"):
         raise ModelError(f"{model_dir / 'config.json'}: no '_class_name'; supported: {', '.join(supported_classes())}")
+    class_name = model_class_of(config)
     adapter = adapter_for(class_name, config)
     check_weights(model_dir)
     try:

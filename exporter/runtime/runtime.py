@@ -24,7 +24,7 @@ import torch
 
 from exporter.errors import ConditioningError, NonFiniteError, UsageError
 from exporter.export.manifest import check_latent, check_unchanged, read_manifest
-from exporter.models import adapter_for, load_conditioning
+from exporter.models import adapter_for, load_conditioning, resolve_guidance
 from exporter.quant.timestep_groups import TimestepGroups
 from exporter.runtime.backends import BACKENDS, default_backend
 from exporter.sampling.loop import SampleSettings, generate
@@ -228,7 +228,8 @@ class Runtime:
         settings = SampleSettings(
             rows=tuple(rows if rows is not None else range(conditioning.num_rows or 1)), per_row=per_row,
             steps=steps if steps is not None else defaults["steps"], scheduler=scheduler or defaults["scheduler"],
-            guidance=guidance if guidance is not None else defaults["guidance"], seed=seed, batch_size=batch_size)
+            guidance=resolve_guidance(guidance, defaults["guidance"], conditioning, self.adapter), seed=seed,
+            batch_size=batch_size)
         if self.manifest.get("kind") == "tensorrt":  # stay inside the engines' optimization profile
             guided = settings.guidance > 1.0 and conditioning.cond is not None  # as the loop decides
             settings = dataclasses.replace(settings, batch_size=engine_batch_size(self.manifest, settings, guided))

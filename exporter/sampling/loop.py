@@ -11,6 +11,7 @@ a batch of 1 and of 40 may sum in another order; measured: 1 image of 20 at batc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class SampleSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive whole number, got {value!r}")
+        if not self.rows:
+            raise UsageError("rows is empty: no image would be made")
+        if not math.isfinite(self.guidance):  # NaN > 1 is False: guidance would be silently off
+            raise UsageError(f"guidance must be a finite number, got {self.guidance!r}")
 
     def image_keys(self) -> list[tuple[int, int]]:
         return [(row, k) for row in self.rows for k in range(self.per_row)]

@@ -13,7 +13,7 @@ from exporter import __version__
 from exporter.errors import NonFiniteError
 from exporter.fileio import atomic_write_json
 from exporter.imageio import write_image_folder
-from exporter.models import load_conditioning, load_model
+from exporter.models import load_conditioning, load_model, resolve_guidance
 from exporter.models.non_finite import all_finite, first_non_finite_module
 from exporter.quant.ptq import quantize_model
 from exporter.recipe import QuantizationSpec
@@ -66,7 +66,7 @@ def sample_pytorch(
         per_row=per_row if per_row is not None else defaults["per_row"],
         steps=steps if steps is not None else defaults["steps"],
         scheduler=scheduler or defaults["scheduler"],
-        guidance=guidance if guidance is not None else defaults["guidance"],
+        guidance=resolve_guidance(guidance, defaults["guidance"], conditioning, loaded.adapter),
         seed=seed,
         batch_size=batch_size,
     )

@@ -6,7 +6,9 @@ diffusers' DPM-Solver++ and Euler ignore it: on the reference UNet they gave FD-
 of DDIM's 6.66 (saturated, speckled digits; 2026-12-01). So DPM-Solver++ gets the same clip at its
 thresholding hook (``ClippedDPMSolverScheduler``: a plain clip where diffusers' dynamic threshold
 would rescale into [-1, 1]), and Euler through ``ClippedEulerScheduler``, for every prediction type.
-Latent-space models (Stable Diffusion: ``clip_sample`` false) are left as they are.
+Latent-space models (Stable Diffusion: ``clip_sample`` false) are left as they are. A config with
+``thresholding`` (dynamic thresholding, which DDIM applies instead of the clip) keeps diffusers'
+DPM-Solver++, which applies the same thresholding; diffusers' Euler has none, so it is refused there.
 """
 
 from __future__ import annotations
@@ -40,17 +42,22 @@ _BUILT: dict[tuple[str, str], object] = {}  # (name, config as JSON) -> a schedu
 def _build(name: str, config: dict):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+    # DDIM's order: dynamic thresholding if the config asks for it, else the clip_sample clip
+    thresholding = bool(config.get("thresholding"))
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") and not thresholding else None
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm++":
-        if clip is None:
+        if clip is None:  # with thresholding in the config, diffusers' own (DDIM's) dynamic thresholding
             return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
         scheduler = _clipped_dpm_solver().from_config(config, algorithm_type="dpmsolver++", solver_order=2,
                                                       thresholding=True)  # calls _threshold_sample on x0
         scheduler.clip_range = clip
         return scheduler
     if name == "euler":
+        if thresholding:
+            raise UsageError("scheduler euler: this model's scheduler config asks for dynamic thresholding "
+                             "(thresholding: true), which diffusers' Euler does not do; use ddim or dpm++")
         scheduler = _clipped_euler().from_config(config)
         scheduler.clip_range = clip
         return scheduler

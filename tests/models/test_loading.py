@@ -176,3 +176,79 @@ def test_sampling_defaults_are_checked_when_the_model_loads(tiny_unet_dir, tmp_p
     (model / "sampling.json").write_text(defaults)
     with pytest.raises(ModelError, match=rf"sampling.json: {message}"):
         load_model(model)
+
+
+def test_a_legacy_transformer2d_checkpoint_loads_as_the_class_its_norm_type_names(tiny_dit_dir, tmp_path):
+    """The published DiT-XL-2 and PixArt-alpha configs say Transformer2DModel; diffusers picks the
+    class by norm_type, and so does the loader."""
+    d = copy_model(tiny_dit_dir, tmp_path / "dit")
+    config_file = d / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"}))
+    loaded, original = load_model(d), load_model(tiny_dit_dir)
+    assert loaded.adapter.class_name == "DiTTransformer2DModel"
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 3])
+    assert torch.equal(loaded.adapter.denoise(loaded.model, x, t, labels),
+                       original.adapter.denoise(original.model, x, t, labels))
+    config_file.write_text(json.dumps({**config, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
+    with pytest.raises(ModelError, match="Transformer2DModel with norm_type 'layer_norm' is not supported"):
+        load_model(d)
+
+
+@pytest.mark.parametrize(("class_name", "change", "message"), [
+    ("UNet2DConditionModel", {"sample_size": None}, "has sample_size None: set it in config.json"),
+    ("UNet2DModel", {"sample_size": [8]}, r"has sample_size \[8\]"),
+    ("UNet2DConditionModel", {"in_channels": 9, "out_channels": 4}, "in_channels 9 and out_channels 4 is not supported"),
+    ("UNet2DConditionModel", {"cross_attention_dim": [8, 16]}, r"'cross_attention_dim': \[8, 16\]"),
+    ("DiTTransformer2DModel", {"sample_size": 9, "num_embeds_ada_norm": 4}, "sample size 9x9 with patch_size 2"),
+    ("PixArtTransformer2DModel", {"sample_size": 10, "patch_size": 4, "use_additional_conditions": False},
+     "sample size 10x10 with patch_size 4"),
+])
+def test_configs_the_tool_cannot_sample_are_refused_when_the_model_loads(class_name, change, message):
+    from exporter.models import adapter_for
+
+    base = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 8}
+    with pytest.raises(ModelError, match=message):
+        adapter_for(class_name, base | change)
+    assert adapter_for(class_name, base | {"out_channels": 8} | {k: v for k, v in change.items()
+                                                                 if k == "num_embeds_ada_norm"})  # learned sigma
+
+
+def test_per_block_cross_attention_widths_of_one_value_take_that_embedding_width():
+    from exporter.models import adapter_for
+
+    config = {"sample_size": 8, "in_channels": 1, "cross_attention_dim": [8, 8]}
+    assert adapter_for("UNet2DConditionModel", config).embedding_dim == 8
+
+
+def test_a_unet2d_size_its_downsamplings_do_not_halve_is_refused_before_sampling(tiny_unet2d_dirs, tmp_path):
+    d = copy_model(tiny_unet2d_dirs[0], tmp_path / "m")  # 2 levels: multiples of 2
+    config_file = d / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sample_size": 7}))
+    loaded = load_model(d)
+    with pytest.raises(ModelError, match="UNet2DModel of sample size 7x7: diffusers runs it only at sizes .*"
+                                         r"\(multiples of 2\)"):
+        loaded.adapter.sample_shape_at(loaded.model, None)
+    assert loaded.adapter.sample_shape_at(loaded.model, (6, 10)) == (1, 6, 10)
+
+
+def test_a_weights_variant_under_its_own_name_is_named_in_the_error(tiny_unet_dir, tmp_path):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    weights = d / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ModelError, match="weights not found: .* found diffusion_pytorch_model.fp16.safetensors, "
+                                         "a weights variant: copy or link it"):
+        load_model(d)
+
+
+def test_an_unconditional_model_takes_no_conditioning_file_and_no_guidance(tiny_unet2d_dirs, tmp_path):
+    from exporter.sampling.pytorch import sample_pytorch
+
+    uncond = tiny_unet2d_dirs[0]
+    cond_file = tiny_unet2d_dirs[1] / "conditioning.safetensors"
+    with pytest.raises(ConditioningError, match="is unconditional; it takes no conditioning file"):
+        sample_pytorch(str(uncond), tmp_path / "a", cond=cond_file, per_row=1, steps=2, progress=False)
+    with pytest.raises(ConditioningError, match="guidance 5: this UNet2DModel is unconditional"):
+        sample_pytorch(str(uncond), tmp_path / "b", guidance=5.0, per_row=1, steps=2, progress=False)
+    record = sample_pytorch(str(uncond), tmp_path / "c", guidance=1.0, per_row=1, steps=2, progress=False)
+    assert record["guidance"] == 1.0 and record["conditioning"] is None

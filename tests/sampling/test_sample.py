@@ -47,6 +47,10 @@ def test_no_images_no_steps_and_empty_batches_are_usage_errors(tiny_unet_dir, tm
     for option in ("per_row", "steps", "batch_size"):
         with pytest.raises(UsageError, match=f"{option} must be a positive whole number, got 0"):
             run(tiny_unet_dir, tmp_path / option, **{option: 0})
+    with pytest.raises(UsageError, match="rows is empty"):
+        run(tiny_unet_dir, tmp_path / "rows", rows=[])
+    with pytest.raises(UsageError, match="guidance must be a finite number, got nan"):  # NaN turned guidance off
+        run(tiny_unet_dir, tmp_path / "nan", guidance=float("nan"))
 
 
 def run(model_dir, out, **kw):

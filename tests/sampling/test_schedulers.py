@@ -99,3 +99,13 @@ def test_each_scheduler_starts_fresh(name):
 def test_unknown_scheduler_is_refused():
     with pytest.raises(UsageError, match="choose one of ddim, dpm"):
         make_scheduler("pndm", PIXEL_CONFIG)
+
+
+def test_dynamic_thresholding_is_ddims_and_dpm_solvers_own_and_refused_for_euler():
+    """A config with ``thresholding`` (dynamic thresholding: DDIM applies it instead of the clip):
+    DPM-Solver++ applies the same thresholding, not the plain clip; diffusers' Euler has none."""
+    config = {**PIXEL_CONFIG, "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5}
+    ddim, dpm = predicted_clean_image("ddim", config), predicted_clean_image("dpm++", config)
+    assert float(ddim.abs().max()) <= 1.5 and torch.allclose(dpm, ddim, atol=1e-5)  # was a plain clip: 0.33 apart
+    with pytest.raises(UsageError, match="dynamic thresholding .* use ddim or dpm\\+\\+"):
+        make_scheduler("euler", config)
