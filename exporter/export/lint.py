@@ -4,8 +4,8 @@ show, per block, which compute layers are quantized and which stay in float, and
 A quantized layer that TensorRT cannot fuse silently runs in float, and the engine is no faster:
 this report makes that visible before any build. Rules (violations make the command fail):
 
-* ``one-sided``: a Conv/MatMul/Gemm with Q/DQ on only one of activation and weight (allowed for
-  weight-only layers, which the manifest declares);
+* ``one-sided``: a Conv/ConvTranspose/MatMul/Gemm with Q/DQ on only one of activation and weight
+  (allowed for weight-only layers, which the manifest declares);
 * ``zero-point``: every Q/DQ zero point is 0 (symmetric);
 * ``weight-axis``: per-channel weight scales lie on the output-channel axis;
 * ``int4-layer``, ``int4-layout``, ``int4-block``: INT4 (blocked) weights only where TensorRT runs
@@ -16,9 +16,11 @@ this report makes that visible before any build. Rules (violations make the comm
 * ``activation-scale``: activation scales are per tensor (scalars);
 * ``int4-activation``: no activation is quantized to INT4 (TensorRT quantizes activations to INT8,
   FP8 or FP4 and supports INT4 for weight-only quantization: W4A4 graphs are for ONNX Runtime);
-* ``dangling``: every QuantizeLinear feeds a DequantizeLinear and every DequantizeLinear is used;
-* ``scale``: every Q/DQ scale is finite and positive (TensorRT's requirement; a zero scale divides by
-  zero, a negative one flips signs), weight scales in the external weight files included;
+* ``dangling``: every QuantizeLinear feeds a DequantizeLinear, every DequantizeLinear is used and
+  reads a constant (a weight) or a QuantizeLinear's output;
+* ``scale``: every Q/DQ scale is a constant (TensorRT needs them at build time), finite and positive
+  (a zero scale divides by zero, a negative one flips signs), weight scales in the external weight
+  files included;
 * ``float``: no layer the manifest declares quantized runs in float (its Q/DQ pairs lost on the way).
 """
 
@@ -35,7 +37,7 @@ from exporter.errors import UsageError
 from exporter.export.manifest import node_scope, read_manifest
 from exporter.recipe import TENSORRT_INT4_BLOCKS
 
-COMPUTE = ("Conv", "MatMul", "Gemm")
+COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Slice")  # weight layout ops between a weight DQ and its layer
 
 
@@ -72,33 +74,49 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             node = producer.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
+    def constant(tensor: str):
+        """The TensorProto of an initializer or a Constant node's output; None for a run-time tensor."""
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            return next((a.t for a in node.attribute if a.name == "value"), None)
+        return inits.get(tensor)
+
     int4_activations, checked_scales = [], set()
     for node in graph.node:
         is_qdq = node.op_type in ("QuantizeLinear", "DequantizeLinear")
-        zero_point = inits.get(node.input[2]) if is_qdq and len(node.input) > 2 else None
+        zero_point = constant(node.input[2]) if is_qdq and len(node.input) > 2 and node.input[2] else None
         if zero_point is not None and numpy_helper.to_array(zero_point).any():
             report.violations.append(f"zero-point: {node.name} has a non-zero zero point")
         if is_qdq and node.input[1] not in checked_scales:  # a Q and its DQ share one scale: one line for both
             checked_scales.add(node.input[1])
-            problem = _scale_problem(inits.get(node.input[1]), path.parent)
+            scale = constant(node.input[1])
+            problem = "run-time (not constant)" if scale is None else _scale_problem(scale, path.parent)
             if problem:
                 report.violations.append(f"scale: {node.name} has {problem} scale(s); TensorRT needs every scale "
-                                         "finite and > 0")
+                                         "a build-time constant, finite and > 0")
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users):
                 report.violations.append(f"dangling: {node.name} does not feed a DequantizeLinear")
-            scale = inits.get(node.input[1])
+            scale = constant(node.input[1])
             if scale is not None and len(scale.dims) > 0:
                 report.violations.append(f"activation-scale: {node.name} quantizes an activation per channel")
-            if zero_point is not None and zero_point.data_type == onnx.TensorProto.INT4:
+            to_int4 = any(a.name == "output_dtype" and a.i == onnx.TensorProto.INT4 for a in node.attribute)
+            if to_int4 or (zero_point is not None and zero_point.data_type == onnx.TensorProto.INT4):
                 int4_activations.append(node.name)
-        if node.op_type == "DequantizeLinear" and not consumers.get(node.output[0]) and node.output[0] not in outputs:
-            report.violations.append(f"dangling: {node.name}'s output is unused")
+        if node.op_type == "DequantizeLinear":
+            if not consumers.get(node.output[0]) and node.output[0] not in outputs:
+                report.violations.append(f"dangling: {node.name}'s output is unused")
+            source = producer.get(node.input[0])
+            if constant(node.input[0]) is None and (source is None or source.op_type != "QuantizeLinear"):
+                report.violations.append(f"dangling: {node.name} dequantizes {node.input[0]}, which is neither a "
+                                         "constant nor a QuantizeLinear's output")
         if node.op_type not in COMPUTE:
             continue
         act_dq = dq_behind(node.input[0])
         w_dq = dq_behind(node.input[1], PASS_THROUGH)
+        if w_dq is not None and constant(w_dq.input[0]) is None:  # a Q/DQ'd activation, not a weight
+            w_dq = None
         weight_is_constant = w_dq is not None or _constant_behind(node.input[1], producer, inits)
         if not weight_is_constant:  # activation x activation (attention scores, attention x values)
             report.attention_matmuls += 1
@@ -109,7 +127,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
         if act_dq is not None and w_dq is not None:
             report.quantized.append(layer)
             report.quantized_nodes[node.name] = layer
-        elif w_dq is not None and quantized.get(layer, [None, None])[1] is None:
+        elif w_dq is not None and layer in quantized and quantized[layer][1] is None:  # declared weight-only
             report.weight_only.append(layer)
             if layer in overridden:  # not every layer of a weight-only format: those a recipe singled out
                 report.weight_only_reasons[layer] = overridden[layer]
@@ -161,8 +179,13 @@ def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: st
     if scale is None or len(scale.dims) == 0:
         return  # per-tensor weight scale: allowed
     axis = attrs.get("axis", 1)
-    transposed = producer.get(node.input[1]) is not None and producer[node.input[1]].op_type == "Transpose"
-    if node.op_type == "Conv" or transposed:
+    transposed, tensor = False, node.input[1]  # a Transpose anywhere between the DQ and the layer
+    while (feeder := producer.get(tensor)) is not None and feeder is not dq:
+        transposed |= feeder.op_type == "Transpose"
+        tensor = feeder.input[0]
+    if node.op_type == "ConvTranspose":  # its weight is [in, out / groups, kh, kw]
+        expected = 1
+    elif node.op_type == "Conv" or transposed:
         expected = 0
     elif node.op_type == "Gemm":
         expected = 0 if any(a.name == "transB" and a.i == 1 for a in node.attribute) else 1

@@ -251,8 +251,9 @@ def _share_small_constants(graph: onnx.GraphProto) -> None:
     first: dict[tuple, str] = {}
     renamed: dict[str, str] = {}
     keep = []
+    io = {v.name for v in (*graph.input, *graph.output)}  # a folded graph output is its own initializer
     for init in graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:  # weights
+        if init.data_location == TensorProto.EXTERNAL or init.name in io:  # weights; graph inputs and outputs
             keep.append(init)
             continue
         if not init.HasField("raw_data"):
@@ -276,16 +277,27 @@ def _short_tensor_names(graph: onnx.GraphProto) -> None:
     ``onnx::Mul_12``); graph inputs, outputs and named parameters (``layers.0.conv1.weight_scale``)
     keep their names."""
     keep = {v.name for v in (*graph.input, *graph.output)}
+    # names that stay: a short name must not be one of them (a graph input "t0", a parameter "c1")
+    taken = keep | {init.name for init in graph.initializer if not init.name.startswith(("/", "onnx::"))}
     renamed: dict[str, str] = {}
+    count = 0
+
+    def short(prefix: str) -> str:  # the next short name no tensor of the graph has already
+        nonlocal count
+        while f"{prefix}{count}" in taken:
+            count += 1
+        count += 1
+        return f"{prefix}{count - 1}"
+
     for init in graph.initializer:
         if init.name.startswith(("/", "onnx::")) and init.name not in keep:
-            renamed[init.name] = f"c{len(renamed)}"
+            renamed[init.name] = short("c")
             init.name = renamed[init.name]
     keep |= {init.name for init in graph.initializer}
     for node in graph.node:
         for i, name in enumerate(node.output):
             if name and name not in keep:
-                renamed[name] = f"t{len(renamed)}"
+                renamed[name] = short("t")
                 node.output[i] = renamed[name]
     _rename_inputs(graph, renamed)
 

@@ -85,8 +85,8 @@ def symbolic_shapes(model: onnx.ModelProto) -> Shapes | None:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     # SymbolicShapeInference.infer_shapes, minus what it does when some tensor stays unknown: write
-    # sym_shape_infer_temp.onnx into the working directory and raise. Shapes it did infer are right,
-    # so a partial result is used as it is (tensors without one keep their computed targets).
+    # sym_shape_infer_temp.onnx into the working directory and raise. A partial result is used as it
+    # is (tensors without a shape keep their computed targets), unless a merge pinned an input dim.
     try:
         inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
         inference._preprocess(_weightless(model))
@@ -96,6 +96,16 @@ def symbolic_shapes(model: onnx.ModelProto) -> Shapes | None:
         inferred = inference.out_mp_
     except Exception as e:  # noqa: BLE001  (its errors are of many kinds; the pass is an optimisation)
         log.debug("symbolic shape inference failed (%s: %s): reshape targets stay computed", type(e).__name__, e)
+        return None
+    # auto_merge assumes dims that meet in a broadcast are equal. Where that pins a dynamic dim of the
+    # graph's inputs to a number (batch broadcast against a static 2 is valid at batch 1 too), a
+    # target written from these shapes would refuse inputs the graph takes: none is used. (Input dims
+    # merged with each other, a skip's height with the hidden state's in a UNet's Concat, stay
+    # symbols: the targets copy or infer them, 0 or -1.)
+    dynamic = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    pinned = {s: v for s, v in inference.suggested_merge_.items() if s in dynamic and isinstance(v, int)}
+    if pinned:
+        log.debug("symbolic shape inference pinned input dims %s: reshape targets stay computed", pinned)
         return None
     shapes: Shapes = {}
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):

@@ -36,7 +36,8 @@ class QuantizeDequantize(torch.autograd.Function):
 
 
 class DequantizeWeight(torch.autograd.Function):
-    """DequantizeLinear of a stored quantized weight: per channel (axis) or blocked (axis 1)."""
+    """DequantizeLinear of a stored quantized weight: per channel along ``axis``, or blocked along it
+    (INT4: the weight stored [in, out], blocked along axis 0, the input features)."""
 
     @staticmethod
     def forward(ctx, w, scale, axis: int, block_size: int):

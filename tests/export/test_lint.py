@@ -190,3 +190,94 @@ def test_every_bundled_recipe_exports_graphs_tensorrt_accepts(model, tmp_path):
         quantized = {layer for b in manifest["blocks"] for layer in b["quantized_layers"]}
         counted = {layer for r in reports for layer in (*r.quantized, *r.weight_only)}
         assert counted == quantized, (fmt, dtype)  # every quantized layer recognised as such in its graph
+
+
+def lint_small(tmp_path, nodes, inits, quantized, inputs=None):
+    """lint_graph on a one-layer graph: x [1, 4] (or ``inputs``) -> ... -> y, layer scope "lin"."""
+    from onnx import TensorProto, helper
+
+    from exporter.export.lint import lint_graph
+
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    return lint_graph(path, {"name": "b", "quantized_layers": quantized, "modules": {}}, {"quantization": {}})
+
+
+def test_qdq_that_tensorrt_cannot_take_at_build_time_is_a_violation(tmp_path):
+    """Each of these passed lint before: a run-time scale, a non-zero zero point in a Constant node,
+    a DequantizeLinear of a tensor no QuantizeLinear made, INT4 activations by output_dtype, and
+    weight-only Q/DQ on a layer the manifest does not declare weight-only."""
+    from onnx import TensorProto, helper
+
+    s, zp = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")
+    w, ws = numpy_helper.from_array(np.ones((4, 3), np.int8), "W"), numpy_helper.from_array(np.full(3, .1, np.float32), "ws")
+    weight = [helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="/lin/wdq", axis=1),
+              helper.make_node("MatMul", ["xd", "Wd"], ["y"], name="/lin/MatMul")]
+
+    def activation(scale="s", zero="zp", **attrs):
+        return [helper.make_node("QuantizeLinear", ["x", scale, zero] if zero else ["x", scale], ["xq"], name="/lin/q",
+                                 **attrs),
+                helper.make_node("DequantizeLinear", ["xq", scale, zero] if zero else ["xq", scale], ["xd"],
+                                 name="/lin/dq")]
+
+    int8 = {"lin": ["int8", "int8"]}
+    report = lint_small(tmp_path, activation("sx") + weight, [zp, w, ws], int8,
+                        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                helper.make_tensor_value_info("sx", TensorProto.FLOAT, [])])
+    assert report.violations == [("scale: /lin/q has run-time (not constant) scale(s); TensorRT needs every scale a "
+                                 "build-time constant, finite and > 0")]
+    five = helper.make_node("Constant", [], ["five"], value=numpy_helper.from_array(np.array(5, np.int8)))
+    report = lint_small(tmp_path, [five, *activation(zero="five"), *weight], [s, w, ws], int8)
+    assert report.violations == ["zero-point: /lin/q has a non-zero zero point",
+                                 "zero-point: /lin/dq has a non-zero zero point"]
+    cast = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT8, name="/lin/cast"),
+            helper.make_node("DequantizeLinear", ["xi", "s", "zp"], ["xd"], name="/lin/dq")]
+    report = lint_small(tmp_path, cast + weight, [s, zp, w, ws], int8)
+    assert report.violations == [("dangling: /lin/dq dequantizes xi, which is neither a constant nor a "
+                                 "QuantizeLinear's output")]
+    report = lint_small(tmp_path, activation(zero=None, output_dtype=TensorProto.INT4) + weight, [s, w, ws],
+                        {"lin": ["int8", "int4"]})
+    assert [v.split(":")[0] for v in report.violations] == ["int4-activation"]
+    weight_only = [helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="/lin/wdq", axis=1),
+                   helper.make_node("MatMul", ["x", "Wd"], ["y"], name="/lin/MatMul")]
+    assert lint_small(tmp_path, weight_only, [w, ws], {"lin": ["int8", None]}).weight_only == ["lin"]
+    report = lint_small(tmp_path, weight_only, [w, ws], {})
+    assert report.violations == ["one-sided: lin (/lin/MatMul) has Q/DQ on its weight only; TensorRT runs it in float"]
+
+
+def test_attention_qdq_counts_as_attention_and_weight_axes_follow_the_layout(tmp_path):
+    from onnx import TensorProto, helper
+
+    s, zp = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")
+    both = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["aq"], name="/attn/q1"),
+            helper.make_node("DequantizeLinear", ["aq", "s", "zp"], ["ad"], name="/attn/dq1"),
+            helper.make_node("Transpose", ["x"], ["xt"], name="/attn/T"),
+            helper.make_node("QuantizeLinear", ["xt", "s", "zp"], ["bq"], name="/attn/q2"),
+            helper.make_node("DequantizeLinear", ["bq", "s", "zp"], ["bd"], name="/attn/dq2"),
+            helper.make_node("MatMul", ["ad", "bd"], ["y"], name="/attn/MatMul")]
+    report = lint_small(tmp_path, both, [s, zp], {})
+    assert (report.attention_matmuls, report.quantized, report.violations) == (1, [], [])  # not a "layer"
+
+    act = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="/lin/q"),
+           helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="/lin/dq")]
+    w, ws = numpy_helper.from_array(np.ones((3, 4), np.int8), "W"), numpy_helper.from_array(np.full(3, .1, np.float32), "ws")
+    shape = numpy_helper.from_array(np.array([4, 3], np.int64), "shape")
+    transposed = [helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="/lin/wdq", axis=0),  # [out, in]
+                  helper.make_node("Transpose", ["Wd"], ["Wt"], name="/lin/T", perm=[1, 0]),
+                  helper.make_node("Reshape", ["Wt", "shape"], ["Wr"], name="/lin/R"),
+                  helper.make_node("MatMul", ["xd", "Wr"], ["y"], name="/lin/MatMul")]
+    report = lint_small(tmp_path, act + transposed, [s, zp, w, ws, shape], {"lin": ["int8", "int8"]})
+    assert (report.quantized, report.violations) == (["lin"], [])  # the Transpose two nodes up counts
+
+    wc = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.int8), "Wc")  # ConvTranspose: [in, out, kh, kw]
+    for axis, scale in ((0, np.full(4, .1, np.float32)), (1, np.full(2, .1, np.float32))):
+        conv_t = [helper.make_node("DequantizeLinear", ["Wc", "wcs"], ["Wd"], name="/up/wdq", axis=axis),
+                  helper.make_node("ConvTranspose", ["xd", "Wd"], ["y"], name="/up/ConvTranspose")]
+        report = lint_small(tmp_path, act + conv_t, [s, zp, wc, numpy_helper.from_array(scale, "wcs")],
+                            {"up": ["int8", "int8"]},
+                            inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])])
+        assert report.quantized == ["up"]
+        assert report.violations == ([] if axis == 1 else
+                                     ["weight-axis: /up/wdq scales axis 0, not the output-channel axis 1"])

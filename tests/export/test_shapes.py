@@ -76,3 +76,27 @@ def test_an_unknown_op_upstream_leaves_the_target_computed_and_writes_no_file(tm
     reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
     assert reshape.input[1] == "target"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_that_a_broadcast_pinned_to_a_number_keeps_its_computed_target():
+    """ONNX Runtime's inference with auto_merge takes x [batch, 4] + C [2, 4] to mean batch = 2;
+    batch 1 broadcasts as well, so a target written from that shape ([2, 2, 2]) would refuse it."""
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["y"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "axes0"], ["b1"]),
+        helper.make_node("Concat", ["b1", "two_two"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["z"], name="split"),
+    ]
+    inits = [numpy_helper.from_array(np.ones((2, 4), np.float32), "c"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+             numpy_helper.from_array(np.array([2, 2], np.int64), "two_two")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert static_reshapes(model) == 0
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(["z"], {"x": np.ones((1, 4), np.float32)})[0].shape == (1, 2, 2)
