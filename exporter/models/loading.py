@@ -78,8 +78,12 @@ def check_weights(model_dir: Path) -> None:
 
     index = model_dir / WEIGHTS_INDEX
     if index.is_file():
-        shards = sorted(set(read_json(index, "weights index").get("weight_map", {}).values()))
-        files = [model_dir / s for s in shards]
+        weight_map = read_json(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+            raise ModelError(f"{index}: not a weights index (a 'weight_map' of tensor name -> shard file name "
+                             "in this folder)")
+        files = [model_dir / s for s in sorted(set(weight_map.values()))]
     else:
         files = [model_dir / WEIGHTS]
     for f in files:

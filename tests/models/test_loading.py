@@ -252,3 +252,12 @@ def test_an_unconditional_model_takes_no_conditioning_file_and_no_guidance(tiny_
         sample_pytorch(str(uncond), tmp_path / "b", guidance=5.0, per_row=1, steps=2, progress=False)
     record = sample_pytorch(str(uncond), tmp_path / "c", guidance=1.0, per_row=1, steps=2, progress=False)
     assert record["guidance"] == 1.0 and record["conditioning"] is None
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["diffusion_pytorch_model.safetensors"]}', '{"metadata": {}}',
+                                   '{"weight_map": {"a": "../elsewhere.safetensors"}}'])
+def test_a_weights_index_that_is_not_one_is_refused_naming_it(tiny_unet_dir, tmp_path, index):
+    d = copy_model(tiny_unet_dir, tmp_path / "m")
+    (d / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    with pytest.raises(ModelError, match=r"index.json: not a weights index \(a 'weight_map' of tensor name"):
+        load_model(d)
