@@ -182,7 +182,10 @@ def linear_layers(axis: int, shared: bool) -> tuple[onnx.ModelProto, dict]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    weight = rng.integers(-127, 128, (8, 16)).astype(np.int8)
+    # 7-bit weights: on a CPU without VNNI, ONNX Runtime's u8 x s8 kernel sums pairs of products in
+    # 16 bits, and full-range ones saturate there (2 of 48 outputs off by 1.2 on an AVX2-only EPYC);
+    # these tests are about the rewrite's layout, which is the same on every CPU
+    weight = rng.integers(-63, 64, (8, 16)).astype(np.int8)
     scale = rng.uniform(0.01, 0.02, weight.shape[axis % 2]).astype(np.float32)
     inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s"),
              numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
