@@ -68,6 +68,15 @@ def finetuned_inputs(args) -> tuple[str, Path, object]:
     return args.model or model, calib, quantization
 
 
+def recipe_of(args):
+    """(format, recipe) of ``--format`` / ``--recipe``; with neither, the bundled int8 recipe of the
+    model (tuned for a reference model), as ``pipeline`` picks it."""
+    from exporter.recipe import resolve_recipe
+
+    fmt = args.format or ("int8" if args.recipe is None else None)
+    return fmt, resolve_recipe(args.recipe, fmt, args.model)
+
+
 def warn_unused_finetune(recipe, source) -> None:
     """A recipe's finetune: section is run by exporter finetune / pipeline only: say so where it is
     read and not used, since the bundled W4A8/W4A4 recipes are tuned for after finetuning."""
@@ -78,7 +87,6 @@ def warn_unused_finetune(recipe, source) -> None:
 
 def cmd_sample(args) -> None:
     from exporter.fileio import require_new_folder
-    from exporter.recipe import resolve_recipe
     from exporter.sampling.pytorch import sample_pytorch
 
     require_new_folder(args.out)  # before any work: two runs' images in one folder read as one run
@@ -86,8 +94,7 @@ def cmd_sample(args) -> None:
     if args.finetuned is not None:
         args.model, args.calib, quantization = finetuned_inputs(args)
     elif args.calib is not None or args.recipe is not None or args.format is not None:
-        fmt = args.format or ("int8" if args.recipe is None else None)
-        recipe = resolve_recipe(args.recipe, fmt, args.model)
+        fmt, recipe = recipe_of(args)
         warn_unused_finetune(recipe, args.recipe or f"the bundled {fmt} recipe")
         if recipe.export.dtype != "fp32":  # not a PyTorch precision: sampling would quietly be FP32
             raise UsageError(f"{fmt or args.recipe}: export.dtype {recipe.export.dtype} is a type of the exported "
@@ -110,9 +117,8 @@ def cmd_calibrate(args) -> None:
     import dataclasses
 
     from exporter.calibrate import calibrate
-    from exporter.recipe import resolve_recipe
 
-    recipe = resolve_recipe(args.recipe, args.format, args.model)
+    _, recipe = recipe_of(args)
     spec = recipe.calibration
     if args.trajectories is not None:
         spec = dataclasses.replace(spec, trajectories=args.trajectories)
@@ -133,9 +139,9 @@ def cmd_calibrate(args) -> None:
 
 def cmd_finetune(args) -> None:
     from exporter.finetune import finetune
-    from exporter.recipe import FinetuneSpec, resolve_recipe
+    from exporter.recipe import FinetuneSpec
 
-    recipe = resolve_recipe(args.recipe, args.format, args.model)
+    _, recipe = recipe_of(args)
     model = args.model or recipe.model
     if model is None:
         raise UsageError("no model: pass --model or set 'model' in the recipe")
@@ -150,14 +156,13 @@ def cmd_finetune(args) -> None:
 
 def cmd_export(args) -> None:
     from exporter.export import export_graphs
-    from exporter.recipe import resolve_recipe
 
     dtype = args.dtype or "fp32"
     if args.finetuned is not None:
         model, args.calib, quantization = finetuned_inputs(args)
     else:
-        recipe = resolve_recipe(args.recipe, args.format, args.model)
-        warn_unused_finetune(recipe, args.recipe or f"the bundled {args.format} recipe")
+        fmt, recipe = recipe_of(args)
+        warn_unused_finetune(recipe, args.recipe or f"the bundled {fmt} recipe")
         model = args.model or recipe.model
         if model is None:
             raise UsageError("no model: pass --model or set 'model' in the recipe")

@@ -103,6 +103,7 @@ def sample_pytorch(
         "scheduler": settings.scheduler,
         "guidance": settings.guidance,
         "seed": settings.seed,
+        "batch_size": settings.batch_size,  # float sums may differ by a grey level at another batch size
         "latent": list(sample_shape[1:]),
         "seconds": round(time.perf_counter() - start, 2),
         "exporter_version": __version__,
