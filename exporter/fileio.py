@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-A crash or Ctrl-C mid-write leaves either the old file or nothing, never half a file.
+A process killed or interrupted mid-write leaves either the old file or nothing, never half a file
+(the data is not fsynced: after a power loss the new file may be empty).
 """
 
 from __future__ import annotations
@@ -44,3 +45,18 @@ def require_new_folder(path: str | os.PathLike) -> None:
 
     if occupied(path):
         raise UsageError(f"{path} exists and is not an empty folder; choose another --out or delete it")
+
+
+def require_staged_folder(path: str | os.PathLike) -> Path:
+    """``require_new_folder`` for an output written beside it as ``<name>.partial`` and renamed into
+    place at the end (export, build): a name to put beside (not ``.`` or ``..``) and a folder, not a
+    symbolic link to one (the rename would fail after all the work)."""
+    from exporter.errors import UsageError
+
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise UsageError(f"--out {path}: give the output folder a name (it is written as <name>.partial beside it)")
+    if path.is_symlink():
+        raise UsageError(f"--out {path} is a symbolic link; give the folder it points to, or a new one")
+    require_new_folder(path)
+    return path

@@ -81,8 +81,12 @@ def read_image_folder(folder: str | Path) -> dict[tuple[int, int], np.ndarray]:
             with Image.open(f) as im:
                 if im.mode in ("I", "I;16"):  # 16-bit greyscale PNG: scaled by its own range (convert clips)
                     arr = np.asarray(im, dtype=np.float64) / 257.0
-                else:
-                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "P") else "RGB"))
+                elif im.mode in ("L", "1", "LA"):  # greyscale (an alpha channel is not the image)
+                    arr = np.asarray(im.convert("L"))
+                else:  # RGB(A), and palette images: colour unless every palette entry used is grey
+                    arr = np.asarray(im.convert("RGB"))
+                    if im.mode == "P" and (arr == arr[..., :1]).all():
+                        arr = arr[..., 0]
         except (UnidentifiedImageError, OSError) as e:
             raise ImageFolderError(f"{f}: not a readable PNG ({e})") from None
         images[(int(m[1]), int(m[2]))] = (arr / 127.5 - 1.0).astype(np.float32)

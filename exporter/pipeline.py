@@ -48,8 +48,12 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.sampling.pytorch import sample_pytorch
 
     root = Path(out)
-    if (root / "graphs").exists() and any((root / "graphs").iterdir()):
-        raise UsageError(f"{root} holds an earlier pipeline run; choose another --out or delete it")
+    # an earlier run's graphs, images or summary (a run stopped while calibrating resumes it): new
+    # images written among old ones would be scored as one run
+    earlier = [p for p in (root / "graphs", root / "images") if p.is_dir() and any(p.iterdir())]
+    if earlier or (root / "summary.json").exists():
+        raise UsageError(f"{root} holds an earlier pipeline run ({(earlier or [root / 'summary.json'])[0].name}); "
+                         "choose another --out or delete it")
     recipe = resolve_recipe(recipe_path, None if recipe_path else fmt, model)
     model = model or recipe.model
     if model is None:
@@ -63,6 +67,8 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     # the variant's graphs folder and name; a recipe without quantization in FP32 is the baseline alone
     baseline_only = quantization is None and dtype == "fp32"
     name = "fp32" if baseline_only else fmt if recipe_path is None else Path(recipe_path).stem
+    if not baseline_only and name in ("fp32", "pytorch-fp32"):  # a recipe file so named: not the baselines' folders
+        name += "-recipe"
     summary: dict = {"model": model, "format": name, "recipe": recipe_path and str(recipe_path), "stages": {}}
     # the recipe's sampling: section, each field overridden by an option given here (the CLI's flags)
     chosen = {"rows": rows, "per_row": per_row, "steps": steps, "scheduler": scheduler, "guidance": guidance,

@@ -205,9 +205,19 @@ def test_an_edited_manifest_without_a_key_or_with_damaged_contents_is_refused(ti
             (lambda m: m["blocks"][0].pop("weights"), f"block {name}: no 'weights' file"),
             (lambda m: m.update(files=list(m["files"])), "'files' must map file names to sha256 digests"),
             (lambda m: m["blocks"][1].update(inputs="sample"),
-             f"block {original['blocks'][1]['name']}: 'inputs' must be a list of tensors with names"),
+             f"block {original['blocks'][1]['name']}: 'inputs' must be a list of tensors with a name"),
+            (lambda m: m["blocks"][0]["outputs"][0].pop("dtype"),
+             f"block {name}: 'outputs' must be a list of tensors with a name, a dtype and a shape"),
             (lambda m: m.update(groups={"ranges": []}), "'groups' must be null or hold a list of t ranges"),
-            (lambda m: m.update(blocks=[]), "'blocks' must be a non-empty list")):
+            (lambda m: m.update(blocks=[]), "'blocks' must be a non-empty list"),
+            # each of these was a KeyError, TypeError or IndexError at load or at the first cached step
+            (lambda m: m.update(cache=None), "'cache' must map each cached feature to the blocks"),
+            (lambda m: next(iter(m["cache"]["features"].values())).append("up9"),
+             "'cache' must map each cached feature to the blocks that run with it, all of them blocks here"),
+            (lambda m: m.update(sample_shape="x"), "'sample_shape' must be [channels, height, width]"),
+            (lambda m: m.update(sampling_defaults=None), "'sampling_defaults' and 'scheduler_config' must be"),
+            (lambda m: m["source"].pop("model_class"), "'source' must name the model class"),
+            (lambda m: m["files"].update({"a\0b": "0" * 64}), "a file name holds a NUL character")):
         damaged = json.loads(json.dumps(original))
         edit(damaged)
         (tmp_path / "h" / "manifest.json").write_text(json.dumps(damaged))

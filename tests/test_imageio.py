@@ -20,3 +20,20 @@ def test_uniform_images_are_written_with_a_warning_naming_them(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         write_image_folder(tmp_path / "b", {k: v for k, v in images.items() if k[0] == 0})
     assert "uniform" not in caplog.text
+
+
+def test_palette_and_alpha_pngs_read_as_the_colours_they_show(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    grey = rng.integers(0, 256, (8, 8)).astype(np.uint8)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(colour).quantize(colors=16).save(folder / "0_0.png")  # palette of colours
+    Image.fromarray(grey).convert("P").save(folder / "0_1.png")  # palette of greys
+    Image.fromarray(grey).convert("LA").save(folder / "0_2.png")  # grey with alpha
+    images = read_image_folder(folder)
+    assert images[(0, 0)].shape == (8, 8, 3)  # before: read as grey
+    assert images[(0, 1)].shape == (8, 8) and images[(0, 2)].shape == (8, 8)  # before: LA read as RGB
+    np.testing.assert_array_equal(images[(0, 2)], (grey / 127.5 - 1.0).astype(np.float32))

@@ -76,3 +76,22 @@ def test_what_the_run_stage_would_refuse_is_refused_before_calibrating(tiny_unet
     with pytest.raises(UsageError, match="EXPORTER_ORT_INTEGER_MATMUL='maybe'"):
         run_pipeline(str(tiny_unet_dir), out, "int8", rows=[0], progress=False)
     assert not out.exists()  # nothing calibrated, nothing in the way of the corrected command
+
+
+def test_a_folder_with_an_earlier_runs_images_or_summary_is_refused(tiny_unet_dir, tmp_path):
+    # graphs/ deleted to export again, images/ kept: the new images were written among the old
+    # ones and all of them scored as one run
+    import pytest
+
+    from exporter.errors import UsageError
+    from exporter.pipeline import run_pipeline
+
+    old = tmp_path / "run" / "images" / "pytorch-fp32"
+    old.mkdir(parents=True)
+    (old / "9_0.png").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"holds an earlier pipeline run \(images\)"):
+        run_pipeline(str(tiny_unet_dir), tmp_path / "run", "int8", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"holds an earlier pipeline run \(summary.json\)"):
+        run_pipeline(str(tiny_unet_dir), tmp_path / "other", "int8", progress=False)

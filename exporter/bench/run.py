@@ -94,8 +94,11 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
 
 
 def model_name(model: str) -> str:
-    """A model's name in the bench folder and report: a reference name, or its directory's name."""
-    return Path(model).name or model
+    """A model's name in the bench folder and report: a reference name, or its directory's name
+    (resolved: ``.`` or ``..`` would put the model's folders outside its own)."""
+    from exporter.reference import NAMES
+
+    return model if model in NAMES else Path(model).expanduser().resolve().name
 
 
 def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[dict[str, Path], Path]:
@@ -172,7 +175,13 @@ def bench_model(model: str, root: Path, plan: BenchPlan, progress: bool = True) 
     digits = model in NAMES
     reference = root / "images" / "pytorch-fp32"
     sizes = {p: deployed_bytes(g) for p, g in graphs.items()}
-    model_bytes = sum(f.stat().st_size for f in Path(resolve(model)).rglob("*.safetensors"))
+    # what the PyTorch variants load: the model's weight files and its conditioning file (as the
+    # graphs' folders count theirs), not other components or variants beside them
+    from exporter.models.loading import CONDITIONING, find_model_dir, weight_files
+
+    directory = Path(resolve(model))
+    loaded_files = [*weight_files(find_model_dir(directory)), directory / CONDITIONING]
+    model_bytes = sum(f.stat().st_size for f in loaded_files if f.is_file())
     base = {"pytorch": statistics.median(seconds["pytorch-fp32"]), "ort": statistics.median(seconds["ort-fp32"])}
     rows = []
     for v in variants:

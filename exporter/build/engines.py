@@ -22,7 +22,7 @@ from exporter.build.precision import check_precision, format_precision
 from exporter.build.profiles import batch_sizes, block_profiles, latent_sizes
 from exporter.errors import UsageError
 from exporter.export.manifest import CONDITIONING, MANIFEST, formats_used, read_manifest, sha256_file
-from exporter.fileio import atomic_write_json, require_new_folder
+from exporter.fileio import atomic_write_json, require_staged_folder
 from exporter.recipe import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def build_engines(graphs: str | Path, out: str | Path, spec: BuildSpec | None = 
     manifest = read_manifest(graphs)
     if manifest.get("kind") != "onnx":
         raise UsageError(f"{graphs} is not an exported graphs folder (manifest kind {manifest.get('kind')!r})")
-    require_new_folder(out)
+    require_staged_folder(out)
     device = tensorrt.device_info()  # fails fast, before anything is written
     fallback = plan_build(manifest, spec, device)
     lean = find_lean_runtime(device.tensorrt) if spec.version_compatible else None

@@ -29,7 +29,7 @@ import torch
 from exporter.errors import UsageError
 from exporter.export.manifest import write_manifest
 from exporter.export.passes import BF16_OPSET, WeightFile, finalize
-from exporter.fileio import atomic_write_json, require_new_folder
+from exporter.fileio import atomic_write_json, require_staged_folder
 from exporter.models import load_conditioning, load_model
 from exporter.models.blocks import run_blocks
 from exporter.quant.ptq import QuantLayer, quantize_model
@@ -124,8 +124,7 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    out = Path(out)
-    require_new_folder(out)
+    out = require_staged_folder(out)
     if quantization is not None:
         quantization.require_exportable()
     loaded = load_model(resolve(model))

@@ -42,8 +42,8 @@ _verified: dict[str, tuple[tuple, str]] = {}
 
 
 def _stat_key(path: Path) -> tuple:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev
+    stat = path.stat()  # ctime too: an in-place edit can restore the mtime (os.utime), not the ctime
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev
 
 
 def sha256_file(path: Path) -> str:
@@ -291,6 +291,18 @@ def _check_structure(manifest: dict, path: Path) -> None:
         raise bad("'groups' must be null or hold a list of t ranges")
     if groups is not None:
         _check_groups(groups, bad)
+    if any("\0" in name for name in files):  # the OS refuses such a path with a ValueError
+        raise bad("a file name holds a NUL character")
+    source = manifest["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("model_class"), str) \
+            or not isinstance(source.get("config"), dict):
+        raise bad("'source' must name the model class and hold its config")
+    shape = manifest["sample_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise bad("'sample_shape' must be [channels, height, width]")
+    if not isinstance(manifest["sampling_defaults"], dict) or not isinstance(manifest["scheduler_config"], dict):
+        raise bad("'sampling_defaults' and 'scheduler_config' must be objects")
     count = len(groups["ranges"]) if groups else 1
     files_key = "engines" if manifest.get("kind") == "tensorrt" else "graphs"
     blocks = manifest["blocks"]
@@ -300,15 +312,25 @@ def _check_structure(manifest: dict, path: Path) -> None:
         if not isinstance(block, dict) or not isinstance(block.get("name"), str):
             raise bad(f"block {i} has no name")
         for key in ("inputs", "outputs"):
-            if not isinstance(block.get(key), list) or not all(isinstance(t, dict) and "name" in t
-                                                                 for t in block[key]):
-                raise bad(f"block {block['name']}: '{key}' must be a list of tensors with names")
+            if not isinstance(block.get(key), list) or not all(_is_tensor(t) for t in block[key]):
+                raise bad(f"block {block['name']}: '{key}' must be a list of tensors with a name, a dtype and a "
+                          "shape")
         names = block.get(files_key)
         if not isinstance(names, list) or len(names) not in (1, count) or not all(isinstance(n, str) for n in names):
             raise bad(f"block {block['name']}: '{files_key}' must list " + (
                 "1 file" if count == 1 else f"1 or {count} files (one per timestep group)"))
         if files_key == "graphs" and not isinstance(block.get("weights"), str):
             raise bad(f"block {block['name']}: no 'weights' file")
+    cache, names = manifest["cache"], {b["name"] for b in blocks}
+    features = cache.get("features") if isinstance(cache, dict) else None
+    if not isinstance(features, dict) or not all(
+            isinstance(run, list) and all(isinstance(b, str) and b in names for b in run) for run in features.values()):
+        raise bad("'cache' must map each cached feature to the blocks that run with it, all of them blocks here")
+
+
+def _is_tensor(t) -> bool:
+    return (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list) and all(isinstance(d, (int, str)) for d in t["shape"]))
 
 
 def _check_groups(groups: dict, bad) -> None:

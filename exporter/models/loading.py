@@ -72,21 +72,25 @@ def find_model_dir(directory: Path) -> Path:
     )
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files a model folder's weights are loaded from: the plain file, or the shards
+    its index names (not other variants or components beside them)."""
+    index = model_dir / WEIGHTS_INDEX
+    if not index.is_file():
+        return [model_dir / WEIGHTS]
+    weight_map = read_json(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+        raise ModelError(f"{index}: not a weights index (a 'weight_map' of tensor name -> shard file name "
+                         "in this folder)")
+    return [model_dir / s for s in sorted(set(weight_map.values()))]
+
+
 def check_weights(model_dir: Path) -> None:
     """Fail early, naming the file, on missing, pickled or corrupted weights."""
     from safetensors import SafetensorError, safe_open
 
-    index = model_dir / WEIGHTS_INDEX
-    if index.is_file():
-        weight_map = read_json(index, "weights index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or \
-                not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
-            raise ModelError(f"{index}: not a weights index (a 'weight_map' of tensor name -> shard file name "
-                             "in this folder)")
-        files = [model_dir / s for s in sorted(set(weight_map.values()))]
-    else:
-        files = [model_dir / WEIGHTS]
-    for f in files:
+    for f in weight_files(model_dir):
         if not f.is_file():
             pickled = list(model_dir.glob("*.bin")) + list(model_dir.glob("*.pt")) + list(model_dir.glob("*.ckpt"))
             # a download of one variant only (--include "*.fp16.*") names its files after the variant

@@ -1,5 +1,7 @@
 """The DeepCache benchmark's arithmetic (timings themselves are never asserted)."""
 
+from pathlib import Path
+
 from exporter.bench import ideal_speedup
 
 
@@ -114,6 +116,7 @@ def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(
     from exporter.errors import UsageError
 
     assert model_name("digits-unet") == "digits-unet" and model_name("/models/sd15/") == "sd15"
+    assert model_name("..") == Path.cwd().parent.name  # not "..": its folders would land beside --out
     (tmp_path / "bench.json").write_text(json.dumps({"quick": True, "models": {}}))
     with pytest.raises(UsageError, match="holds a quick bench; choose another --out"):
         run_bench(tmp_path, quick=False)
@@ -123,3 +126,16 @@ def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(
     with pytest.raises(UsageError, match="two models of one name"):
         run_bench(tmp_path / "new", quick=True, models=("/a/m", "/b/m"))
     assert not (tmp_path / "new").exists()
+
+
+def test_the_pytorch_artifact_is_the_weights_it_loads_not_every_safetensors_beside_them(tiny_unet_dir, tmp_path):
+    import shutil
+
+    from exporter.models.loading import find_model_dir, weight_files
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_unet_dir, model)
+    (model / "text_encoder").mkdir()
+    (model / "text_encoder" / "model.safetensors").write_bytes(b"x" * 1000)  # another component
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x" * 1000)  # another variant
+    assert weight_files(find_model_dir(model)) == [model / "unet" / "diffusion_pytorch_model.safetensors"]

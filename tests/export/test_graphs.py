@@ -382,3 +382,18 @@ def test_exporting_a_block_leaves_the_model_in_eval_mode(tiny_dit_dir, tmp_path)
         for _ in range(5):  # label dropout would replace some labels by the null class
             after = block(*(env[n] for n in block.inputs))
             assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_an_out_export_cannot_rename_into_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    # a symbolic link to an empty folder, or ".": refused only after the whole export before
+    import pytest
+
+    from exporter.errors import UsageError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(UsageError, match="link is a symbolic link"):
+        export_graphs("no-such-model", tmp_path / "link", progress=False)  # refused before the model is read
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(UsageError, match=r"--out \.: give the output folder a name"):
+        export_graphs("no-such-model", ".", progress=False)
