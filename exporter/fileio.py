@@ -6,6 +6,7 @@ A process killed or interrupted mid-write leaves either the old file or nothing,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,6 +16,8 @@ from typing import Any
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
+    if path.is_dir():  # else the rename's error would name the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder where a file is to be written", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -165,8 +165,9 @@ def test_misuse_found_in_review_ends_in_one_error_line(run_cli, broken_copy, tmp
     # a sample too large to allocate: torch's allocator raises RuntimeError, not MemoryError (10^14 values,
     # past the 128 TiB a process can address, so it fails whatever the kernel's overcommit setting)
     one_line_error(run_cli(*sample, "--latent", "10000000", "--out", tmp_path / "big"), "out of memory", "--latent")
-    result = run_cli("eval", "--images", tmp_path / "o", "--json", tmp_path)  # a folder where the file goes
-    one_line_error(result, str(tmp_path))
+    result = run_cli("eval", "--images", tmp_path / "o", "--reference", tmp_path / "o", "--no-digits",
+                     "--json", tmp_path)  # a folder where the file goes
+    one_line_error(result, f"a folder where a file is to be written: '{tmp_path}'")
     # images of another model: no digit yardstick (it would score any 16x16 picture), only the comparison
     one_line_error(run_cli("eval", "--images", tmp_path / "o", "--no-digits"), "pass --reference")
     result = run_cli("eval", "--images", tmp_path / "o", "--reference", tmp_path / "o", "--no-digits")

@@ -8,6 +8,7 @@ import torch
 
 from exporter.build.engines import build_engines
 from exporter.build.gating import BuildError
+from exporter.build.profiles import block_profiles
 from exporter.errors import UsageError
 from exporter.export import read_manifest
 from exporter.export.manifest import ManifestError
@@ -33,8 +34,18 @@ def test_build_writes_one_engine_per_graph_and_a_manifest_the_runtime_can_check(
         assert block["engines"] == [g.replace(".onnx", ".plan") for g in source["graphs"]]
         for origin in block["source_graphs"].values():
             assert origin["sha256"] == graphs["files"][origin["graph"]]
-        assert block["profile"]["skip0" if "skip0" in block["profile"] else next(iter(block["profile"]))]
+    # each block's min / opt / max input shapes: images [1, 2, 4] with guidance, batches 2, 4, 8
+    profiles = block_profiles(graphs, BuildSpec(images=[1, 2, 4]))
+    for block in manifest["blocks"]:
+        assert block["profile"] == {n: [list(s) for s in shapes] for n, shapes in profiles[block["name"]].items()}
+        assert [t["name"] for t in next(b for b in graphs["blocks"] if b["name"] == block["name"])["inputs"]] \
+            == list(block["profile"])
+    assert manifest["blocks"][0]["profile"]["sample"] == [[2, 1, 8, 8], [4, 1, 8, 8], [8, 1, 8, 8]]
     assert len(fake_tensorrt["built"]) == sum(len(b["graphs"]) for b in graphs["blocks"])
+    for built in fake_tensorrt["built"]:  # the profile each engine was built with is its block's
+        block = next(b for b in graphs["blocks"] if built["graph"].name in b["graphs"])
+        assert {n: [list(s) for s in shapes] for n, shapes in built["profile"].items()} == \
+            {n: [list(s) for s in shapes] for n, shapes in profiles[block["name"]].items()}
     assert (tmp_path / "e" / "timing.cache").is_file()  # one cache, shared by every build
     assert json.loads((tmp_path / "e" / "timing.cache.json").read_text()) == L4.to_dict()  # and who wrote it
     report = json.loads((tmp_path / "e" / "precision.json").read_text())

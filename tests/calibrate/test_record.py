@@ -171,6 +171,21 @@ def test_normal_timestep_sampling_centres_on_0_4_T(tiny_dit_dir, tmp_path):
     assert 250 < mean_t < 600  # PTQ4DM: N(400, 400^2) clamped to [0, 999]
 
 
+def test_normal_timestep_sampling_has_ptq4dms_shape_not_uniforms():
+    """N(0.4 T, (0.4 T)^2) clamped: the draws below 0 (16 %) pile on the last step, and the steps
+    near t = 400 are drawn about twice as often as those near 850; uniform draws give neither."""
+    from collections import Counter
+
+    from exporter.calibrate.record import recorded_steps
+
+    timesteps = list(range(950, -1, -50))  # DDIM's 20 steps of 1000
+    spec = CalibrationSpec(trajectories=400, steps=20, steps_per_trajectory=3, timestep_sampling="normal")
+    counts = Counter(timesteps[i] for trajectory in range(400) for i in recorded_steps(spec, timesteps, trajectory))
+    assert sum(counts.values()) == 1200  # 3 distinct steps per trajectory
+    assert counts[0] / 400 > 0.35  # uniform: 3 of 20 steps, 0.15 (measured: 0.46)
+    assert counts[350] + counts[400] + counts[450] > 1.5 * (counts[800] + counts[850] + counts[900])  # 199 vs 98
+
+
 def test_cli_calibrate_with_recipe_and_unknown_key(tiny_unet_dir, tmp_path, run_cli, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("calibration:\n  trajectories: 2\n  steps: 3\n  batch_trajectories: 2\n")

@@ -210,8 +210,10 @@ def test_configs_the_tool_cannot_sample_are_refused_when_the_model_loads(class_n
     base = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 8}
     with pytest.raises(ModelError, match=message):
         adapter_for(class_name, base | change)
-    assert adapter_for(class_name, base | {"out_channels": 8} | {k: v for k, v in change.items()
-                                                                 if k == "num_embeds_ada_norm"})  # learned sigma
+    learned_sigma = adapter_for(class_name, base | {"out_channels": 8} | {k: v for k, v in change.items()
+                                                                          if k == "num_embeds_ada_norm"})
+    assert learned_sigma.sample_shape == (4, 8, 8)  # accepted: the noise is the output's first 4 channels
+    assert learned_sigma.postprocess(torch.arange(8.0).reshape(1, 8, 1, 1)).flatten().tolist() == [0, 1, 2, 3]
 
 
 def test_per_block_cross_attention_widths_of_one_value_take_that_embedding_width():

@@ -10,8 +10,6 @@ from exporter.errors import UsageError
 from exporter.imageio import write_image_folder
 from exporter.report import build_report
 
-pytest.importorskip("matplotlib")
-
 
 def variant(name, kind="runtime", precision="fp32", interval=1, speedup=1.0, psnr=None):
     return {"name": name, "kind": kind, "precision": precision, "interval": interval, "schedule": "uniform",
