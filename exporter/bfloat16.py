@@ -15,7 +15,7 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
-    array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes a scalar [1]
     if array.dtype == BFLOAT16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)

@@ -55,6 +55,7 @@ class OnnxRuntimeBackend:
         budget = float_conv_weights_budget()
         self.float_conv_budget = 0 if cuda else budget
         self.folded_conv_weights: dict[str, int] = {}  # graph -> conv weights folded to float
+        self.int4_fused: dict[str, int] = {}  # graph -> INT4 weights ORT's QDQ fusions may fuse
 
     def session(self, graph: str):
         if graph not in self._sessions:
@@ -78,6 +79,10 @@ class OnnxRuntimeBackend:
         weights = integer_matmuls(model, self.folder, self._transposed) if self.integer_matmul else {}
         self.integer_matmuls[graph] = len(weights)
         self.folded_conv_weights[graph] = fold_conv_weights(model, self.folder, self.float_conv_budget)
+        # with ORT's QDQ fusions on, INT4 weights run fused (MatMulNBits, MatMulIntegerToFloat), where
+        # parity's polygraphy session of the file runs them without: a difference parity must see
+        fusions = self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL and QDQ_FUSIONS not in self.disabled
+        self.int4_fused[graph] = blocked_weights(model) if fusions else 0
         if rewritten_only and not self.rewrites(graph):
             return None
         options = ort.SessionOptions()
@@ -108,7 +113,8 @@ class OnnxRuntimeBackend:
         """What the opened session of ``graph`` runs differently from the file ("" when nothing)."""
         done = [f"{n} {what}" for n, what in ((self.fused_attention.get(graph, 0), "fused attention"),
                                               (self.integer_matmuls.get(graph, 0), "integer MatMul"),
-                                              (self.folded_conv_weights.get(graph, 0), "float conv weights"))
+                                              (self.folded_conv_weights.get(graph, 0), "float conv weights"),
+                                              (self.int4_fused.get(graph, 0), "INT4 weights under QDQ fusions"))
                 if n]
         return ", ".join(done)
 
@@ -174,8 +180,12 @@ def holds_int4_weights(path: Path) -> bool:
     may turn into MatMulNBits (``exact_int4_matmuls``)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
+    return blocked_weights(onnx.load(str(path), load_external_data=False)) > 0
+
+
+def blocked_weights(model) -> int:
+    """How many blocked (INT4) DequantizeLinear weights a graph has."""
+    return sum(n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
                for n in model.graph.node)
 
 

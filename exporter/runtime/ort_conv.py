@@ -97,7 +97,7 @@ def fold_conv_weights(model: onnx.ModelProto, folder: Path, budget: int | None =
             graph.initializer.append(numpy_helper.from_array(others, f"{name}/axes"))
             nodes.append(helper.make_node("Unsqueeze", [scale.name, f"{name}/axes"], [f"{name}/scales"]))
             scales = f"{name}/scales"
-        nodes.append(helper.make_node("Mul", [f"{name}/float", scales], [name], name=f"{dq.name}/folded"))
+        nodes.append(helper.make_node("Mul", [f"{name}/float", scales], [name], name=f"{dq.name or name}/folded"))
         at = list(graph.node).index(dq)
         graph.node.remove(dq)
         for i, node in enumerate(nodes):

@@ -164,7 +164,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         if found is not None:
             inputs, output, heads = found
             fused.append(helper.make_node("MultiHeadAttention", inputs, [output], domain=MS_DOMAIN,
-                                          num_heads=heads, name=f"{softmax.name}/FusedMultiHeadAttention"))
+                                          num_heads=heads, name=f"{softmax.name or output}/FusedMultiHeadAttention"))
     if not fused:
         return 0
     replaced = {n.output[0] for n in fused}

@@ -115,3 +115,25 @@ def test_graphs_over_the_budget_and_unquantized_graphs_are_left_as_written(tiny_
     for block in manifest["blocks"]:
         backend.session(block["graphs"][0])
     assert set(backend.folded_conv_weights.values()) == {0}
+
+
+def test_weights_of_unnamed_nodes_fold_into_uniquely_named_nodes(tmp_path):
+    # nodes of graphs from other tools may have no name: two folded weights were both "/folded",
+    # which ONNX Runtime refuses ("two nodes with same node name")
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (4, 2, 3, 3)).astype(np.int8)
+    nodes, inits = [], [numpy_helper.from_array(weight, "w")]
+    for i in range(2):
+        inits.append(numpy_helper.from_array(rng.uniform(0.01, 0.02, 4).astype(np.float32), f"s{i}"))
+        nodes += [helper.make_node("DequantizeLinear", ["w", f"s{i}"], [f"weight{i}"], axis=0),
+                  helper.make_node("Conv", ["x", f"weight{i}"], [f"y{i}"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(2)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert fold_conv_weights(model, tmp_path) == 2
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)

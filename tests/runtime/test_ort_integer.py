@@ -164,6 +164,14 @@ def test_weight_only_int4_layers_keep_float_activations(tiny_unet_dir, tiny_unet
     results, _ = check_parity(folder, calib=tiny_unet_calib, end_to_end_check=False, blocks_to_check=["mid"],
                               samples=2)
     assert min(s for s, _ in results[0].outputs.values()) > 80  # the file's session in floats too
+    # the runtime's session runs the INT4 weights fused, parity's of the file unfused: parity compares
+    # the runtime's too (before: only when one of our rewrites applied)
+    assert "INT4 weights under QDQ fusions" in results[0].runtime and min(
+        s for s, _ in results[0].runtime_outputs.values()) > 80
+    monkeypatch.setenv(ENV, "0")  # fusions off: the runtime runs the graph as parity's session does
+    backend = OnnxRuntimeBackend(folder, manifest)
+    backend.open("mid.onnx")
+    assert "INT4" not in backend.rewrites("mid.onnx")
 
 
 def test_a_bad_switch_is_refused_for_every_folder(tiny_int8_graphs, monkeypatch):
