@@ -213,7 +213,7 @@ def cmd_parity(args) -> int:
 
     results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
                                 engines=args.engines, blocks_to_check=args.blocks,
-                                samples=args.samples, latent=args.latent, progress=not args.quiet)
+                                samples=args.samples, batch=args.batch, latent=args.latent, progress=not args.quiet)
     print(format_parity(results))
     if e2e is not None:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
@@ -360,8 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
     p.add_argument("--blocks", type=lambda s: s.split(","), help="check only these blocks, e.g. up3.layer2,head")
-    p.add_argument("--samples", type=positive_int, default=8,
-                   help="recorded inputs per graph, run as one batch (default 8; fewer for real-size models)")
+    # parity.inputs.SAMPLES and BATCH (not imported: that would load torch before the arguments are read)
+    p.add_argument("--samples", type=positive_int, default=32,
+                   help="recorded inputs per graph, spread over its timestep group (default 32)")
+    p.add_argument("--batch", type=positive_int, default=8,
+                   help="samples per call of each backend (default 8; 1 or 2 for real-size models)")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
     p.add_argument("--latent", type=parse_latent, metavar="HxW",
                    help="compare the blocks at this latent size (the recorded latents resized; e.g. the largest of "

@@ -70,6 +70,15 @@ def test_counts_below_one_are_refused_by_the_parser(option, value, capsys):
     assert f"argument {option}: invalid value '{value}': a whole number >= 1" in capsys.readouterr().err
 
 
+def test_parity_defaults_are_the_parity_modules():
+    """cli.py writes them out (importing exporter.parity would load torch before parsing)."""
+    from exporter.cli import build_parser
+    from exporter.parity.inputs import BATCH, SAMPLES
+
+    args = build_parser().parse_args(["parity", "graphs"])
+    assert (args.samples, args.batch) == (SAMPLES, BATCH)
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

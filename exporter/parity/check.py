@@ -1,11 +1,11 @@
 """``exporter parity``: PyTorch ⇄ ONNX Runtime, per block and timestep group, with polygraphy.
 
-For every graph, real inputs are taken from calibration data (the recorded model inputs at
-timesteps of the graph's group, run through the PyTorch blocks so every block sees what it sees
-in a denoising trajectory). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
+For every graph, real inputs are taken from calibration data (recorded model inputs spread over
+the timesteps of the graph's group, run through the PyTorch blocks so every block sees what it
+sees in a denoising trajectory; ``inputs.SAMPLES`` says why 32 of them). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
 fake-quantized exactly as exported) and the graph in ONNX Runtime (bf16 graphs, which its CPU
 provider cannot run: in ONNX's reference implementation, ``ReferenceRunner``) on them and
-compares every output by SQNR (``SnrCompareFunc``, the graph's threshold; a Q/DQ graph
+compares every output over all the samples by SQNR (``SnrCompareFunc``, the graph's threshold; a Q/DQ graph
 legitimately differs from PyTorch by one quantization step wherever float rounding upstream flips
 a rounding decision, so max-error checks would flag isolated elements); the table adds max abs. A graph below its SQNR threshold is
 bisected: every layer's output is compared (polygraphy marks all graph outputs; the PyTorch side
@@ -22,7 +22,7 @@ Every runner is compared with PyTorch.
 
 Next to the graphs, ``parity/`` receives per graph the inputs, PyTorch's outputs (golden, as
 polygraphy RunResults), a data-loader script and the command that repeats the check without
-this package: ``polygraphy run G.onnx --onnxrt --data-loader-script parity/G_data_loader.py
+this package (all the samples in one call): ``polygraphy run G.onnx --onnxrt --data-loader-script parity/G_data_loader.py
 --load-outputs parity/G.golden.json --compare snr --snr-threshold T`` with the graph's threshold T
 in ``parity/COMMANDS.txt`` (on a GPU machine ``--trt --strongly-typed`` in place of ``--onnxrt``):
 polygraphy's SNR is this module's SQNR.
@@ -34,6 +34,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest
 from exporter.parity.engines import check_engine_batch, engine_runners
-from exporter.parity.inputs import SAMPLES, model_inputs
+from exporter.parity.inputs import BATCH, SAMPLES, model_inputs
 from exporter.parity.report import save_golden
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,15 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
                  end_to_end_check: bool = True, engines: str | Path | None = None,
-                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES,
+                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES, batch: int = BATCH,
                  latent: tuple[int, int] | None = None, progress: bool = False) -> tuple[list[GraphParity], dict | None]:
     """Per-graph parity results, and the end-to-end comparison (None when skipped). With
     ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
     runs in the same polygraphy comparison and is held to the same threshold. ``blocks_to_check``
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
-    their inputs). ``samples`` recorded inputs go through each graph as one batch: at real size
-    (64x64 latents, 4096-token attention) each sample costs about 1 GB of attention scores.
+    their inputs). ``samples`` recorded inputs go through each graph (and PyTorch) ``batch`` at a
+    time, and each output's SQNR is over all of them: at real size (64x64 latents, 4096-token
+    attention) each sample of a batch costs about 1 GB of attention scores.
     ``latent`` (height, width): the per-block comparison at that size (the recorded latents resized),
     e.g. the largest an engine's profile takes; the end-to-end one stays at the model's own size."""
     import onnxruntime as ort
@@ -138,10 +140,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         check_latent(manifest, latent)
     # checked before work
     trt_runners, engine_batch = engine_runners(Path(engines) if engines else None, folder, manifest, latent)
-    if engine_batch is not None and samples > engine_batch[2]:  # one batch per graph, inside the profile
-        log.info("%d samples per graph instead of %d: the engines take at most %d per call", engine_batch[2],
-                 samples, engine_batch[2])
-        samples = engine_batch[2]
+    if engine_batch is not None and batch > engine_batch[2]:  # every call inside the engines' profile
+        log.info("%d samples per call instead of %d: the engines take at most %d", engine_batch[2], batch,
+                 engine_batch[2])
+        batch = engine_batch[2]
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
@@ -176,7 +178,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                          f"(t ranges {[groups.ranges[g] for g in uncovered] if groups else 'all'}): pass the "
                          "calibration the graphs were exported from (--calib)")
     if engine_batch is not None:
-        check_engine_batch(per_group, engine_batch, calib)
+        check_engine_batch(per_group, batch, engine_batch, calib)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
     disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU
@@ -189,8 +191,9 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         for g, graph in enumerate(entry["graphs"]):
             bar.update(1)
             group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
-            t, env = per_group[group]["t"], per_group[group]["env"]
+            t, env = per_group[group]["t"][0], per_group[group]["env"]  # t: picks the group's scales in PyTorch
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
+            feeds = split_batches(feed, batch)
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             # polygraphy's sessions (and `polygraphy run --onnxrt`) cannot set the accuracy level of
             # ORT's INT4 MatMul fusion (exact_int4_matmuls): graphs with INT4 weights run without it
@@ -204,14 +207,9 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             rewritten = runtime.rewrites(graph) if runtime_session is not None else ""
             runners = [torch_runner, onnx_runner] + ([trt_runner] if trt_runner else []) \
                 + ([OnnxrtRunner(runtime_session, name="runtime-session")] if rewritten else [])
-            run = Comparator.run(runners, data_loader=[feed])
+            batches = Comparator.run(runners, data_loader=feeds)
             del runners, runtime_session  # one runtime session alive at a time (a real-size block's weights)
-            # TensorRT returns bf16 engines' outputs as torch bfloat16 tensors, which polygraphy cannot
-            # compare with PyTorch's NumPy float32 outputs (it converts them with .numpy()): widened here
-            for i in range(1, len(run)):
-                for outputs in run[i][1]:
-                    for name in list(outputs.keys()):
-                        outputs[name] = comparable(outputs[name])
+            run = joined(batches)
             (torch_out,), (ort_out,) = run[0][1], run[1][1]  # ort_out: ONNX Runtime's, or the reference's
             accuracy = Comparator.compare_accuracy(  # every runner against PyTorch, by the same SQNR
                 run, comparisons=[(0, i) for i in range(1, len(run))],
@@ -222,11 +220,13 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 result.engine_outputs = _against(torch_out, run[2][1][0])
             if rewritten:
                 result.runtime_outputs = _against(torch_out, run[-1][1][0])
-            if not result.file_passed:  # the file itself: find the layer
-                result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feed, context, t,
-                                                      threshold, level, manifest, file_disabled)
+            if not result.file_passed:  # the file itself: find the layer, in its worst call
+                worst = min(range(len(feeds)), key=lambda b: min(sqnr for sqnr, _ in _against(
+                    batches[0][1][b], {n: comparable(v) for n, v in batches[1][1][b].items()}).values()))
+                result.first_diverging_layer = bisect(folder / graph, blocks[entry["name"]], entry, feeds[worst],
+                                                      context, t, threshold, level, manifest, file_disabled)
             if not result.passed:
-                result.self_sqnr = self_sensitivity(torch_runner, feed, torch_out)
+                result.self_sqnr = self_sensitivity(torch_runner, feeds, torch_out)
             if write_golden:
                 # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
                 save_golden(folder, graph, feed, run[0], threshold,
@@ -246,6 +246,29 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     log.info("end to end: %d images, %d steps, runtime vs PyTorch in %.1fs", e2e["images"], e2e["steps"],
              time.perf_counter() - start)
     return results, e2e
+
+
+def split_batches(feed: dict, batch: int) -> list[dict]:
+    """``feed`` (every input batch first) as calls of at most ``batch`` samples, as even as possible."""
+    total = len(next(iter(feed.values())))
+    calls = -(-total // batch)
+    bounds = [round(i * total / calls) for i in range(calls + 1)]
+    return [{n: v[a:b] for n, v in feed.items()} for a, b in pairwise(bounds)]
+
+
+def joined(run):
+    """polygraphy ``RunResults`` of one iteration per call as one iteration per runner holding all
+    the samples, so every comparison (and the golden outputs) covers all of them. TensorRT returns
+    bf16 engines' outputs as torch bfloat16 tensors, which polygraphy cannot compare with PyTorch's
+    NumPy float32 outputs (it converts them with .numpy()): widened here."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    whole = RunResults()
+    for name, iterations in run:
+        outputs = {n: np.concatenate([comparable(it[n]) for it in iterations]) for n in iterations[0]}
+        whole.append((name, [IterationResult(outputs, sum(it.runtime or 0 for it in iterations), name)]))
+    return whole
 
 
 def _against(reference: dict, outputs) -> dict[str, tuple[float, float]]:
@@ -314,10 +337,10 @@ def bisect(graph_path: Path, block, entry: dict, feed: dict, context, t: float, 
     return None
 
 
-def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
+def self_sensitivity(torch_runner, feeds: list[dict], torch_out) -> float:
     """Worst output SQNR of PyTorch against itself with the block's inputs and the input of every
     activation quantizer inside it multiplied by (1 + N(0, SENSITIVITY_NOISE)) (FP16 / BF16 graphs:
-    that type's machine epsilon).
+    that type's machine epsilon); ``feeds``: the calls ``torch_out`` (all of them joined) came from.
 
     Quantized blocks are discontinuous: a rounding decision that flips moves a value by a whole
     step, and downstream quantizers can flip in turn. ONNX Runtime's float differences arise
@@ -331,7 +354,7 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
     rng = np.random.default_rng(0)
     # an FP16 or BF16 graph's float differences are that type's size: noise of that resolution (in
     # the float32 reference too), or it would round away at FP16/BF16 inputs
-    floats = [v for v in feed.values() if _is_float(v)]
+    floats = [v for feed in feeds for v in feed.values() if _is_float(v)]
     level = max([SENSITIVITY_NOISE] + [float(torch.finfo(v.dtype).eps) if isinstance(v, torch.Tensor)
                                        else float(np.finfo(v.dtype).eps) for v in floats])
 
@@ -343,16 +366,16 @@ def self_sensitivity(torch_runner, feed: dict, torch_out) -> float:
     def perturb_input(module, args):  # the same noise in front of a quantizer (inference: no grad)
         return (torch.from_numpy(perturb(args[0].numpy())), *args[1:])
 
-    noisy = {n: perturb(v) if _is_float(v) else v for n, v in feed.items()}
     hooks = [m.register_forward_pre_hook(perturb_input) for m in torch_runner.block.modules()
              if isinstance(m, QuantLayer) and m.afmt is not None]
     try:
         with torch_runner:
-            perturbed = torch_runner.infer(noisy)
+            perturbed = [torch_runner.infer({n: perturb(v) if _is_float(v) else v for n, v in feed.items()})
+                         for feed in feeds]
     finally:
         for hook in hooks:
             hook.remove()
-    return min(sqnr_db(torch_out[n], perturbed[n]) for n in torch_out)
+    return min(sqnr_db(torch_out[n], np.concatenate([p[n] for p in perturbed])) for n in torch_out)
 
 
 def _is_float(v) -> bool:

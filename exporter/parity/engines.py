@@ -37,14 +37,16 @@ def engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: t
     return runners, engine_manifest["tensorrt"]["batch"]
 
 
-def check_engine_batch(per_group: dict, batch: list[int], calib) -> None:
-    """Each group's inputs go through the engines as one batch: refused below the profile's
-    minimum (a timestep with fewer recorded samples) before anything runs, instead of polygraphy's
-    shape error from inside TensorRT."""
-    low = batch[0]
+def check_engine_batch(per_group: dict, batch: int, engine_batch: list[int], calib) -> None:
+    """Each group's inputs go through the engines ``batch`` at a time (``check.split_batches``): a
+    call below the profile's minimum (a group with fewer recorded samples) is refused before
+    anything runs, instead of polygraphy's shape error from inside TensorRT."""
+    low = engine_batch[0]
     for group, data in per_group.items():
-        n = len(next(iter(data["env"].values())))
-        if n < low:
-            raise UsageError(f"timestep group {group} has {n} recorded sample(s) at t={data['t']:g} in {calib}, and the "
-                             f"engines take {low} to {batch[2]} per call: rebuild with a smaller build.images (or "
-                             "build.cfg false), or calibrate more trajectories")
+        n = len(data["t"])
+        smallest = n // -(-n // batch)  # the calls are as even as possible
+        if smallest < low:
+            raise UsageError(f"timestep group {group}: {n} recorded sample(s) in {calib} go through the engines in "
+                             f"calls of {smallest} or more (--batch {batch}, split evenly), and the engines take "
+                             f"{low} to {engine_batch[2]} per call: pass another --samples or --batch, rebuild with a "
+                             "smaller build.images (or build.cfg false), or calibrate more trajectories")

@@ -238,6 +238,11 @@ def test_parity_against_engines_compares_bfloat16_outputs_and_keeps_each_batch_i
     plans = {g: p for b in read_manifest(engines)["blocks"] for p, s in b["source_graphs"].items() for g in [s["graph"]]}
     for r in results:  # compared (before: polygraphy's TypeError on bfloat16), to bfloat16's precision
         assert r.engine == plans[r.graph] and all(30 < sqnr < 200 for sqnr, _ in r.engine_outputs.values()), r
-    assert batches and set(batches) == {4}  # 8 recorded samples per t, the engines' largest batch 4
-    with pytest.raises(UsageError, match=r"group \d has 1 recorded sample\(s\) .* engines take 2 to 4 per call"):
+    assert batches and set(batches) == {4}  # 24 recorded samples per group, the engines' largest batch 4
+    with pytest.raises(UsageError, match=r"group \d: 1 recorded sample\(s\) .* calls of 1 or more .* engines take 2 "
+                                         r"to 4 per call"):
         check_parity(tiny_int8_graphs, engines=engines, samples=1, end_to_end_check=False, write_golden=False)
+    # enough samples, but split into calls of 1 and 2
+    with pytest.raises(UsageError, match=r"group \d: 3 recorded sample\(s\) .* calls of 1 or more \(--batch 2"):
+        check_parity(tiny_int8_graphs, engines=engines, samples=3, batch=2, end_to_end_check=False,
+                     write_golden=False)

@@ -42,6 +42,11 @@ def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_di
     replay = subprocess.run(commands[-1].split(), cwd=folder, capture_output=True, text=True, timeout=300,
                             check=False)
     assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr
+    # the replay holds every sample parity compared (several timesteps of the group), in one call
+    (inputs,) = load_json(str(folder / "parity" / "mid.g0.inputs.json"))
+    ((_, (golden,)),) = load_json(str(folder / "parity" / "mid.g0.golden.json"))
+    samples = {len(v) for v in [*inputs.values(), *golden.values()]}
+    assert len(samples) == 1 and 8 < samples.pop() <= 32
     # a near miss a mean-absolute-error check lets through: one of 16 output channels' weights 20 %
     # off (measured 34.9 dB against the 40 dB threshold; mean |error| 0.4 % of the output's rms)
     path = folder / "mid.g0.onnx"
@@ -199,7 +204,7 @@ def test_sensitivity_reaches_rounding_decisions_inside_the_block():
     with runner:
         out = runner.infer(feed)
     # each tie flips with the sign of its noise: a one-step error on about half of the values
-    assert self_sensitivity(runner, feed, out) < 25
+    assert self_sensitivity(runner, [feed], out) < 25
     # and the hooks are gone afterwards: the block is deterministic again
     with runner:
         assert np.array_equal(runner.infer(feed)["y"], out["y"])
