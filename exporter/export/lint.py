@@ -74,12 +74,14 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
             node = producer.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
-    def constant(tensor: str):
-        """The TensorProto of an initializer or a Constant node's output; None for a run-time tensor."""
+    def constant(tensor: str, through=()):
+        """The TensorProto of an initializer or a Constant node's output (behind any ``through``
+        ops); None for a run-time tensor."""
         node = producer.get(tensor)
-        if node is not None and node.op_type == "Constant":
-            return next((a.t for a in node.attribute if a.name == "value"), None)
-        return inits.get(tensor)
+        while node is not None and node.op_type in through:
+            tensor = node.input[0]
+            node = producer.get(tensor)
+        return _constant_value(node) if node is not None and node.op_type == "Constant" else inits.get(tensor)
 
     int4_activations, checked_scales = [], set()
     for node in graph.node:
@@ -117,7 +119,7 @@ def lint_graph(path: Path, block: dict, manifest: dict) -> BlockReport:
         w_dq = dq_behind(node.input[1], PASS_THROUGH)
         if w_dq is not None and constant(w_dq.input[0]) is None:  # a Q/DQ'd activation, not a weight
             w_dq = None
-        weight_is_constant = w_dq is not None or _constant_behind(node.input[1], producer, inits)
+        weight_is_constant = w_dq is not None or constant(node.input[1], PASS_THROUGH) is not None
         if not weight_is_constant:  # activation x activation (attention scores, attention x values)
             report.attention_matmuls += 1
             continue
@@ -159,12 +161,16 @@ def _scale_problem(scale, folder: Path) -> str | None:
     return "zero or negative" if (values <= 0).any() else None
 
 
-def _constant_behind(tensor, producer, inits) -> bool:
-    node = producer.get(tensor)
-    while node is not None and node.op_type in PASS_THROUGH:
-        tensor = node.input[0]
-        node = producer.get(tensor)
-    return tensor in inits or (node is not None and node.op_type == "Constant")
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A Constant node's value as a TensorProto, whichever attribute holds it (a scale written as
+    ``value_float`` is as constant as an initializer); None for sparse and string values."""
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            dtype = np.float32 if "float" in a.name else np.int64
+            return numpy_helper.from_array(np.array(onnx.helper.get_attribute_value(a), dtype))
+    return None
 
 
 def _check_weight_axis(node, dq, producer, inits, report: BlockReport, layer: str) -> None:

@@ -281,3 +281,30 @@ def test_attention_qdq_counts_as_attention_and_weight_axes_follow_the_layout(tmp
         assert report.quantized == ["up"]
         assert report.violations == ([] if axis == 1 else
                                      ["weight-axis: /up/wdq scales axis 0, not the output-channel axis 1"])
+
+
+def test_constants_count_as_constants_in_every_form_onnx_writes_them(tmp_path):
+    """A scale written as a Constant's ``value_float`` (before: reported as a run-time scale) and a
+    weight from a Constant behind a Transpose (a layer in float, not an attention MatMul)."""
+    from onnx import TensorProto, helper
+
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    w, ws = numpy_helper.from_array(np.ones((4, 3), np.int8), "W"), numpy_helper.from_array(np.full(3, .1, np.float32), "ws")
+    nodes = [helper.make_node("Constant", [], ["s"], value_float=0.1),
+             helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="/lin/q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="/lin/dq"),
+             helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="/lin/wdq", axis=1),
+             helper.make_node("MatMul", ["xd", "Wd"], ["y"], name="/lin/MatMul")]
+    report = lint_small(tmp_path, nodes, [zp, w, ws], {"lin": ["int8", "int8"]})
+    assert (report.quantized, report.violations) == (["lin"], [])
+    negative = [helper.make_node("Constant", [], ["s"], value_float=-0.1), *nodes[1:]]
+    assert lint_small(tmp_path, negative, [zp, w, ws], {"lin": ["int8", "int8"]}).violations == [
+        "scale: /lin/q has zero or negative scale(s); TensorRT needs every scale a build-time constant, finite and > 0"]
+    float_weight = [helper.make_node("Constant", [], ["Wc"], value_floats=[1.0] * 12),
+                    helper.make_node("Reshape", ["Wc", "shape"], ["Wr"], name="/lin/R"),
+                    helper.make_node("Transpose", ["Wr"], ["Wt"], name="/lin/T", perm=[1, 0]),
+                    helper.make_node("MatMul", ["x", "Wt"], ["y"], name="/lin/MatMul")]
+    shape = numpy_helper.from_array(np.array([3, 4], np.int64), "shape")
+    report = lint_small(tmp_path, float_weight, [shape], {},
+                        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])])
+    assert (report.attention_matmuls, list(report.float_layers), report.violations) == (0, ["lin"], [])
