@@ -361,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
     p.add_argument("--blocks", type=lambda s: s.split(","), help="check only these blocks, e.g. up3.layer2,head")
     # parity.inputs.SAMPLES and BATCH (not imported: that would load torch before the arguments are read)
-    p.add_argument("--samples", type=positive_int, default=32,
-                   help="recorded inputs per graph, spread over its timestep group (default 32)")
+    p.add_argument("--samples", type=positive_int, default=64,
+                   help="recorded inputs per graph, spread over its timestep group (default 64; a few for "
+                   "real-size models: every block's inputs for all of them stay in memory)")
     p.add_argument("--batch", type=positive_int, default=8,
                    help="samples per call of each backend (default 8; 1 or 2 for real-size models)")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")

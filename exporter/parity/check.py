@@ -2,7 +2,7 @@
 
 For every graph, real inputs are taken from calibration data (recorded model inputs spread over
 the timesteps of the graph's group, run through the PyTorch blocks so every block sees what it
-sees in a denoising trajectory; ``inputs.SAMPLES`` says why 32 of them). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
+sees in a denoising trajectory; ``inputs.SAMPLES`` says why 64 of them). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
 fake-quantized exactly as exported) and the graph in ONNX Runtime (bf16 graphs, which its CPU
 provider cannot run: in ONNX's reference implementation, ``ReferenceRunner``) on them and
 compares every output over all the samples by SQNR (``SnrCompareFunc``, the graph's threshold; a Q/DQ graph

@@ -46,7 +46,7 @@ def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_di
     (inputs,) = load_json(str(folder / "parity" / "mid.g0.inputs.json"))
     ((_, (golden,)),) = load_json(str(folder / "parity" / "mid.g0.golden.json"))
     samples = {len(v) for v in [*inputs.values(), *golden.values()]}
-    assert len(samples) == 1 and 8 < samples.pop() <= 32
+    assert len(samples) == 1 and 8 < samples.pop() <= 64
     # a near miss a mean-absolute-error check lets through: one of 16 output channels' weights 20 %
     # off (measured 34.9 dB against the 40 dB threshold; mean |error| 0.4 % of the output's rms)
     path = folder / "mid.g0.onnx"
