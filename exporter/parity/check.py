@@ -34,7 +34,6 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest
 from exporter.parity.engines import check_engine_batch, engine_runners
-from exporter.parity.inputs import BATCH, SAMPLES, model_inputs
+from exporter.parity.inputs import BATCH, SAMPLES, model_inputs, split_batches
 from exporter.parity.report import save_golden
 
 log = logging.getLogger(__name__)
@@ -246,14 +245,6 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     log.info("end to end: %d images, %d steps, runtime vs PyTorch in %.1fs", e2e["images"], e2e["steps"],
              time.perf_counter() - start)
     return results, e2e
-
-
-def split_batches(feed: dict, batch: int) -> list[dict]:
-    """``feed`` (every input batch first) as calls of at most ``batch`` samples, as even as possible."""
-    total = len(next(iter(feed.values())))
-    calls = -(-total // batch)
-    bounds = [round(i * total / calls) for i in range(calls + 1)]
-    return [{n: v[a:b] for n, v in feed.items()} for a, b in pairwise(bounds)]
 
 
 def joined(run):

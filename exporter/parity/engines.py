@@ -8,6 +8,7 @@ from pathlib import Path
 
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, read_manifest
+from exporter.parity.inputs import call_bounds
 
 
 def engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: tuple[int, int] | None
@@ -38,13 +39,13 @@ def engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: t
 
 
 def check_engine_batch(per_group: dict, batch: int, engine_batch: list[int], calib) -> None:
-    """Each group's inputs go through the engines ``batch`` at a time (``check.split_batches``): a
+    """Each group's inputs go through the engines ``batch`` at a time (``inputs.call_bounds``): a
     call below the profile's minimum (a group with fewer recorded samples) is refused before
     anything runs, instead of polygraphy's shape error from inside TensorRT."""
     low = engine_batch[0]
     for group, data in per_group.items():
         n = len(data["t"])
-        smallest = n // -(-n // batch)  # the calls are as even as possible
+        smallest = min(end - start for start, end in call_bounds(n, batch))
         if smallest < low:
             raise UsageError(f"timestep group {group}: {n} recorded sample(s) in {calib} go through the engines in "
                              f"calls of {smallest} or more (--batch {batch}, split evenly), and the engines take "

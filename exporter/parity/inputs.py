@@ -4,6 +4,7 @@ trajectory."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,19 @@ def spread(available: dict[float, int], wanted: int) -> dict[float, int]:
                 taken[t] += 1
                 wanted -= 1
     return {t: k for t, k in taken.items() if k}
+
+
+def call_bounds(total: int, batch: int) -> list[tuple[int, int]]:
+    """[start, end) of each call when ``total`` samples go at most ``batch`` at a time, the calls
+    as even as possible."""
+    calls = -(-total // batch)
+    return list(pairwise(round(i * total / calls) for i in range(calls + 1)))
+
+
+def split_batches(feed: dict, batch: int) -> list[dict]:
+    """``feed`` (every input batch first) as its calls (``call_bounds``)."""
+    total = len(next(iter(feed.values())))
+    return [{n: v[a:b] for n, v in feed.items()} for a, b in call_bounds(total, batch)]
 
 
 def _timestep_inputs(manifest, blocks, shard, t: float, samples: int, latent, context) -> dict:

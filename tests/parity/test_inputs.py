@@ -5,10 +5,11 @@ import numpy as np
 from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
 
+from exporter.calibrate import CalibrationData
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
-from exporter.parity.check import joined, split_batches
-from exporter.parity.inputs import model_inputs, spread
+from exporter.parity.check import joined
+from exporter.parity.inputs import model_inputs, split_batches, spread
 from exporter.quant.timestep_groups import TimestepGroups
 
 
@@ -31,8 +32,6 @@ def test_each_group_gets_its_samples_from_every_recorded_timestep_it_covers(tiny
     groups = TimestepGroups.from_dict(manifest["groups"])
     calib = manifest["source"]["calibration"]
     per_group = model_inputs(manifest, loaded, blocks, calib, groups.group_of, samples=32)
-    from exporter.calibrate import CalibrationData
-
     recorded = sorted({float(t) for shard in CalibrationData(calib) for t in shard["t"].tolist()})
     for g, data in per_group.items():
         in_group = [t for t in recorded if groups.group_of(t) == g]
