@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", parents=[common], **RUNS_GRAPHS,
                        help="PyTorch vs ONNX Runtime (and TensorRT) per block and group (polygraphy)")
     p.add_argument("graphs", type=Path, help="folder written by exporter export")
-    p.add_argument("--calib", type=Path, help="calibration folder for inputs (default: the one exported from)")
+    p.add_argument("--calib", type=Path, help="calibration folder the inputs come from (default: the one exported from; "
+                   "any calibration of the model: the scales are the export's, from its quantization.json)")
     p.add_argument("--blocks-only", action="store_true", help="skip the end-to-end image comparison")
     p.add_argument("--blocks", type=lambda s: s.split(","), help="check only these blocks, e.g. up3.layer2,head")
     # parity.inputs.SAMPLES and BATCH (not imported: that would load torch before the arguments are read)

@@ -29,7 +29,7 @@ import torch
 from exporter.errors import UsageError
 from exporter.export.manifest import write_manifest
 from exporter.export.passes import BF16_OPSET, WeightFile, finalize
-from exporter.fileio import atomic_write_json, require_staged_folder
+from exporter.fileio import require_staged_folder
 from exporter.models import load_conditioning, load_model
 from exporter.models.blocks import run_blocks
 from exporter.quant.ptq import QuantLayer, quantize_model
@@ -169,9 +169,8 @@ def export_graphs(model: str, out: str | Path, calib: str | Path | None = None,
                     files.append(name)
                     bar.update(1)
                 exported.append({"block": block, "files": files, "weights": weights.path.name, "layers": layers})
+        # with the PTQ record, quantization.json (scales, per-t activation ranges, exclusions)
         manifest = write_manifest(partial, loaded, blocks, exported, env, summary, conditioning, calib, dtype, finetuned)
-        if summary is not None:  # the whole PTQ record (per-t activation ranges, exclusions): for people and plots
-            atomic_write_json(partial / "quantization.json", summary)
         if out.exists():
             out.rmdir()
         partial.rename(out)

@@ -28,6 +28,7 @@ from exporter.models.blocks import blocks_to_run_with_cache
 from exporter.quant.timestep_groups import TimestepGroups
 
 MANIFEST = "manifest.json"
+RECORD = "quantization.json"  # the PTQ record (scales, ranges, exclusions): for parity, people and plots; not shipped
 SCHEMA = 1
 CONDITIONING = "conditioning.safetensors"
 
@@ -157,6 +158,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
     adapter = loaded.adapter
     if conditioning.source is not None:
         shutil.copyfile(conditioning.source, folder / CONDITIONING)
+    if summary is not None:
+        atomic_write_json(folder / RECORD, summary)
     produced = {n for b in blocks for n in b.outputs}
     model_inputs = list(dict.fromkeys(n for b in blocks for n in b.inputs if n not in produced))
     features = adapter.cacheable_features(blocks)
@@ -182,8 +185,9 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
         "source": {"model": str(loaded.directory), "model_class": adapter.class_name, "config": adapter.config,
                    "calibration": str(Path(calib).resolve()) if calib is not None else None,
                    "finetuned": str(Path(finetuned).resolve()) if finetuned is not None else None},
-        "quantization": summary and {k: summary[k] for k in ("spec", "excluded", "precision_overrides",
-                                                                "split_shortcut_layers", "groups")},
+        "quantization": summary and {**{k: summary[k] for k in ("spec", "excluded", "precision_overrides",
+                                                                   "split_shortcut_layers", "groups")},
+                                     "record_sha256": sha256_file(folder / RECORD)},
         "dtype": dtype,
         "sample_shape": list(adapter.sample_shape),
         # what other latent sizes must be multiples of (the adapter's); None: the model's own size only
@@ -195,7 +199,7 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
         "blocks": block_entries,
         "groups": summary["groups"] if summary else None,
         "cache": {"features": {f: blocks_to_run_with_cache(blocks, f, model_inputs) for f in features}},
-        "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
+        "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name not in (MANIFEST, RECORD)},
         "versions": {"exporter": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      # the export's passes: ORT's constant folding and shape inference, graphsurgeon's folding
                      "onnxruntime": onnxruntime.__version__, "onnx-graphsurgeon": onnx_graphsurgeon.__version__,
@@ -254,6 +258,22 @@ def read_manifest(folder: str | Path) -> dict:
             raise ManifestError(f"{file}: sha256 mismatch: the file was modified, truncated or swapped since export")
         _verified[str(file)] = (key, digest)
     return manifest
+
+
+def read_record(folder: str | Path, manifest: dict) -> dict:
+    """The PTQ record of a quantized graphs folder (``quantize_model``'s summary: the activation scales
+    the graphs hold), checked against the sha256 in its manifest."""
+    folder = Path(folder)
+    path = folder / RECORD
+    digest = (manifest["quantization"] or {}).get("record_sha256")
+    if digest is None:
+        raise ManifestError(f"{folder / MANIFEST} holds no sha256 of {RECORD} (exported before 2026-12-05); "
+                            "export again")
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing (the quantized graphs' scales are recorded in it); export again")
+    if sha256_file(path) != digest:
+        raise ManifestError(f"{path}: sha256 mismatch: the record was modified, truncated or swapped since export")
+    return json.loads(path.read_text())
 
 
 def check_unchanged(folder: str | Path, manifest: dict, name: str) -> None:

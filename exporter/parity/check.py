@@ -3,7 +3,8 @@
 For every graph, real inputs are taken from calibration data (recorded model inputs spread over
 the timesteps of the graph's group, run through the PyTorch blocks so every block sees what it
 sees in a denoising trajectory; ``inputs.SAMPLES`` says why 64 of them). polygraphy's ``Comparator`` runs the PyTorch block (FP32, or
-fake-quantized exactly as exported) and the graph in ONNX Runtime (bf16 graphs, which its CPU
+fake-quantized exactly as exported: the scales of the export's record, ``quantization.json``, so the
+inputs may come from any calibration of the model) and the graph in ONNX Runtime (bf16 graphs, which its CPU
 provider cannot run: in ONNX's reference implementation, ``ReferenceRunner``) on them and
 compares every output over all the samples by SQNR (``SnrCompareFunc``, the graph's threshold; a Q/DQ graph
 legitimately differs from PyTorch by one quantization step wherever float rounding upstream flips
@@ -41,7 +42,7 @@ import torch
 
 from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
-from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest
+from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest, read_record
 from exporter.parity.engines import check_engine_batch, engine_runners
 from exporter.parity.inputs import BATCH, SAMPLES, model_inputs, split_batches
 from exporter.parity.report import save_golden
@@ -147,9 +148,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
     quantization = manifest["quantization"]
-    if quantization is not None:  # rebuild the fake-quant model the graphs were exported from
+    if quantization is not None:  # rebuild the fake-quant model the graphs were exported from: their scales
         spec = quantization_from_dict(quantization["spec"], "manifest.quantization.spec")
-        summary = quantize_model(loaded, spec, calib, keep_float_weights=bool(manifest["source"].get("finetuned")))
+        summary = quantize_model(loaded, spec, keep_float_weights=bool(manifest["source"].get("finetuned")),
+                                 record=read_record(folder, manifest))
         rebuilt = summary["formats"]
         exported = layer_formats(manifest)
         if rebuilt != exported:  # e.g. the spec left defaults to the adapter, whose defaults changed
@@ -174,8 +176,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     uncovered = sorted(set(range(len(groups) if groups else 1)) - set(per_group))
     if uncovered:  # every graph is checked, or parity fails: a graph left out is not a passed one
         raise UsageError(f"{calib} holds no sample at any t of timestep group(s) {uncovered} "
-                         f"(t ranges {[groups.ranges[g] for g in uncovered] if groups else 'all'}): pass the "
-                         "calibration the graphs were exported from (--calib)")
+                         f"(t ranges {[groups.ranges[g] for g in uncovered] if groups else 'all'}): pass a "
+                         "calibration that covers them (--calib), e.g. the one the graphs were exported from")
     if engine_batch is not None:
         check_engine_batch(per_group, batch, engine_batch, calib)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]

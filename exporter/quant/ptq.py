@@ -253,18 +253,21 @@ def plan_layers(model: torch.nn.Module, adapter, spec: QuantizationSpec) -> tupl
     return plan, excluded, overridden
 
 
-def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_weights: bool = True) -> dict:
+def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_weights: bool = True,
+                   record: dict | None = None) -> dict:
     """Quantize ``loaded.model`` in place from a calibration folder (not needed for weight-only
     formats); returns a summary. ``keep_float_weights=False`` frees each layer's original weight
     once calibrated (see ``QuantLayer.drop_float_weight``): export and parity never need it
     unless a finetune run is merged afterwards, and at real size it is gigabytes.
 
+    ``record``: the summary of an earlier call (an export's ``quantization.json``): its timestep
+    groups and activation scales are taken as they are instead of measured again. Parity rebuilds
+    the model the graphs were exported from this way: exactly their scales, whatever calibration it
+    takes its inputs from, and without the calibration passes.
+
     Afterwards ``loaded.model._exporter_context.t`` must be set to the current t before each call
     (the sampler's denoise function does it) so each layer uses its timestep group's scales.
     """
-    from exporter.calibrate import CalibrationData
-    from exporter.models.blocks import partition
-
     start = time.perf_counter()
     adapter, model = loaded.adapter, loaded.model
     plan, excluded, overridden = plan_layers(model, adapter, spec)
@@ -276,56 +279,13 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
                                   sites.get(name) if afmt else None, materialize=keep_float_weights)
         _replace(model, name, layers[name])
     model._exporter_context = context
-    blocks = partition(adapter.units(model), ("noise_pred",))
     act_layers = {n: layer for n, layer in layers.items() if layer.afmt is not None}
-    if act_layers:  # weight-only quantization needs no calibration data
-        if calib_dir is None:
-            raise UsageError("activation quantization needs calibration data: run exporter calibrate first")
-        data = CalibrationData(calib_dir)
-        data.check_recorded_from(adapter)
-        context.calibration = data.fingerprint
-
-    def calibration_pass(mode: str, desc: str) -> None:
-        from tqdm.auto import tqdm
-
-        for layer in act_layers.values():
-            layer.mode = mode
-        with torch.inference_mode(), tqdm(total=len(data), desc=desc, unit="shard", disable=None) as bar:
-            for shard in data:
-                for t in torch.unique(shard["t"]).tolist():
-                    context.t = float(t)
-                    index = (shard["t"] == t).nonzero().flatten()
-                    for block in blocks:
-                        block(*(shard[n][index] for n in block.inputs))
-                bar.update(1)
-
-    per_t_amax = None
-    if act_layers:
-        calibration_pass("observe_t", "activation ranges per t")
-        ts = [float(t) for t in data.timesteps]
-        for name, layer in act_layers.items():
-            missing = [t for t in ts if t not in layer.per_t]
-            if missing:
-                raise UsageError(f"quantizer of layer {name} left uncalibrated at t={missing[:5]}: "
-                                 "no calibration data reached it there")
-        amax = np.array([[max(layer.per_t[t]) for t in ts] for layer in act_layers.values()])
-        per_t_amax = {"timesteps": ts, "layers": dict(zip(act_layers, amax.tolist()))}
-        context.groups = choose_groups(ts, amax, spec.groups)
-        if spec.act_observer == "max":
-            for layer in act_layers.values():
-                per_group = np.zeros((len(context.groups), len(layer.per_t[ts[0]])))
-                for t, ranges in layer.per_t.items():
-                    g = context.groups.group_of(t)
-                    per_group[g] = np.maximum(per_group[g], ranges)
-                layer.act_scale = scale_from_amax(torch.tensor(per_group), layer.afmt)
-        else:
-            calibration_pass("observe_hist", f"{spec.act_observer} observer")
-            for layer in act_layers.values():
-                layer.act_scale = scale_from_amax(torch.tensor([
-                    [obs.amax(spec.act_observer, layer.afmt, spec.percentile) for obs in layer.hist[g]]
-                    for g in range(len(context.groups))
-                ]), layer.afmt)
-                layer.hist.clear()
+    per_t_amax = None  # weight-only formats need no calibration data
+    if act_layers and record is not None:
+        _restore_scales(act_layers, context, record)
+        per_t_amax = record.get("per_t_amax")
+    elif act_layers:
+        per_t_amax = _calibrate(act_layers, context, adapter, model, spec, calib_dir)
     for layer in layers.values():
         layer.mode = "quant"
         if not keep_float_weights:
@@ -342,9 +302,91 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
         "split_shortcut_layers": sorted(n for n, layer in layers.items() if layer.split),
         "groups": context.groups.to_dict() if context.groups else None,
         "per_t_amax": per_t_amax,
+        # what the graphs hold (parity rebuilds the model from them: ``record`` above), and the
+        # calibration they were measured on (a finetune run checks it)
+        "calibration_sha256": context.calibration,
+        "act_scales": {n: layer.act_scale.tolist() for n, layer in act_layers.items()},
         "seconds": seconds,
     }
-    log.info("quantized %d layers (%d kept in float), %d timestep group(s), %d split-shortcut site(s) in %.1fs",
+    log.info("quantized %d layers (%d kept in float), %d timestep group(s), %d split-shortcut site(s) in %.1fs%s",
              len(layers), len(excluded), len(context.groups) if context.groups else 0,
-             len(summary["split_shortcut_layers"]), seconds)
+             len(summary["split_shortcut_layers"]), seconds,
+             " (activation scales of the record)" if act_layers and record is not None else "")
     return summary
+
+
+def _calibrate(act_layers: dict, context: TimestepContext, adapter, model, spec: QuantizationSpec,
+               calib_dir) -> dict:
+    """Measure the activation ranges on the calibration data, pick the timestep groups and set every
+    layer's ``act_scale``; returns the per-t ranges (for the summary's plots)."""
+    from exporter.calibrate import CalibrationData
+    from exporter.models.blocks import partition
+
+    if calib_dir is None:
+        raise UsageError("activation quantization needs calibration data: run exporter calibrate first")
+    blocks = partition(adapter.units(model), ("noise_pred",))
+    data = CalibrationData(calib_dir)
+    data.check_recorded_from(adapter)
+    context.calibration = data.fingerprint
+
+    def calibration_pass(mode: str, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        for layer in act_layers.values():
+            layer.mode = mode
+        with torch.inference_mode(), tqdm(total=len(data), desc=desc, unit="shard", disable=None) as bar:
+            for shard in data:
+                for t in torch.unique(shard["t"]).tolist():
+                    context.t = float(t)
+                    index = (shard["t"] == t).nonzero().flatten()
+                    for block in blocks:
+                        block(*(shard[n][index] for n in block.inputs))
+                bar.update(1)
+
+    calibration_pass("observe_t", "activation ranges per t")
+    ts = [float(t) for t in data.timesteps]
+    for name, layer in act_layers.items():
+        missing = [t for t in ts if t not in layer.per_t]
+        if missing:
+            raise UsageError(f"quantizer of layer {name} left uncalibrated at t={missing[:5]}: "
+                             "no calibration data reached it there")
+    amax = np.array([[max(layer.per_t[t]) for t in ts] for layer in act_layers.values()])
+    context.groups = choose_groups(ts, amax, spec.groups)
+    if spec.act_observer == "max":
+        for layer in act_layers.values():
+            per_group = np.zeros((len(context.groups), len(layer.per_t[ts[0]])))
+            for t, ranges in layer.per_t.items():
+                g = context.groups.group_of(t)
+                per_group[g] = np.maximum(per_group[g], ranges)
+            layer.act_scale = scale_from_amax(torch.tensor(per_group), layer.afmt)
+    else:
+        calibration_pass("observe_hist", f"{spec.act_observer} observer")
+        for layer in act_layers.values():
+            layer.act_scale = scale_from_amax(torch.tensor([
+                [obs.amax(spec.act_observer, layer.afmt, spec.percentile) for obs in layer.hist[g]]
+                for g in range(len(context.groups))
+            ]), layer.afmt)
+            layer.hist.clear()
+    return {"timesteps": ts, "layers": dict(zip(act_layers, amax.tolist()))}
+
+
+def _restore_scales(act_layers: dict, context: TimestepContext, record: dict) -> None:
+    """Set the timestep groups and every layer's ``act_scale`` from a summary of ``quantize_model``."""
+    scales = record.get("act_scales")
+    if not isinstance(scales, dict) or not isinstance(record.get("groups"), dict):
+        raise UsageError("the quantization record holds no activation scales (records written before "
+                         "2026-12-05 do not); re-export")
+    if set(scales) != set(act_layers):
+        other = sorted(set(scales) ^ set(act_layers))
+        raise UsageError(f"this recipe quantizes {len(other)} layer(s) differently from the quantization record "
+                         f"(first: {other[0]}, whose input only {'the record' if other[0] in scales else 'the recipe'}"
+                         " quantizes); re-export")
+    context.groups = TimestepGroups.from_dict(record["groups"])
+    context.calibration = record.get("calibration_sha256")
+    for name, layer in act_layers.items():
+        scale = torch.tensor(scales[name], dtype=torch.float32)
+        expected = (len(context.groups), 2 if layer.split else 1)
+        if tuple(scale.shape) != expected or not bool((scale > 0).all()):
+            raise UsageError(f"the quantization record's activation scale of {name} is not {expected[0]} x "
+                             f"{expected[1]} positive numbers; re-export")
+        layer.act_scale = scale

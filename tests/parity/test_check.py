@@ -16,7 +16,7 @@ from polygraphy.json import load_json
 
 from exporter.errors import UsageError
 from exporter.export import export_graphs
-from exporter.export.manifest import read_manifest, sha256_file
+from exporter.export.manifest import ManifestError, read_manifest, sha256_file
 from exporter.parity import check_parity, format_parity
 from exporter.parity.check import GraphParity, self_sensitivity
 from exporter.parity.runners import TorchBlockRunner
@@ -177,6 +177,23 @@ def test_graphs_whose_layer_formats_the_recipe_no_longer_rebuilds_are_refused(ti
         check_parity(folder, end_to_end_check=False)
 
 
+def test_a_changed_or_missing_quantization_record_is_refused_naming_it(tiny_int8_graphs, tmp_path):
+    folder = tmp_path / "g"
+    shutil.copytree(tiny_int8_graphs, folder)
+    record = folder / "quantization.json"
+    assert read_manifest(folder)["quantization"]["record_sha256"] == sha256_file(record)
+    assert "quantization.json" not in read_manifest(folder)["files"]  # not shipped: no part of the deployed size
+    summary = json.loads(record.read_text())
+    layer = next(iter(summary["act_scales"]))
+    summary["act_scales"][layer][0][0] *= 2  # a scale edited after export: PyTorch would no longer be the graphs'
+    record.write_text(json.dumps(summary))
+    with pytest.raises(ManifestError, match=r"quantization.json: sha256 mismatch"):
+        check_parity(folder, end_to_end_check=False)
+    record.unlink()
+    with pytest.raises(ManifestError, match=r"quantization.json: missing"):
+        check_parity(folder, end_to_end_check=False)
+
+
 class _TieBlock(torch.nn.Module):
     """floor(x) + 0.5 into an INT8 quantizer of step 1: every value sits on a rounding tie that
     noise on the block's input never reaches (floor absorbs it), as a near-tie behind ONNX
@@ -232,7 +249,7 @@ def test_sqnr_of_non_finite_outputs_is_the_worst_and_fails():
     assert "FAIL (first diverging layer" in format_parity([nan_graph])
 
 
-def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tmp_path):
+def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tiny_unet_calib, tmp_path):
     # one t per trajectory, one trajectory per shard: the first shard holds one group only (before, the
     # other group's graphs were skipped with a warning and parity still passed)
     from exporter.calibrate import calibrate
@@ -249,6 +266,11 @@ def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tmp
     manifest = read_manifest(folder)
     assert sorted(r.graph for r in results) == sorted(g for b in manifest["blocks"] for g in b["graphs"])
     assert {r.group for r in results} == {0, 1} and all(r.passed for r in results)
+    # inputs from another calibration of the model: the scales stay the export's (quantization.json);
+    # before, PyTorch was quantized again from that data, with other scales and groups than the graphs'
+    results, _ = check_parity(folder, calib=tiny_unet_calib, end_to_end_check=False)
+    assert sorted(r.graph for r in results) == sorted(g for b in manifest["blocks"] for g in b["graphs"])
+    assert all(r.passed for r in results), [(r.graph, r.outputs) for r in results if not r.passed]
     # a calibration covering one group only: refused, not half checked
     calibrate(str(tiny_unet_dir), tmp_path / "one", CalibrationSpec(**{**spec.__dict__, "trajectories": 1}),
               progress=False)

@@ -1,11 +1,13 @@
 """PTQ on a tiny model from real (recorded) calibration data: structure, groups, and accuracy."""
 
 import fnmatch
+import json
 
 import pytest
 import torch
 
 from exporter.calibrate import calibrate
+from exporter.errors import UsageError
 from exporter.models import load_conditioning, load_model
 from exporter.quant.formats import FORMATS, fake_quant
 from exporter.quant.ptq import INT4_FALLBACK_REASON, QuantLayer, quantize_model
@@ -53,6 +55,26 @@ def test_every_non_excluded_layer_is_quantized_with_split_sites(tiny_unet_dir, c
     layer = loaded.model.get_submodule(next(iter(sites)))
     assert isinstance(layer, QuantLayer) and layer.act_scale.shape == (2, 2)  # 2 groups x 2 split parts
 
+
+
+def test_a_record_restores_the_same_scales_and_groups_without_calibration_data(tiny_unet_dir, calib_dir):
+    spec = QuantizationSpec(groups=2, split_shortcut=True, act_observer="percentile")
+    measured = load_model(tiny_unet_dir)
+    summary = json.loads(json.dumps(quantize_model(measured, spec, calib_dir)))  # as quantization.json holds it
+    restored = load_model(tiny_unet_dir)
+    again = quantize_model(restored, spec, record=summary)  # no calibration folder: nothing is measured
+    assert again["groups"] == summary["groups"] and again["calibration_sha256"] == summary["calibration_sha256"]
+    measured_layers = {n: m for n, m in measured.model.named_modules() if isinstance(m, QuantLayer) and m.afmt}
+    restored_layers = {n: m for n, m in restored.model.named_modules() if isinstance(m, QuantLayer) and m.afmt}
+    assert measured_layers.keys() == restored_layers.keys() and any(m.split for m in measured_layers.values())
+    for name, layer in measured_layers.items():  # bit for bit, through JSON
+        assert torch.equal(layer.act_scale, restored_layers[name].act_scale), name
+    # a record without scales (written before them) or for other layers: refused, not half applied
+    with pytest.raises(UsageError, match="holds no activation scales"):
+        quantize_model(load_model(tiny_unet_dir), spec, record={k: v for k, v in summary.items() if k != "act_scales"})
+    fewer = {**summary, "act_scales": dict(list(summary["act_scales"].items())[1:])}
+    with pytest.raises(UsageError, match=r"quantizes 1 layer\(s\) differently .*only the recipe quantizes"):
+        quantize_model(load_model(tiny_unet_dir), spec, record=fewer)
 
 def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_path):
     from exporter import reference
@@ -112,7 +134,6 @@ def test_mixed_precision_and_recipe_exclusions_apply_per_layer(tiny_unet_dir, ca
 @pytest.mark.parametrize("field, fragment", [("exclude", "exclude pattern 'down_block.*'"),
                                              ("precision", "precision pattern 'down_block.*'")])
 def test_recipe_pattern_matching_no_layer_is_an_error(tiny_unet_dir, calib_dir, field, fragment):
-    from exporter.errors import UsageError
     from exporter.recipe import Exclusion, PrecisionOverride
 
     entry = Exclusion("down_block.*", "typo") if field == "exclude" else PrecisionOverride("down_block.*", "int4", None)
