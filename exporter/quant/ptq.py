@@ -302,7 +302,8 @@ def quantize_model(loaded, spec: QuantizationSpec, calib_dir=None, keep_float_we
         "split_shortcut_layers": sorted(n for n, layer in layers.items() if layer.split),
         "groups": context.groups.to_dict() if context.groups else None,
         "per_t_amax": per_t_amax,
-        # what the graphs hold (parity rebuilds the model from them: ``record`` above), and the
+        # what the graphs hold, unless a finetune run's learned steps are merged on top (parity
+        # rebuilds the model from these: ``record`` above, then merges the run again), and the
         # calibration they were measured on (a finetune run checks it)
         "calibration_sha256": context.calibration,
         "act_scales": {n: layer.act_scale.tolist() for n, layer in act_layers.items()},
