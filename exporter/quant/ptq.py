@@ -374,7 +374,7 @@ def _calibrate(act_layers: dict, context: TimestepContext, adapter, model, spec:
 def _restore_scales(act_layers: dict, context: TimestepContext, record: dict) -> None:
     """Set the timestep groups and every layer's ``act_scale`` from a summary of ``quantize_model``."""
     scales = record.get("act_scales")
-    if not isinstance(scales, dict) or not isinstance(record.get("groups"), dict):
+    if not isinstance(scales, dict):
         raise UsageError("the quantization record holds no activation scales (records written before "
                          "2026-12-05 do not); re-export")
     if set(scales) != set(act_layers):
@@ -382,6 +382,8 @@ def _restore_scales(act_layers: dict, context: TimestepContext, record: dict) ->
         raise UsageError(f"this recipe quantizes {len(other)} layer(s) differently from the quantization record "
                          f"(first: {other[0]}, whose input only {'the record' if other[0] in scales else 'the recipe'}"
                          " quantizes); re-export")
+    if not isinstance(record.get("groups"), dict):
+        raise UsageError("the quantization record holds activation scales but no timestep groups; re-export")
     context.groups = TimestepGroups.from_dict(record["groups"])
     context.calibration = record.get("calibration_sha256")
     for name, layer in act_layers.items():
