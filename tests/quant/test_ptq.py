@@ -56,7 +56,6 @@ def test_every_non_excluded_layer_is_quantized_with_split_sites(tiny_unet_dir, c
     assert isinstance(layer, QuantLayer) and layer.act_scale.shape == (2, 2)  # 2 groups x 2 split parts
 
 
-
 def test_a_record_restores_the_same_scales_and_groups_without_calibration_data(tiny_unet_dir, calib_dir):
     spec = QuantizationSpec(groups=2, split_shortcut=True, act_observer="percentile")
     measured = load_model(tiny_unet_dir)
@@ -75,6 +74,7 @@ def test_a_record_restores_the_same_scales_and_groups_without_calibration_data(t
     fewer = {**summary, "act_scales": dict(list(summary["act_scales"].items())[1:])}
     with pytest.raises(UsageError, match=r"quantizes 1 layer\(s\) differently .*only the recipe quantizes"):
         quantize_model(load_model(tiny_unet_dir), spec, record=fewer)
+
 
 def test_int8_close_to_fp32_and_int4_weights_further_on_the_reference_unet(tmp_path):
     from exporter import reference
