@@ -158,8 +158,8 @@ def write_manifest(folder: Path, loaded, blocks, exported, env, summary, conditi
     adapter = loaded.adapter
     if conditioning.source is not None:
         shutil.copyfile(conditioning.source, folder / CONDITIONING)
-    if summary is not None:
-        atomic_write_json(folder / RECORD, summary)
+    if summary is not None:  # without its run time: the same model, calibration and recipe give the same folder
+        atomic_write_json(folder / RECORD, {k: v for k, v in summary.items() if k != "seconds"})
     produced = {n for b in blocks for n in b.outputs}
     model_inputs = list(dict.fromkeys(n for b in blocks for n in b.inputs if n not in produced))
     features = adapter.cacheable_features(blocks)
