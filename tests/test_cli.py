@@ -79,6 +79,20 @@ def test_parity_defaults_are_the_parity_modules():
     assert (args.samples, args.batch) == (SAMPLES, BATCH)
 
 
+def test_out_of_memory_in_parity_names_its_own_options(monkeypatch, capsys):
+    """parity has no --batch-size, and its --latent is the size it compares at, not a cost to cut."""
+    from exporter import parity
+    from exporter.cli import main
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(parity, "check_parity", exhausted)
+    assert main(["parity", "graphs"]) == 2
+    assert capsys.readouterr().err == ("error: out of memory (MemoryError); a smaller --batch (samples per call) or "
+                                       "--samples needs less\n")
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
