@@ -302,7 +302,12 @@ class CalibrationData:
         return len(self.paths)
 
     def __iter__(self):
+        for path in self.paths:
+            yield self.load(path)
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        """One shard's tensors (one of ``paths``; checked at open)."""
         from safetensors.torch import load_file
 
-        for path in self.paths:
-            yield load_file(str(path))
+        return load_file(str(path))

@@ -44,7 +44,7 @@ from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest, read_record
 from exporter.parity.engines import check_engine_batch, engine_runners
-from exporter.parity.inputs import BATCH, SAMPLES, model_inputs, split_batches
+from exporter.parity.inputs import BATCH, SAMPLES, group_inputs, open_calibration, samples_per_group, split_batches
 from exporter.parity.report import save_golden
 
 log = logging.getLogger(__name__)
@@ -172,14 +172,15 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     unknown = sorted(set(blocks_to_check or ()) - set(blocks))
     if unknown:
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
-    per_group = model_inputs(manifest, loaded, list(blocks.values()), calib, group_of, samples, latent)
-    uncovered = sorted(set(range(len(groups) if groups else 1)) - set(per_group))
+    data = open_calibration(calib, loaded)
+    counts = samples_per_group(data, group_of, samples)
+    uncovered = sorted(set(range(len(groups) if groups else 1)) - set(counts))
     if uncovered:  # every graph is checked, or parity fails: a graph left out is not a passed one
         raise UsageError(f"{calib} holds no sample at any t of timestep group(s) {uncovered} "
                          f"(t ranges {[groups.ranges[g] for g in uncovered] if groups else 'all'}): pass a "
                          "calibration that covers them (--calib), e.g. the one the graphs were exported from")
     if engine_batch is not None:
-        check_engine_batch(per_group, batch, engine_batch, calib)
+        check_engine_batch(counts, batch, engine_batch, calib)
     threshold = THRESHOLD_DB[(manifest.get("dtype", "fp32"), quantization is not None)]
     level = optimization_level(manifest)
     disabled = cpu_disabled_optimizers(level)  # the graphs' own sessions, on this CPU
@@ -188,11 +189,18 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     results, start = [], time.perf_counter()
     checked = [e for e in manifest["blocks"] if not blocks_to_check or e["name"] in blocks_to_check]
     bar = tqdm(total=sum(len(e["graphs"]) for e in checked), desc="parity", unit="graph", disable=not progress or None)
-    for entry in checked:
-        for g, graph in enumerate(entry["graphs"]):
+    order = {graph: i for i, graph in enumerate(g for e in manifest["blocks"] for g in e["graphs"])}
+    first = next(iter(counts))  # a block without per-group graphs: checked on this group's inputs
+    for group in counts:  # one group's inputs held at a time
+        todo = [(entry, graph) for entry in checked for g, graph in enumerate(entry["graphs"])
+                if (g if len(entry["graphs"]) > 1 else first) == group]
+        if not todo:
+            continue
+        inputs = group_inputs(manifest, loaded, list(blocks.values()), data, group_of, group, samples, latent)
+        t, env = inputs["t"][0], inputs["env"]  # t: picks the group's scales in PyTorch
+        del inputs
+        for entry, graph in todo:
             bar.update(1)
-            group = g if len(entry["graphs"]) > 1 else next(iter(per_group))
-            t, env = per_group[group]["t"][0], per_group[group]["env"]  # t: picks the group's scales in PyTorch
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
             feeds = split_batches(feed, batch)
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
@@ -231,9 +239,12 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
             if write_golden:
                 # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
                 save_golden(folder, graph, feed, run[0], threshold,
-                            basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+                            basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                            order=list(order))
             results.append(result)
+        del env, feed, feeds  # before the next group's inputs are made
     bar.close()
+    results.sort(key=lambda r: order[r.graph])  # the manifest's order, as the table shows them
     log.info("compared %d graphs with PyTorch in %.1fs (%d below threshold)", len(results),
              time.perf_counter() - start, sum(not r.passed for r in results))
     if end_to_end_check and manifest.get("dtype") == "bf16":

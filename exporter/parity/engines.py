@@ -38,13 +38,12 @@ def engine_runners(engines: Path | None, folder: Path, manifest: dict, latent: t
     return runners, engine_manifest["tensorrt"]["batch"]
 
 
-def check_engine_batch(per_group: dict, batch: int, engine_batch: list[int], calib) -> None:
+def check_engine_batch(counts: dict[int, int], batch: int, engine_batch: list[int], calib) -> None:
     """Each group's inputs go through the engines ``batch`` at a time (``inputs.call_bounds``): a
     call below the profile's minimum (a group with fewer recorded samples) is refused before
     anything runs, instead of polygraphy's shape error from inside TensorRT."""
     low = engine_batch[0]
-    for group, data in per_group.items():
-        n = len(data["t"])
+    for group, n in counts.items():  # samples per group (inputs.samples_per_group)
         smallest = min(end - start for start, end in call_bounds(n, batch))
         if smallest < low:
             raise UsageError(f"timestep group {group}: {n} recorded sample(s) in {calib} go through the engines in "

@@ -23,13 +23,8 @@ SAMPLES = 64
 BATCH = 8  # samples per call of each runner: what bounds memory (a real-size sample: ~1 GB of attention scores)
 
 
-def model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples: int = SAMPLES,
-                 latent: tuple[int, int] | None = None) -> dict[int, dict]:
-    """Per timestep group: ``{"t": the timesteps, one per sample, "env": every block tensor (NumPy,
-    batch first)}`` for up to ``samples`` recorded samples spread evenly over the group's recorded
-    timesteps; each timestep's samples run through the PyTorch blocks at that t. Shards are read
-    one at a time until every group has its samples (with steps drawn per trajectory, a shard may
-    miss a group). With ``latent``, the recorded latents are resized to it (bilinear) first."""
+def open_calibration(calib: Path | None, loaded):
+    """The calibration folder parity takes its inputs from, checked against the model."""
     from exporter.calibrate import CalibrationData
 
     if calib is None:
@@ -37,23 +32,43 @@ def model_inputs(manifest, loaded, blocks, calib: Path | None, group_of, samples
                          "or export from a calibration folder")
     data = CalibrationData(calib)
     data.check_recorded_from(loaded.adapter)
+    return data
+
+
+def samples_per_group(data, group_of, samples: int = SAMPLES) -> dict[int, int]:
+    """How many samples ``group_inputs`` gives each timestep group the calibration covers: up to
+    ``samples``, from the calibration's spec (no shard is read)."""
+    recorded: dict[int, int] = {}
+    for t, count in data.state["coverage"].items():
+        recorded[group_of(float(t))] = recorded.get(group_of(float(t)), 0) + count
+    return {g: min(samples, n) for g, n in sorted(recorded.items())}
+
+
+def group_inputs(manifest, loaded, blocks, data, group_of, group: int, samples: int = SAMPLES,
+                 latent: tuple[int, int] | None = None) -> dict:
+    """``{"t": the timesteps, one per sample, "env": every block tensor (NumPy, batch first)}`` for
+    up to ``samples`` recorded samples of timestep group ``group``, spread evenly over its recorded
+    timesteps; each timestep's samples run through the PyTorch blocks at that t. Only shards that
+    hold one of its timesteps are read, one at a time, until it has its samples (with steps drawn
+    per trajectory, a shard may miss a group). One group at a time: at real size a sample's block
+    tensors take 57 MiB (SD 1.5 layout, 64x64): 64 samples of 4 groups at once would hold 14 GiB.
+    With ``latent``, the recorded latents are resized to it (bilinear) first."""
     context = getattr(loaded.model, "_exporter_context", None)
-    parts: dict[int, list[dict]] = {}
-    have: dict[int, int] = {}
-    count = len(manifest["groups"]["ranges"]) if manifest["groups"] else 1
-    for shard in data:
-        if len(have) == count and min(have.values()) >= samples:
+    parts: list[dict] = []
+    have = 0
+    for path in data.paths:
+        if have >= samples:
             break
-        available: dict[int, dict[float, int]] = {}  # group -> {t: samples at t in this shard}
-        for t in sorted({float(t) for t in shard["t"].tolist()}):
-            available.setdefault(group_of(t), {})[t] = int((shard["t"] == t).sum())
-        for g, per_t in available.items():
-            for t, k in spread(per_t, samples - have.get(g, 0)).items():
-                parts.setdefault(g, []).append(_timestep_inputs(manifest, blocks, shard, t, k, latent, context))
-                have[g] = have.get(g, 0) + k
-    return {g: {"t": [t for p in group for t in p["t"]],
-                "env": {n: np.concatenate([p["env"][n] for p in group]) for n in group[0]["env"]}}
-            for g, group in parts.items()}
+        if not any(group_of(float(t)) == group for t in data.state["shards"][path.name]["timesteps"]):
+            continue
+        shard = data.load(path)
+        per_t = {t: int((shard["t"] == t).sum()) for t in sorted({float(t) for t in shard["t"].tolist()})
+                 if group_of(t) == group}
+        for t, k in spread(per_t, samples - have).items():
+            parts.append(_timestep_inputs(manifest, blocks, shard, t, k, latent, context))
+            have += k
+    return {"t": [t for p in parts for t in p["t"]],
+            "env": {n: np.concatenate([p["env"][n] for p in parts]) for n in parts[0]["env"]}}
 
 
 def spread(available: dict[float, int], wanted: int) -> dict[float, int]:

@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from exporter.parity.check import GraphParity
 
 
-def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False) -> None:
+def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False,
+                order: list[str] = ()) -> None:
+    """The replay of one graph's check; its command joins ``parity/COMMANDS.txt``, whose lines
+    follow ``order`` (the graphs in the manifest's order)."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import to_json
 
@@ -43,12 +46,14 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
     line = (f"polygraphy run {graph} {backend} --data-loader-script parity/{stem.replace('.', '_')}_data_loader.py "
             f"--load-outputs parity/{stem}.golden.json --compare snr --snr-threshold {threshold:g} "
             f"--input-shapes {shapes}\n")
-    existing = [l for l in commands.read_text().splitlines(keepends=True) if f" {graph} " not in l] \
-        if commands.is_file() else [("# run from the graphs folder; on a GPU machine replace --onnxrt (and its "
-                                     "optimization level) with --trt --strongly-typed: polygraphy compares each run "
-                                     "with the next, so one live backend is compared with the golden outputs (bf16 "
-                                     "graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")]
-    write(commands, "".join(existing) + line)
+    header = ("# run from the graphs folder; on a GPU machine replace --onnxrt (and its optimization level) with "
+              "--trt --strongly-typed: polygraphy compares each run with the next, so one live backend is compared "
+              "with the golden outputs (bf16 graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")
+    lines = [l for l in commands.read_text().splitlines(keepends=True)[1:] if f" {graph} " not in l] \
+        if commands.is_file() else []
+    rank = {name: i for i, name in enumerate(order)}  # parity checks the graphs group by group
+    lines = sorted([*lines, line], key=lambda l: rank.get(l.split()[2], len(rank)))
+    write(commands, header + "".join(lines))
 
 
 def format_parity(results: list[GraphParity]) -> str:

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,6 +38,9 @@ def test_int8_graphs_pass_and_polygraphy_replays_the_golden_outputs(tiny_unet_di
     assert all(r.passed and r.polygraphy_passed for r in results), [(r.graph, r.outputs) for r in results]
     assert e2e["passed"] and e2e["psnr_db"] >= 30
     commands = (folder / "parity" / "COMMANDS.txt").read_text().splitlines()
+    # a header, then one command per graph in the manifest's order (parity checks them group by group)
+    assert commands[0].startswith("# ") and [c.split()[2] for c in commands[1:]] == [
+        g for b in manifest["blocks"] for g in b["graphs"]]
     assert commands[-1].startswith("polygraphy run head.onnx --onnxrt")
     assert re.search(r"--compare snr --snr-threshold 40 --input-shapes \w+:\[\d+(,\d+)*\]$", commands[-1])  # --trt
     replay = subprocess.run(commands[-1].split(), cwd=folder, capture_output=True, text=True, timeout=300,
@@ -249,11 +253,28 @@ def test_sqnr_of_non_finite_outputs_is_the_worst_and_fails():
     assert "FAIL (first diverging layer" in format_parity([nan_graph])
 
 
-def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tiny_unet_calib, tmp_path):
+def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tiny_unet_calib, tmp_path,
+                                                               monkeypatch):
     # one t per trajectory, one trajectory per shard: the first shard holds one group only (before, the
     # other group's graphs were skipped with a warning and parity still passed)
-    from exporter.calibrate import calibrate
+    from exporter.calibrate import CalibrationData, calibrate
+    from exporter.parity import check
     from exporter.recipe import CalibrationSpec
+
+    made, alive = [], []  # the groups whose inputs were made; weak references to the last group's tensors
+
+    def one_group_at_a_time(*args, **kwargs):  # at real size, 64 samples of one group: 3.6 GiB
+        assert all(r() is None for r in alive), "the previous group's inputs are still held"
+        inputs = check_group_inputs(*args, **kwargs)
+        made.append(args[5])
+        alive[:] = [weakref.ref(v) for v in inputs["env"].values()]
+        return inputs
+
+    check_group_inputs = check.group_inputs
+    monkeypatch.setattr(check, "group_inputs", one_group_at_a_time)
+    loaded_shards = []
+    monkeypatch.setattr(CalibrationData, "load", staticmethod(lambda path, load=CalibrationData.load: (
+        loaded_shards.append(path.name), load(path))[1]))
 
     spec = CalibrationSpec(trajectories=4, steps=6, batch_trajectories=1, guidance=2.0, timestep_sampling="normal",
                            steps_per_trajectory=1)
@@ -262,9 +283,13 @@ def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tin
     folder = tmp_path / "g"
     export_graphs(str(tiny_unet_dir), folder, calib=tmp_path / "c", quantization=QuantizationSpec(groups=2),
                   progress=False)
+    loaded_shards.clear()  # calibrate and export read them too
     results, _ = check_parity(folder, end_to_end_check=False)
     manifest = read_manifest(folder)
-    assert sorted(r.graph for r in results) == sorted(g for b in manifest["blocks"] for g in b["graphs"])
+    assert made == [0, 1]
+    # each group reads only the shards holding one of its t (here each shard holds one t: each read once)
+    assert sorted(loaded_shards) == sorted(state["shards"])
+    assert [r.graph for r in results] == [g for b in manifest["blocks"] for g in b["graphs"]]  # the table's order
     assert {r.group for r in results} == {0, 1} and all(r.passed for r in results)
     # inputs from another calibration of the model: the scales stay the export's (quantization.json);
     # before, PyTorch was quantized again from that data, with other scales and groups than the graphs'

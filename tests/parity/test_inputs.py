@@ -5,11 +5,10 @@ import numpy as np
 from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
 
-from exporter.calibrate import CalibrationData
 from exporter.export.manifest import read_manifest
 from exporter.models import load_model
 from exporter.parity.check import joined
-from exporter.parity.inputs import model_inputs, split_batches, spread
+from exporter.parity.inputs import group_inputs, open_calibration, samples_per_group, split_batches, spread
 from exporter.quant.timestep_groups import TimestepGroups
 
 
@@ -30,18 +29,21 @@ def test_each_group_gets_its_samples_from_every_recorded_timestep_it_covers(tiny
     loaded = load_model(manifest["source"]["model"])
     blocks = loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))
     groups = TimestepGroups.from_dict(manifest["groups"])
-    calib = manifest["source"]["calibration"]
-    per_group = model_inputs(manifest, loaded, blocks, calib, groups.group_of, samples=32)
-    recorded = sorted({float(t) for shard in CalibrationData(calib) for t in shard["t"].tolist()})
-    for g, data in per_group.items():
+    data = open_calibration(manifest["source"]["calibration"], loaded)
+    recorded = sorted({float(t) for shard in data for t in shard["t"].tolist()})
+    assert samples_per_group(data, groups.group_of, 32) == {g: 8 * sum(groups.group_of(t) == g for t in recorded)
+                                                            for g in range(len(groups))}
+    for g in range(len(groups)):
+        inputs = group_inputs(manifest, loaded, blocks, data, groups.group_of, g, samples=32)
         in_group = [t for t in recorded if groups.group_of(t) == g]
-        assert len(in_group) >= 2 and sorted(set(data["t"])) == in_group
+        assert len(in_group) >= 2 and sorted(set(inputs["t"])) == in_group
         # 4 trajectories with guidance: 8 recorded samples per t, all of them (fewer than 32)
-        assert len(data["t"]) == 8 * len(in_group)
-        assert all(len(v) == len(data["t"]) for v in data["env"].values())  # every block tensor, batch first
-        assert np.array_equal(data["env"]["timestep"], np.array(data["t"], dtype=np.float32))
-    few = model_inputs(manifest, loaded, blocks, calib, groups.group_of, samples=4)
-    assert all(len(d["t"]) == 4 and len(set(d["t"])) >= 2 for d in few.values())
+        assert len(inputs["t"]) == 8 * len(in_group) == samples_per_group(data, groups.group_of, 32)[g]
+        assert all(len(v) == len(inputs["t"]) for v in inputs["env"].values())  # every block tensor, batch first
+        assert np.array_equal(inputs["env"]["timestep"], np.array(inputs["t"], dtype=np.float32))
+        few = group_inputs(manifest, loaded, blocks, data, groups.group_of, g, samples=4)
+        assert len(few["t"]) == 4 and len(set(few["t"])) >= 2
+        assert samples_per_group(data, groups.group_of, 4)[g] == 4
 
 
 def test_calls_are_as_even_as_possible_and_joined_back_in_order():
