@@ -266,15 +266,19 @@ def test_every_group_is_checked_from_whichever_shard_holds_it(tiny_unet_dir, tin
     def one_group_at_a_time(*args, **kwargs):  # at real size, 64 samples of one group: 3.6 GiB
         assert all(r() is None for r in alive), "the previous group's inputs are still held"
         inputs = check_group_inputs(*args, **kwargs)
-        made.append(args[5])
+        made.append(args[5])  # group_inputs(manifest, loaded, blocks, data, group_of, group, ...)
         alive[:] = [weakref.ref(v) for v in inputs["env"].values()]
         return inputs
 
     check_group_inputs = check.group_inputs
     monkeypatch.setattr(check, "group_inputs", one_group_at_a_time)
-    loaded_shards = []
-    monkeypatch.setattr(CalibrationData, "load", staticmethod(lambda path, load=CalibrationData.load: (
-        loaded_shards.append(path.name), load(path))[1]))
+    loaded_shards, load_shard = [], CalibrationData.load
+
+    def counted_load(path):
+        loaded_shards.append(path.name)
+        return load_shard(path)
+
+    monkeypatch.setattr(CalibrationData, "load", staticmethod(counted_load))
 
     spec = CalibrationSpec(trajectories=4, steps=6, batch_trajectories=1, guidance=2.0, timestep_sampling="normal",
                            steps_per_trajectory=1)
