@@ -1,18 +1,18 @@
 """``exporter bench``: every variant a user could pick, measured side by side in one run.
 
 Per reference model (layout of ``OUT/<model>/``: ``calib/``, ``graphs/<precision>/``,
-``images/<variant>/``): the artifacts are made first (calibration, exports; reused when present),
-per-block parity of the quantized graphs is checked, then every variant (see
-:mod:`exporter.bench.variants`) is warmed up and timed in rounds in which the variants take turns,
-one row of images each (the order reversing every turn), so machine drift hits them alike:
-latency, one image per call (two with classifier-free guidance), and throughput, 40 images per
-call, for the FP32 variants that compete head to head (PyTorch, the DeepCache package, our FP32
-graphs, with and without caching). Then each variant's peak memory is measured in a process of its
-own, and its images from the last round are scored against PyTorch FP32 of the same seeds. Cached
-runtime variants also get the Amdahl ideal from the uncached run's per-block times, and every
-runtime variant its time in graphs apart from the loop's own time around them (scheduler, guidance,
-array conversions), which the ideal does not count. Results: ``OUT/bench.json`` and
-``OUT/bench.md``. Timings are never test assertions.
+``images/<variant>/``): the artifacts are made first (calibration, exports; reused when present
+and still what this bench would make), per-block parity of the quantized graphs is checked, then
+every variant (see :mod:`exporter.bench.variants`) is warmed up and timed in rounds in which the
+variants take turns, one row of images each (the order reversing every turn), so machine drift
+hits them alike: latency, one image per call (two with classifier-free guidance), and throughput,
+40 images per call, for the FP32 variants that compete head to head (PyTorch, the DeepCache
+package, our FP32 graphs, with and without caching). Then each variant's peak memory is measured in
+a process of its own, and its images from the last round are scored against PyTorch FP32 of the
+same seeds. Cached runtime variants also get the Amdahl ideal from the uncached run's per-block
+times, and every runtime variant its time in graphs apart from the loop's own time around them
+(scheduler, guidance, array conversions), which the ideal does not count. Results:
+``OUT/bench.json`` and ``OUT/bench.md``. Timings are never test assertions.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -116,13 +117,40 @@ def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[di
     graphs = {}
     for precision in ("fp32", *plan.formats):
         graphs[precision] = root / "graphs" / precision
-        if (graphs[precision] / "manifest.json").is_file():
-            continue
-        _say(f"{model}: exporting {precision} graphs")
         quantization = None if precision == "fp32" else resolve_recipe(None, precision, model).quantization
+        if (graphs[precision] / "manifest.json").is_file():
+            stale = stale_export(graphs[precision], quantization, calib)
+            if stale is None:
+                continue
+            _say(f"{model}: {graphs[precision]} cannot be reused ({stale}): exporting again")
+            shutil.rmtree(graphs[precision])
+        _say(f"{model}: exporting {precision} graphs")
         export_graphs(model, graphs[precision], calib=calib if quantization else None, quantization=quantization,
                       progress=progress)
     return graphs, calib
+
+
+def stale_export(folder: Path, quantization, calib: Path) -> str | None:
+    """Why the graphs a bench root already holds are not what this bench would export (None: they
+    are): a folder from an older exporter, another recipe (the bundled ones change between versions)
+    or another calibration would be measured, or refused by parity, under this bench's name."""
+    from exporter.calibrate import CalibrationData
+    from exporter.errors import ExporterError
+    from exporter.export.manifest import read_manifest, read_record
+
+    try:
+        manifest = read_manifest(folder)
+        if quantization is None:
+            return None if manifest["quantization"] is None else "quantized graphs where FP32 ones belong"
+        if manifest["quantization"] is None:
+            return "FP32 graphs where quantized ones belong"
+        if manifest["quantization"]["spec"] != json.loads(json.dumps(dataclasses.asdict(quantization))):
+            return "exported with another recipe"
+        if read_record(folder, manifest).get("calibration_sha256") != CalibrationData(calib).fingerprint:
+            return "exported from another calibration"
+    except ExporterError as e:
+        return str(e)
+    return None
 
 
 def block_parity(graphs: Path, calib: Path) -> list[dict]:

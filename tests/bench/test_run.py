@@ -139,3 +139,41 @@ def test_the_pytorch_artifact_is_the_weights_it_loads_not_every_safetensors_besi
     (model / "text_encoder" / "model.safetensors").write_bytes(b"x" * 1000)  # another component
     (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x" * 1000)  # another variant
     assert weight_files(find_model_dir(model)) == [model / "unet" / "diffusion_pytorch_model.safetensors"]
+
+
+def test_graphs_a_bench_root_holds_are_reused_only_if_this_bench_would_export_them(tiny_int8_graphs, tiny_unet_dir,
+                                                                                    tiny_unet_calib, tmp_path):
+    import shutil
+
+    from exporter.bench.run import stale_export
+    from exporter.calibrate import calibrate
+    from exporter.recipe import CalibrationSpec, QuantizationSpec
+
+    spec = QuantizationSpec(groups=2)  # what the fixture exported
+    assert stale_export(tiny_int8_graphs, spec, tiny_unet_calib) is None
+    assert stale_export(tiny_int8_graphs, QuantizationSpec(groups=3), tiny_unet_calib) == "exported with another recipe"
+    assert stale_export(tiny_int8_graphs, None, tiny_unet_calib) == "quantized graphs where FP32 ones belong"
+    other = tmp_path / "other-calib"
+    calibrate(str(tiny_unet_dir), other, CalibrationSpec(trajectories=2, steps=3, guidance=2.0), progress=False)
+    assert stale_export(tiny_int8_graphs, spec, other) == "exported from another calibration"
+    old = tmp_path / "old"  # a folder of before 2026-12-05, without the PTQ record parity rebuilds PyTorch from
+    shutil.copytree(tiny_int8_graphs, old)
+    (old / "quantization.json").unlink()
+    assert stale_export(old, spec, tiny_unet_calib).endswith("quantization.json: missing (the quantized graphs' "
+                                                             "scales are recorded in it); export again")
+
+
+def test_a_stale_export_in_a_bench_root_is_exported_again_and_a_current_one_kept(tiny_unet_dir, tmp_path):
+    from exporter.bench.run import BenchPlan, prepare
+    from exporter.export.manifest import read_manifest, read_record
+
+    plan = BenchPlan(("int8",), (3,), ("uniform",), (0,), 1, 1, trajectories=2)
+    graphs, _ = prepare(str(tiny_unet_dir), tmp_path, plan, progress=False)
+    fp32_manifest = (graphs["fp32"] / "manifest.json").stat().st_mtime_ns
+    (graphs["int8"] / "quantization.json").unlink()  # as a folder exported before 2026-12-05 is
+    (graphs["int8"] / "left-over").write_text("x")
+    again, _ = prepare(str(tiny_unet_dir), tmp_path, plan, progress=False)
+    assert again == graphs
+    assert read_record(graphs["int8"], read_manifest(graphs["int8"]))["act_scales"]  # exported again
+    assert not (graphs["int8"] / "left-over").exists()
+    assert (graphs["fp32"] / "manifest.json").stat().st_mtime_ns == fp32_manifest  # still current: kept
