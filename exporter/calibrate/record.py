@@ -221,7 +221,10 @@ def _resumable_shards(out: Path, state: dict) -> dict:
     # folders written before conditioning_sha256 existed: the conditioning file's path at least
     same_conditioning = (old["conditioning_sha256"] == state["conditioning_sha256"] if "conditioning_sha256" in old
                          else _same_path(old.get("conditioning"), state["conditioning"]))
-    if any(old.get(k) != state[k] for k in keys) or not _same_path(old.get("model"), state["model"]):
+    # the model by content where the folder records it (config and weights, checked below), so the
+    # same weights elsewhere resume (the bundled reference model of another checkout or install)
+    by_content = "model_config" in old and "weights_sha256" in old
+    if any(old.get(k) != state[k] for k in keys) or not (by_content or _same_path(old.get("model"), state["model"])):
         raise CalibrationError(f"{out} holds calibration data of another model or spec; "
                                "choose another --out or delete it")
     for key, what in (("model_config", "another config"), ("weights_sha256", "other weights")):

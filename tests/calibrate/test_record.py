@@ -285,6 +285,29 @@ def test_other_weights_under_the_same_path_do_not_resume(tiny_unet_dir, tmp_path
         calibrate(str(model), out, SPEC, progress=False)
 
 
+def test_the_same_weights_elsewhere_resume_and_another_model_is_refused(tiny_unet_dir, tmp_path):
+    # e.g. the bundled reference model of another checkout or install, whose path differs (refused before)
+    import shutil
+
+    out = tmp_path / "calib"
+    calibrate(str(tiny_unet_dir), out, SPEC, progress=False)
+    (out / "shard-00001.safetensors").unlink()  # interrupted
+    state = json.loads((out / "spec.json").read_text())
+    (out / "spec.json").write_text(json.dumps({**state, "complete": False}))
+    kept = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_unet_dir, moved)
+    resumed = calibrate(str(moved), out, SPEC, progress=False)
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == kept  # resumed, not recorded again
+    assert resumed["complete"] and resumed["model"] == str(moved) and sorted(resumed["shards"]) == sorted(
+        state["shards"])
+    # a folder from before the config and weights were recorded: the path still decides
+    (out / "spec.json").write_text(json.dumps({k: v for k, v in resumed.items()
+                                               if k not in ("model_config", "weights_sha256")}))
+    with pytest.raises(CalibrationError, match="another model or spec"):
+        calibrate(str(tiny_unet_dir), out, SPEC, progress=False)
+
+
 def test_a_first_run_that_recorded_nothing_does_not_block_the_next(tiny_unet_dir, tmp_path, monkeypatch):
     from exporter.calibrate import record
 
