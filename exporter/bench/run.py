@@ -119,7 +119,7 @@ def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[di
         graphs[precision] = root / "graphs" / precision
         quantization = None if precision == "fp32" else resolve_recipe(None, precision, model).quantization
         if (graphs[precision] / "manifest.json").is_file():
-            stale = stale_export(graphs[precision], quantization, calib)
+            stale = stale_export(graphs[precision], model, quantization, calib)
             if stale is None:
                 continue
             _say(f"{model}: {graphs[precision]} cannot be reused ({stale}): exporting again")
@@ -130,16 +130,20 @@ def prepare(model: str, root: Path, plan: BenchPlan, progress: bool) -> tuple[di
     return graphs, calib
 
 
-def stale_export(folder: Path, quantization, calib: Path) -> str | None:
+def stale_export(folder: Path, model: str, quantization, calib: Path) -> str | None:
     """Why the graphs a bench root already holds are not what this bench would export (None: they
-    are): a folder from an older exporter, another recipe (the bundled ones change between versions)
-    or another calibration would be measured, or refused by parity, under this bench's name."""
+    are): a folder from an older exporter, another recipe (the bundled ones change between versions),
+    another calibration, or of a model elsewhere (parity and PyTorch load the manifest's model path)
+    would be measured, or refused by parity, under this bench's name."""
     from exporter.calibrate import CalibrationData
     from exporter.errors import ExporterError
     from exporter.export.manifest import read_manifest, read_record
+    from exporter.reference import resolve
 
     try:
         manifest = read_manifest(folder)
+        if Path(manifest["source"]["model"]).resolve() != Path(resolve(model)).resolve():
+            return f"exported from {manifest['source']['model']}"
         if quantization is None:
             return None if manifest["quantization"] is None else "quantized graphs where FP32 ones belong"
         if manifest["quantization"] is None:

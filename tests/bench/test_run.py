@@ -149,18 +149,24 @@ def test_graphs_a_bench_root_holds_are_reused_only_if_this_bench_would_export_th
     from exporter.calibrate import calibrate
     from exporter.recipe import CalibrationSpec, QuantizationSpec
 
+    def stale(folder, quantization, calib, model=tiny_unet_dir):
+        return stale_export(folder, str(model), quantization, calib)
+
     spec = QuantizationSpec(groups=2)  # what the fixture exported
-    assert stale_export(tiny_int8_graphs, spec, tiny_unet_calib) is None
-    assert stale_export(tiny_int8_graphs, QuantizationSpec(groups=3), tiny_unet_calib) == "exported with another recipe"
-    assert stale_export(tiny_int8_graphs, None, tiny_unet_calib) == "quantized graphs where FP32 ones belong"
+    assert stale(tiny_int8_graphs, spec, tiny_unet_calib) is None
+    assert stale(tiny_int8_graphs, QuantizationSpec(groups=3), tiny_unet_calib) == "exported with another recipe"
+    assert stale(tiny_int8_graphs, None, tiny_unet_calib) == "quantized graphs where FP32 ones belong"
     other = tmp_path / "other-calib"
     calibrate(str(tiny_unet_dir), other, CalibrationSpec(trajectories=2, steps=3, guidance=2.0), progress=False)
-    assert stale_export(tiny_int8_graphs, spec, other) == "exported from another calibration"
+    assert stale(tiny_int8_graphs, spec, other) == "exported from another calibration"
+    elsewhere = tmp_path / "moved-model"  # the same weights in another place: the manifest's path is gone
+    shutil.copytree(tiny_unet_dir, elsewhere)
+    assert stale(tiny_int8_graphs, spec, tiny_unet_calib, model=elsewhere) == f"exported from {tiny_unet_dir}"
     old = tmp_path / "old"  # a folder of before 2026-12-05, without the PTQ record parity rebuilds PyTorch from
     shutil.copytree(tiny_int8_graphs, old)
     (old / "quantization.json").unlink()
-    assert stale_export(old, spec, tiny_unet_calib).endswith("quantization.json: missing (the quantized graphs' "
-                                                             "scales are recorded in it); export again")
+    assert stale(old, spec, tiny_unet_calib).endswith(
+        "quantization.json: missing (the quantized graphs' scales are recorded in it); export again")
 
 
 def test_a_stale_export_in_a_bench_root_is_exported_again_and_a_current_one_kept(tiny_unet_dir, tmp_path):
