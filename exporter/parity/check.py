@@ -240,7 +240,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 # the replay as parity ran it: ORT's basic level leaves out its QDQ fusions too
                 save_golden(folder, graph, feed, run[0], threshold,
                             basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                            order=list(order))
+                            order=order)
             results.append(result)
         del env, feed, feeds  # before the next group's inputs are made
     bar.close()

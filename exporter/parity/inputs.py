@@ -40,7 +40,8 @@ def samples_per_group(data, group_of, samples: int = SAMPLES) -> dict[int, int]:
     ``samples``, from the calibration's spec (no shard is read)."""
     recorded: dict[int, int] = {}
     for t, count in data.state["coverage"].items():
-        recorded[group_of(float(t))] = recorded.get(group_of(float(t)), 0) + count
+        g = group_of(float(t))
+        recorded[g] = recorded.get(g, 0) + count
     return {g: min(samples, n) for g, n in sorted(recorded.items())}
 
 
@@ -59,11 +60,12 @@ def group_inputs(manifest, loaded, blocks, data, group_of, group: int, samples: 
     for path in data.paths:
         if have >= samples:
             break
-        if not any(group_of(float(t)) == group for t in data.state["shards"][path.name]["timesteps"]):
+        # the shard's samples per t of this group, from the spec: a shard holding none is not read
+        per_t = {float(t): n for t, n in data.state["shards"][path.name]["timesteps"].items()
+                 if group_of(float(t)) == group}
+        if not per_t:
             continue
         shard = data.load(path)
-        per_t = {t: int((shard["t"] == t).sum()) for t in sorted({float(t) for t in shard["t"].tolist()})
-                 if group_of(t) == group}
         for t, k in spread(per_t, samples - have).items():
             parts.append(_timestep_inputs(manifest, blocks, shard, t, k, latent, context))
             have += k

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
 
 
 def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False,
-                order: list[str] = ()) -> None:
+                order: dict[str, int] | None = None) -> None:
     """The replay of one graph's check; its command joins ``parity/COMMANDS.txt``, whose lines
-    follow ``order`` (the graphs in the manifest's order)."""
+    follow ``order`` (graph file -> its place in the manifest)."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import to_json
 
@@ -51,8 +51,8 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
               "with the golden outputs (bf16 graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")
     lines = [l for l in commands.read_text().splitlines(keepends=True)[1:] if f" {graph} " not in l] \
         if commands.is_file() else []
-    rank = {name: i for i, name in enumerate(order)}  # parity checks the graphs group by group
-    lines = sorted([*lines, line], key=lambda l: rank.get(l.split()[2], len(rank)))
+    order = order or {}  # parity checks the graphs group by group
+    lines = sorted([*lines, line], key=lambda l: order.get(l.split()[2], len(order)))
     write(commands, header + "".join(lines))
 
 
