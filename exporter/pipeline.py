@@ -171,7 +171,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
 def _preflight(model: str, sampling: dict) -> None:
     """What the run stage would refuse, refused before calibrating, finetuning and exporting for
     minutes: rows the conditioning file lacks, a step count the scheduler cannot take, a bad
-    EXPORTER_ORT_* setting (README "Benchmarks")."""
+    EXPORTER_ORT_* setting (docs/benchmarks.md)."""
     from exporter.models import load_conditioning, load_model
     from exporter.reference import resolve
     from exporter.runtime.ort_conv import float_conv_weights_budget

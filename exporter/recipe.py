@@ -41,7 +41,7 @@ class CalibrationSpec:
     batch_trajectories: int = 8  # trajectories per batch: one shard each, the unit of resuming
     split: list[str] = field(default_factory=list)  # blocks recorded layer by layer ("*": all)
     # [h, w] of the latents the trajectories denoise (None: the model's own size): calibrate at the size
-    # the graphs will run at (UNets; README "Other latent sizes")
+    # the graphs will run at (UNets; docs/deployment.md, "Other latent sizes")
     latent: list[int] | None = None
 
     def validate(self, where: str) -> None:
@@ -92,7 +92,7 @@ class PrecisionOverride:
 @dataclass
 class QuantizationSpec:
     """How to quantize (PTQ). The defaults are the best settings measured on the reference models
-    (README, "Quantization evidence"); ``naive()`` is the baseline they are compared against."""
+    (docs/quantization.md); ``naive()`` is the baseline they are compared against."""
 
     weights: str = "int8"  # int8 | fp8 | int4 (blocked) | int6 (simulation only)
     activations: str | None = "int8"  # int8 | fp8 | int4 | int6 (simulation only) | None: weight-only

@@ -257,7 +257,7 @@ def _latency(model: str, variants: list[Variant], runners: dict, settings: Sampl
     reversing every slice: on these shared 2-core machines the speed drifts over minutes, and a
     variant timed on all its images in one stretch (half a minute) can meet another machine than the
     variant it is compared with, which put single runs' cached-vs-uncached ratios anywhere from 80 %
-    to 132 % of the Amdahl ideal (README, "Repeated runs"). Turns of a few seconds spread every
+    to 132 % of the Amdahl ideal (docs/benchmarks.md, "Repeated runs"). Turns of a few seconds spread every
     variant over the whole round."""
     _say(f"{model}: warm-up of {len(variants)} variants")
     for v in variants:  # opens every session and touches every timestep group's graph

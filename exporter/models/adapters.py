@@ -170,7 +170,7 @@ class ArchitectureAdapter:
 # Why time-dependent layers get INT8 weights but a float input: an input that depends on t only is
 # computed once per t, so its quantization error is not averaged out over the image (TFMQ-DM). Their
 # INT8 weights cost at most 0.05 dB at INT8 and W4A16, 0.25 dB at W4A8 and 0.15-0.46 dB at FP8 on
-# the reference models (README, "Time-dependent layers"), while float weights made the DiT's INT8
+# the reference models (docs/quantization.md, "Time-dependent layers"), while float weights made the DiT's INT8
 # graphs 63 % of FP32: adaLN-Zero modulation is a third of a DiT's parameters (DiT-XL/2: 223 M of
 # 675 M), the time layers 28 M of SD 1.5's 860 M.
 TIME_INPUT = "input depends on t only: its quantization error is not averaged out (TFMQ-DM); INT8 weights"
@@ -222,7 +222,7 @@ class UNetFamily(ArchitectureAdapter):
         # divides (the deepest level 2 x 2) traces the same graph as the model's own size, at a
         # fraction of the cost: tracing runs each block once in the graph's type, and PyTorch's
         # float16 CPU convolutions are slow (a 320-channel 3x3 one over 2 x 32 x 32: 4.1 s, 0.02 s in
-        # float32), more so the larger the image (README, "Tracing at the smallest latent").
+        # float32), more so the larger the image (docs/deployment.md, "Tracing at the smallest latent").
         smallest = 2 * self.latent_multiple(model)
         channels, h, w = self.sample_shape
         return (channels, min(h, smallest), min(w, smallest))
