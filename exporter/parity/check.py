@@ -139,6 +139,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if latent is not None:
         check_latent(manifest, latent)
     # checked before work
+    names = [e["name"] for e in manifest["blocks"]]
+    unknown = sorted(set(blocks_to_check or ()) - set(names))
+    if unknown:  # before the model is loaded and quantized: minutes at real size
+        raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(names)}")
     trt_runners, engine_batch = engine_runners(Path(engines) if engines else None, folder, manifest, latent)
     if engine_batch is not None and batch > engine_batch[2]:  # every call inside the engines' profile
         log.info("%d samples per call instead of %d: the engines take at most %d", engine_batch[2], batch,
@@ -169,9 +173,6 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     blocks = {b.name: b for b in loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))}
     if [b["name"] for b in manifest["blocks"]] != list(blocks):
         raise UsageError(f"{folder}: the model's blocks no longer match the exported ones; re-export")
-    unknown = sorted(set(blocks_to_check or ()) - set(blocks))
-    if unknown:
-        raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(blocks)}")
     data = open_calibration(calib, loaded)
     counts = samples_per_group(data, group_of, samples)
     uncovered = sorted(set(range(len(groups) if groups else 1)) - set(counts))

@@ -198,6 +198,17 @@ def test_a_changed_or_missing_quantization_record_is_refused_naming_it(tiny_int8
         check_parity(folder, end_to_end_check=False)
 
 
+def test_an_unknown_block_is_refused_before_the_model_is_loaded(tiny_int8_graphs, monkeypatch):
+    import exporter.models
+
+    def no_model(*args, **kwargs):  # at real size, loading and quantizing the model takes minutes
+        raise AssertionError("the model was loaded before --blocks was checked")
+
+    monkeypatch.setattr(exporter.models, "load_model", no_model)
+    with pytest.raises(UsageError, match=r"unknown block\(s\) \['down9'\]; .* has stem, down0"):
+        check_parity(tiny_int8_graphs, blocks_to_check=["down9", "stem"], end_to_end_check=False)
+
+
 class _TieBlock(torch.nn.Module):
     """floor(x) + 0.5 into an INT8 quantizer of step 1: every value sits on a rounding tie that
     noise on the block's input never reaches (floor absorbs it), as a near-tie behind ONNX
