@@ -84,6 +84,11 @@ def run_bench(out: str | Path, quick: bool = False, models: tuple[str, ...] = MO
         if mode != quick:
             raise UsageError(f"{out} holds a {'full' if quick else 'quick'} bench; choose another --out (defaults: "
                              "runs/bench, runs/bench-quick)")
+    from exporter.models.loading import find_model_dir
+    from exporter.reference import resolve
+
+    for model in models:  # a wrong name of the second model would otherwise stop the bench after the first's
+        find_model_dir(resolve(model))
     names = [model_name(m) for m in models]
     if len(set(names)) != len(names):
         raise UsageError(f"two models of one name in --models ({', '.join(models)}): their results would share a folder")

@@ -123,9 +123,23 @@ def test_a_bench_folder_of_the_other_mode_or_two_models_of_one_name_are_refused(
     (tmp_path / "bench.json").write_text("{not json")
     with pytest.raises(UsageError, match="bench.json is not a bench result"):
         run_bench(tmp_path, quick=True)
+    for model in ("a/m", "b/m"):  # model folders as far as the up-front check looks
+        (tmp_path / model).mkdir(parents=True)
+        (tmp_path / model / "config.json").write_text("{}")
     with pytest.raises(UsageError, match="two models of one name"):
-        run_bench(tmp_path / "new", quick=True, models=("/a/m", "/b/m"))
+        run_bench(tmp_path / "new", quick=True, models=(str(tmp_path / "a/m"), str(tmp_path / "b/m")))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_wrong_model_name_is_refused_before_any_model_is_benched(tmp_path):
+    import pytest
+
+    from exporter.bench.run import run_bench
+    from exporter.errors import ExporterError
+
+    with pytest.raises(ExporterError, match=r"model directory not found: digits-vit \(nor a reference name"):
+        run_bench(tmp_path / "new", quick=True, models=("digits-unet", "digits-vit"))
+    assert not (tmp_path / "new").exists()  # digits-unet's calibration did not start
 
 
 def test_the_pytorch_artifact_is_the_weights_it_loads_not_every_safetensors_beside_them(tiny_unet_dir, tmp_path):
