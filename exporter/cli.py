@@ -211,7 +211,8 @@ def cmd_lint(args) -> int:
 def cmd_parity(args) -> int:
     from exporter.parity import check_parity, format_parity
 
-    results, e2e = check_parity(args.graphs, calib=args.calib, end_to_end_check=not args.blocks_only,
+    results, e2e = check_parity(args.graphs, calib=args.calib, write_golden=not args.no_replay,
+                                end_to_end_check=not args.blocks_only,
                                 engines=args.engines, blocks_to_check=args.blocks,
                                 samples=args.samples, batch=args.batch, latent=args.latent, progress=not args.quiet)
     print(format_parity(results))
@@ -219,7 +220,11 @@ def cmd_parity(args) -> int:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
               f"{e2e['max_abs_latents']:.2e}, PSNR {e2e['psnr_db']:.1f} dB, limit {e2e['limit']}: "
               + ("ok" if e2e["passed"] else "FAIL"))
-    print(f"golden outputs and polygraphy data loaders: {Path(args.graphs) / 'parity'}")
+    if not args.no_replay:
+        replay = Path(args.graphs) / "parity"
+        size = sum(f.stat().st_size for f in replay.iterdir() if f.is_file())
+        print(f"replay files for polygraphy run (inputs, golden outputs, data loaders, COMMANDS.txt): {replay}, "
+              f"{size / 1e6:.1f} MB in all (--no-replay skips them)")
     return 0 if all(r.passed for r in results) and (e2e is None or e2e["passed"]) else 1
 
 
@@ -368,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=8,
                    help="samples per call of each backend (default 8; 2 or 4 for real-size models: a graph's "
                    "explicit attention takes about 1.1 GiB per sample of a call for SD 1.5 at 64x64)")
+    p.add_argument("--no-replay", action="store_true",
+                   help="do not write GRAPHS/parity/ (each checked graph's inputs and PyTorch's outputs, with the "
+                   "polygraphy run command that repeats the check): at real size they take GBs")
     p.add_argument("--engines", type=Path, help="engines built from GRAPHS: TensorRT joins the comparison (GPU)")
     p.add_argument("--latent", type=parse_latent, metavar="HxW",
                    help="compare the blocks at this latent size (the recorded latents resized; e.g. the largest of "

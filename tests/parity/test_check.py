@@ -152,6 +152,21 @@ def test_blocks_are_compared_at_another_latent_size(tiny_int8_graphs, tmp_path, 
         "multiples of 2" in result.stderr
 
 
+def test_no_replay_writes_no_replay_files_and_the_default_reports_their_size(tiny_int8_graphs, tmp_path, run_cli):
+    folder = tmp_path / "g"
+    shutil.copytree(tiny_int8_graphs, folder)
+    shutil.rmtree(folder / "parity", ignore_errors=True)
+    result = run_cli("-q", "parity", folder, "--blocks-only", "--blocks", "stem", "--no-replay")
+    assert result.returncode == 0, result.stderr
+    assert not (folder / "parity").exists() and "replay files" not in result.stdout
+    result = run_cli("-q", "parity", folder, "--blocks-only", "--blocks", "stem")
+    assert result.returncode == 0, result.stderr
+    size = sum(f.stat().st_size for f in (folder / "parity").iterdir())
+    assert sorted(f.name for f in (folder / "parity").iterdir()) == [
+        "COMMANDS.txt", "stem.golden.json", "stem.inputs.json", "stem_data_loader.py"]
+    assert f"{folder / 'parity'}, {size / 1e6:.1f} MB in all (--no-replay skips them)" in result.stdout
+
+
 def test_bf16_graphs_are_checked_by_the_onnx_reference_implementation(tiny_unet_dir, tiny_unet_calib, tmp_path):
     folder = tmp_path / "g"
     export_graphs(str(tiny_unet_dir), folder, calib=tiny_unet_calib, quantization=QuantizationSpec(groups=2),
