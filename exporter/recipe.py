@@ -7,6 +7,7 @@ type and names the file and the key path on any mistake.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from exporter.errors import ExporterError
 from exporter.reference import name_of
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ExporterError):
@@ -136,7 +139,8 @@ class QuantizationSpec:
             raise RecipeError(f"{where}: groups and block_size must be >= 1")
 
     def require_exportable(self, where: str = "quantization") -> None:
-        """Refuse formats that exist only as PyTorch simulation (int6): ONNX has no type to store them."""
+        """Refuse formats that exist only as PyTorch simulation (int6): ONNX has no type to store them.
+        Warn about INT4 blocks TensorRT does not take: ONNX Runtime runs them, lint fails them."""
         from exporter.quant.formats import EXPORTABLE
 
         used = [(where, self.weights), (where, self.activations)]
@@ -146,6 +150,12 @@ class QuantizationSpec:
             if fmt is not None and fmt not in EXPORTABLE:
                 raise RecipeError(f"{key}: {fmt} is simulation only (no ONNX type holds it) and cannot be "
                                   f"exported; exportable formats: {', '.join(EXPORTABLE)}")
+        int4_weights = "int4" in {self.weights, *(o.weights for o in self.precision or ())}
+        if int4_weights and self.block_size not in TENSORRT_INT4_BLOCKS:
+            log.warning("%s.block_size %d: TensorRT takes INT4 weights in blocks of %s input features only; "
+                        "layers whose inputs are whole blocks of %d get them, and those graphs run on ONNX "
+                        "Runtime but exporter lint fails them (int4-block)", where, self.block_size,
+                        " or ".join(map(str, TENSORRT_INT4_BLOCKS)), self.block_size)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Recipes: typed, strict (every unknown key or bad value is an error naming it), bundled per format."""
 
+import logging
+
 import pytest
 
 from exporter import reference
@@ -172,3 +174,16 @@ def test_a_recipe_path_that_is_not_a_yaml_file_is_refused_naming_it(tmp_path):
         load_recipe(tmp_path / "bin.yaml")
     with pytest.raises(RecipeError, match="is a folder; --recipe takes a YAML file"):
         load_recipe(tmp_path)
+
+
+def test_an_int4_block_size_tensorrt_does_not_take_is_warned_about_at_export(caplog):
+    from exporter.recipe import QuantizationSpec
+
+    with caplog.at_level(logging.WARNING, logger="exporter.recipe"):
+        QuantizationSpec(weights="int4", activations=None, block_size=128).require_exportable()
+        QuantizationSpec(weights="int8", block_size=32).require_exportable()  # no INT4 weights: no blocks
+        assert not caplog.records
+        QuantizationSpec(weights="int4", activations="int8", block_size=32).require_exportable()
+    assert len(caplog.records) == 1
+    assert "quantization.block_size 32: TensorRT takes INT4 weights in blocks of 128 or 64 input features only" \
+        in caplog.text and "exporter lint fails them (int4-block)" in caplog.text
