@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=64,
                    help="recorded inputs per graph, spread over its timestep group (default 64; every block "
                    "tensor of one group's samples stays in memory: 57 MiB per sample for SD 1.5 at 64x64)")
-    p.add_argument("--batch", type=positive_int, default=8,
-                   help="samples per call of each backend (default 8; 2 or 4 for real-size models: a graph's "
-                   "explicit attention takes about 1.1 GiB per sample of a call for SD 1.5 at 64x64)")
+    p.add_argument("--batch", type=positive_int,
+                   help="samples per call of each backend (default 8, fewer for a graph whose largest tensors, "
+                   "twice per sample, would take over half the available memory: a graph's explicit attention "
+                   "takes about 1.1 GiB per sample of a call for SD 1.5 at 64x64)")
     p.add_argument("--no-replay", action="store_true",
                    help="do not write GRAPHS/parity/ (each checked graph's inputs and PyTorch's outputs, with the "
                    "polygraphy run command that repeats the check): at real size they take GBs")

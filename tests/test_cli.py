@@ -78,8 +78,11 @@ def test_parity_defaults_are_the_parity_modules():
     from exporter.cli import build_parser
     from exporter.parity.inputs import BATCH, SAMPLES
 
-    args = build_parser().parse_args(["parity", "graphs"])
-    assert (args.samples, args.batch) == (SAMPLES, BATCH)
+    parser = build_parser()
+    args = parser.parse_args(["parity", "graphs"])
+    assert (args.samples, args.batch) == (SAMPLES, None)  # no --batch: BATCH, or what fits in memory
+    parity = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["parity"]
+    assert f"default {BATCH}," in next(a.help for a in parity._actions if a.dest == "batch")
 
 
 def test_out_of_memory_in_parity_names_its_own_options(monkeypatch, capsys):

@@ -43,6 +43,7 @@ import torch
 from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest, read_record
+from exporter.parity.calls import samples_per_call
 from exporter.parity.engines import check_engine_batch, engine_runners
 from exporter.parity.inputs import BATCH, SAMPLES, group_inputs, open_calibration, samples_per_group, split_batches
 from exporter.parity.report import save_golden
@@ -102,7 +103,7 @@ def sqnr_db(reference: np.ndarray, x: np.ndarray) -> float:
 
 def check_parity(folder: str | Path, calib: str | Path | None = None, write_golden: bool = True,
                  end_to_end_check: bool = True, engines: str | Path | None = None,
-                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES, batch: int = BATCH,
+                 blocks_to_check: list[str] | None = None, samples: int = SAMPLES, batch: int | None = None,
                  latent: tuple[int, int] | None = None, progress: bool = False) -> tuple[list[GraphParity], dict | None]:
     """Per-graph parity results, and the end-to-end comparison (None when skipped). With
     ``engines`` (a folder built from these graphs; GPU machines), every graph's TensorRT engine
@@ -110,7 +111,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     limits the per-block comparison to those blocks (every block still runs in PyTorch, to make
     their inputs). ``samples`` recorded inputs go through each graph (and PyTorch) ``batch`` at a
     time, and each output's SQNR is over all of them: at real size (64x64 latents, 4096-token
-    attention) each sample of a batch costs about 1 GB of attention scores.
+    attention) each sample of a batch costs about 1 GB of attention scores, so without ``batch``
+    a graph takes ``inputs.BATCH`` or as many as fit in memory (``calls.samples_per_call``).
     ``latent`` (height, width): the per-block comparison at that size (the recorded latents resized),
     e.g. the largest an engine's profile takes; the end-to-end one stays at the model's own size."""
     import onnxruntime as ort
@@ -144,7 +146,9 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     if unknown:  # before the model is loaded and quantized: minutes at real size
         raise UsageError(f"unknown block(s) {unknown}; {folder} has {', '.join(names)}")
     trt_runners, engine_batch = engine_runners(Path(engines) if engines else None, folder, manifest, latent)
-    if engine_batch is not None and batch > engine_batch[2]:  # every call inside the engines' profile
+    if engine_batch is not None:  # calls of one size, inside the engines' profile
+        batch = batch or BATCH
+    if engine_batch is not None and batch > engine_batch[2]:
         log.info("%d samples per call instead of %d: the engines take at most %d", engine_batch[2], batch,
                  engine_batch[2])
         batch = engine_batch[2]
@@ -203,7 +207,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         for entry, graph in todo:
             bar.update(1)
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
-            feeds = split_batches(feed, batch)
+            feeds = split_batches(feed, batch or samples_per_call(folder / graph, feed, BATCH))
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             # polygraphy's sessions (and `polygraphy run --onnxrt`) cannot set the accuracy level of
             # ORT's INT4 MatMul fusion (exact_int4_matmuls): graphs with INT4 weights run without it
