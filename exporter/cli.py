@@ -220,8 +220,8 @@ def cmd_parity(args) -> int:
         print(f"end to end ({e2e['images']} images, {e2e['steps']} steps, runtime vs PyTorch): max abs latents "
               f"{e2e['max_abs_latents']:.2e}, PSNR {e2e['psnr_db']:.1f} dB, limit {e2e['limit']}: "
               + ("ok" if e2e["passed"] else "FAIL"))
-    if not args.no_replay:
-        replay = Path(args.graphs) / "parity"
+    replay = Path(args.graphs) / "parity"
+    if not args.no_replay and replay.is_dir():
         size = sum(f.stat().st_size for f in replay.iterdir() if f.is_file())
         print(f"replay files for polygraphy run (inputs, golden outputs, data loaders, COMMANDS.txt): {replay}, "
               f"{size / 1e6:.1f} MB in all (--no-replay skips them)")

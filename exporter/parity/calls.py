@@ -45,7 +45,7 @@ def largest_tensor_bytes(graph: Path, feed: dict) -> int | None:
     for value in inferred.graph.value_info:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
-        if dims and all(dims):
+        if dims and all(dims) and tensor.elem_type != onnx.TensorProto.UNDEFINED:
             itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
             largest = max(largest, math.prod(dims) * itemsize)
     return largest or None
