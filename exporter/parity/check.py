@@ -148,10 +148,10 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     trt_runners, engine_batch = engine_runners(Path(engines) if engines else None, folder, manifest, latent)
     if engine_batch is not None:  # calls of one size, inside the engines' profile
         batch = batch or BATCH
-    if engine_batch is not None and batch > engine_batch[2]:
-        log.info("%d samples per call instead of %d: the engines take at most %d", engine_batch[2], batch,
-                 engine_batch[2])
-        batch = engine_batch[2]
+        if batch > engine_batch[2]:
+            log.info("%d samples per call instead of %d: the engines take at most %d", engine_batch[2], batch,
+                     engine_batch[2])
+            batch = engine_batch[2]
     loaded = load_model(manifest["source"]["model"])
     calib = Path(calib) if calib is not None else (Path(manifest["source"]["calibration"])
                                                    if manifest["source"].get("calibration") else None)
