@@ -62,10 +62,11 @@ def available_bytes() -> int | None:
     return None
 
 
-def samples_per_call(graph: Path, feed: dict, default: int) -> int:
-    """``default``, or fewer when that many samples' largest tensors would take more than
-    ``MEMORY_SHARE`` of the available memory (at least 1)."""
-    largest, available = largest_tensor_bytes(graph, feed), available_bytes()
+def samples_per_call(graph: Path, largest: int | None, default: int) -> int:
+    """``default``, or fewer when that many samples' ``largest`` tensors (``largest_tensor_bytes``
+    of ``graph``; None: unknown) would take more than ``MEMORY_SHARE`` of the available memory (at
+    least 1)."""
+    available = available_bytes()
     if largest is None or available is None:
         return default
     fits = max(1, int(available * MEMORY_SHARE // (TENSORS_PER_SAMPLE * largest)))
@@ -75,3 +76,11 @@ def samples_per_call(graph: Path, feed: dict, default: int) -> int:
              "%.1f GiB are available (--batch sets the number)", graph.name, fits, default, largest / 2**30,
              available / 2**30)
     return fits
+
+
+def call_bytes(largest: int | None, samples: int) -> int | None:
+    """What one call of ``samples`` samples is estimated to take (None: unknown), a lower bound:
+    the graph's weights, inputs and outputs come on top (the SD 1.5 layout's ``up3.layer2``, 8
+    samples: 8.0 GiB estimated, 9.2 GiB peak for its replay). The replay commands run all of a
+    graph's samples in one call."""
+    return None if largest is None else TENSORS_PER_SAMPLE * largest * samples

@@ -43,7 +43,7 @@ import torch
 from exporter.bfloat16 import comparable
 from exporter.errors import UsageError
 from exporter.export.manifest import check_latent, layer_formats, node_scope, read_manifest, read_record
-from exporter.parity.calls import samples_per_call
+from exporter.parity.calls import call_bytes, largest_tensor_bytes, samples_per_call
 from exporter.parity.engines import check_engine_batch, engine_runners
 from exporter.parity.inputs import BATCH, SAMPLES, group_inputs, open_calibration, samples_per_group, split_batches
 from exporter.parity.report import save_golden
@@ -80,6 +80,7 @@ class GraphParity:
     engine_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs TensorRT
     runtime: str | None = None  # what the runtime's session runs differently from the file, if anything
     runtime_outputs: dict[str, tuple[float, float]] | None = None  # PyTorch vs the runtime's session
+    replay_bytes: int | None = None  # the estimated memory of its replay command (all samples in one call)
 
     @property
     def file_passed(self) -> bool:
@@ -207,7 +208,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         for entry, graph in todo:
             bar.update(1)
             feed = {i["name"]: graph_typed(env[i["name"]], i["dtype"]) for i in entry["inputs"]}  # the graph's types
-            feeds = split_batches(feed, batch or samples_per_call(folder / graph, feed, BATCH))
+            largest = largest_tensor_bytes(folder / graph, feed) if batch is None or write_golden else None
+            feeds = split_batches(feed, batch or samples_per_call(folder / graph, largest, BATCH))
             torch_runner = TorchBlockRunner(blocks[entry["name"]], entry["inputs"], context, t)
             # polygraphy's sessions (and `polygraphy run --onnxrt`) cannot set the accuracy level of
             # ORT's INT4 MatMul fusion (exact_int4_matmuls): graphs with INT4 weights run without it
@@ -253,6 +255,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
                 save_golden(folder, graph, feed, run[0], threshold,
                             basic=bool(file_disabled) or level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                             order=order)
+                result.replay_bytes = call_bytes(largest, len(next(iter(feed.values()))))
             results.append(result)
         del env, feed, feeds  # before the next group's inputs are made
     bar.close()

@@ -48,7 +48,9 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
             f"--input-shapes {shapes}\n")
     header = ("# run from the graphs folder; on a GPU machine replace --onnxrt (and its optimization level) with "
               "--trt --strongly-typed: polygraphy compares each run with the next, so one live backend is compared "
-              "with the golden outputs (bf16 graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them)\n")
+              "with the golden outputs (bf16 graphs: TensorRT only, ONNX Runtime's CPU provider cannot run them); "
+              "each command runs all the samples parity compared in one call, and a real-size block's attention takes "
+              "about 1 GiB per sample in ONNX Runtime: exporter parity --samples N writes replays of N samples\n")
     lines = [l for l in commands.read_text().splitlines(keepends=True)[1:] if f" {graph} " not in l] \
         if commands.is_file() else []
     order = order or {}  # parity checks the graphs group by group

@@ -41,7 +41,7 @@ def test_the_default_stands_until_the_largest_tensors_would_not_fit(tmp_path, mo
     for name, available in room_for.items():
         monkeypatch.setattr(calls, "available_bytes", lambda available=available: available)
         with caplog.at_level(logging.INFO, logger="exporter.parity.calls"):
-            got[name] = calls.samples_per_call(graph, feed, 8)
+            got[name] = calls.samples_per_call(graph, calls.largest_tensor_bytes(graph, feed), 8)
     assert got == {"plenty": 8, "three": 3, "none": 1, "unknown": 8}
     assert "a.onnx: 3 sample(s) per call instead of 8: its largest tensor takes" in caplog.text
 

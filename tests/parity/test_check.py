@@ -2,6 +2,7 @@
 and a broken graph traced to its layer."""
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -192,6 +193,36 @@ def test_no_replay_writes_no_replay_files_and_the_default_reports_their_size(tin
     assert sorted(f.name for f in (folder / "parity").iterdir()) == [
         "COMMANDS.txt", "stem.golden.json", "stem.inputs.json", "stem_data_loader.py"]
     assert f"{folder / 'parity'}, {size / 1e6:.1f} MB in all (--no-replay skips them)" in result.stdout
+
+
+
+def test_a_replay_larger_than_the_available_memory_is_warned_of(tiny_int8_graphs, tmp_path, monkeypatch, caplog):
+    """A replay command runs all of a graph's samples in one call: its estimate (twice the graph's
+    largest tensor per sample, as for parity's calls) is kept, and the CLI names a replay this
+    machine could not run."""
+    from exporter.cli import main
+    from exporter.parity import calls
+
+    folder = tmp_path / "g"
+    shutil.copytree(tiny_int8_graphs, folder)
+    results, _ = check_parity(folder, blocks_to_check=["stem"], end_to_end_check=False)
+    inputs = load_json(str(folder / "parity" / "stem.inputs.json"))[0]
+    samples = len(next(iter(inputs.values())))
+    assert results[0].replay_bytes == calls.TENSORS_PER_SAMPLE * calls.largest_tensor_bytes(
+        folder / "stem.onnx", inputs) * samples > 0
+    assert "exporter parity --samples N writes replays of N samples" in (folder / "parity" / "COMMANDS.txt").read_text()
+    with caplog.at_level(logging.WARNING, logger="exporter.cli"):
+        assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem"]) == 0
+    assert "replay command(s)" not in caplog.text  # this machine has the memory
+    monkeypatch.setattr(calls, "available_bytes", lambda: results[0].replay_bytes - 1)
+    with caplog.at_level(logging.WARNING, logger="exporter.cli"):
+        assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem"]) == 0
+    assert "1 replay command(s) run more samples in one call than this machine's memory takes (stem.onnx: " \
+        "at least" in caplog.text and "exporter parity --samples N writes replays of N samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exporter.cli"):  # no replay written, none warned of
+        assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem", "--no-replay"]) == 0
+    assert "replay command(s)" not in caplog.text
 
 
 def test_bf16_graphs_are_checked_by_the_onnx_reference_implementation(tiny_unet_dir, tiny_unet_calib, tmp_path):
