@@ -15,8 +15,6 @@ from exporter.cli_recipes import add_recipe_options, finetuned_inputs, recipe_of
 from exporter.cli_types import finite_float, parse_latent, parse_rows, positive_int
 from exporter.errors import ExporterError, UsageError
 
-log = logging.getLogger(__name__)
-
 
 def add_sampling_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
@@ -212,6 +210,7 @@ def cmd_lint(args) -> int:
 
 def cmd_parity(args) -> int:
     from exporter.parity import check_parity, format_parity
+    from exporter.parity.report import warn_of_large_replays
 
     results, e2e = check_parity(args.graphs, calib=args.calib, write_golden=not args.no_replay,
                                 end_to_end_check=not args.blocks_only,
@@ -227,22 +226,8 @@ def cmd_parity(args) -> int:
         size = sum(f.stat().st_size for f in replay.iterdir() if f.is_file())
         print(f"replay files for polygraphy run (inputs, golden outputs, data loaders, COMMANDS.txt): {replay}, "
               f"{size / 1e6:.1f} MB in all (--no-replay skips them)")
-        _warn_of_large_replays(results)
+        warn_of_large_replays(results)
     return 0 if all(r.passed for r in results) and (e2e is None or e2e["passed"]) else 1
-
-
-def _warn_of_large_replays(results) -> None:
-    """A replay command runs all of its graph's samples in one call (polygraphy compares call by
-    call, parity over all the samples): at real size that can be more memory than the machine has."""
-    from exporter.parity.calls import available_bytes
-
-    available = available_bytes()
-    large = sorted((r for r in results if r.replay_bytes and available and r.replay_bytes > available),
-                   key=lambda r: -r.replay_bytes)
-    if large:
-        log.warning("%d replay command(s) run more samples in one call than this machine's memory takes (%s: "
-                    "at least %.1f GiB, %.1f GiB available): exporter parity --samples N writes replays of N samples",
-                    len(large), large[0].graph, large[0].replay_bytes / 2**30, available / 2**30)
 
 
 def cmd_eval(args) -> None:

@@ -3,13 +3,18 @@ data loaders and ``polygraphy run`` commands that repeat each check without this
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from exporter.parity import calls
+
 if TYPE_CHECKING:
     from exporter.parity.check import GraphParity
+
+log = logging.getLogger(__name__)
 
 
 def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: float, basic: bool = False,
@@ -56,6 +61,18 @@ def save_golden(folder: Path, graph: str, feed: dict, torch_results, threshold: 
     order = order or {}  # parity checks the graphs group by group
     lines = sorted([*lines, line], key=lambda l: order.get(l.split()[2], len(order)))
     write(commands, header + "".join(lines))
+
+
+def warn_of_large_replays(results: list[GraphParity]) -> None:
+    """A replay command runs all of its graph's samples in one call (polygraphy compares call by
+    call, parity over all the samples): at real size that can be more memory than the machine has."""
+    available = calls.available_bytes()
+    large = sorted((r for r in results if r.replay_bytes and available and r.replay_bytes > available),
+                   key=lambda r: -r.replay_bytes)
+    if large:
+        log.warning("%d replay command(s) run more samples in one call than this machine's memory takes (%s: "
+                    "at least %.1f GiB, %.1f GiB available): exporter parity --samples N writes replays of N samples",
+                    len(large), large[0].graph, large[0].replay_bytes / 2**30, available / 2**30)
 
 
 def format_parity(results: list[GraphParity]) -> str:

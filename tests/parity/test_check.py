@@ -211,16 +211,16 @@ def test_a_replay_larger_than_the_available_memory_is_warned_of(tiny_int8_graphs
     assert results[0].replay_bytes == calls.TENSORS_PER_SAMPLE * calls.largest_tensor_bytes(
         folder / "stem.onnx", inputs) * samples > 0
     assert "exporter parity --samples N writes replays of N samples" in (folder / "parity" / "COMMANDS.txt").read_text()
-    with caplog.at_level(logging.WARNING, logger="exporter.cli"):
+    with caplog.at_level(logging.WARNING, logger="exporter.parity.report"):
         assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem"]) == 0
     assert "replay command(s)" not in caplog.text  # this machine has the memory
     monkeypatch.setattr(calls, "available_bytes", lambda: results[0].replay_bytes - 1)
-    with caplog.at_level(logging.WARNING, logger="exporter.cli"):
+    with caplog.at_level(logging.WARNING, logger="exporter.parity.report"):
         assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem"]) == 0
     assert "1 replay command(s) run more samples in one call than this machine's memory takes (stem.onnx: " \
         "at least" in caplog.text and "exporter parity --samples N writes replays of N samples" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="exporter.cli"):  # no replay written, none warned of
+    with caplog.at_level(logging.WARNING, logger="exporter.parity.report"):  # no replay written, none warned of
         assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem", "--no-replay"]) == 0
     assert "replay command(s)" not in caplog.text
 
