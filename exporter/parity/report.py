@@ -70,8 +70,8 @@ def warn_of_large_replays(results: list[GraphParity]) -> None:
     large = sorted((r for r in results if r.replay_bytes and available and r.replay_bytes > available),
                    key=lambda r: -r.replay_bytes)
     if large:
-        log.warning("%d replay command(s) run more samples in one call than this machine's memory takes (%s: "
-                    "at least %.1f GiB, %.1f GiB available): exporter parity --samples N writes replays of N samples",
+        log.warning("%d replay command(s) need more memory than is available here (the largest, %s: at least "
+                    "%.1f GiB, %.1f GiB available): exporter parity --samples N writes replays of N samples",
                     len(large), large[0].graph, large[0].replay_bytes / 2**30, available / 2**30)
 
 

@@ -202,7 +202,6 @@ def test_no_replay_writes_no_replay_files_and_the_default_reports_their_size(tin
     assert f"{folder / 'parity'}, {size / 1e6:.1f} MB in all (--no-replay skips them)" in result.stdout
 
 
-
 def test_a_replay_larger_than_the_available_memory_is_warned_of(tiny_int8_graphs, tmp_path, monkeypatch, caplog):
     """A replay command runs all of a graph's samples in one call: its estimate (twice the graph's
     largest tensor per sample, as for parity's calls) is kept, and the CLI names a replay this
@@ -224,8 +223,8 @@ def test_a_replay_larger_than_the_available_memory_is_warned_of(tiny_int8_graphs
     monkeypatch.setattr(calls, "available_bytes", lambda: results[0].replay_bytes - 1)
     with caplog.at_level(logging.WARNING, logger="exporter.parity.report"):
         assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem"]) == 0
-    assert "1 replay command(s) run more samples in one call than this machine's memory takes (stem.onnx: " \
-        "at least" in caplog.text and "exporter parity --samples N writes replays of N samples" in caplog.text
+    assert "1 replay command(s) need more memory than is available here (the largest, stem.onnx: at least " \
+        in caplog.text and "exporter parity --samples N writes replays of N samples" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="exporter.parity.report"):  # no replay written, none warned of
         assert main(["-q", "parity", str(folder), "--blocks-only", "--blocks", "stem", "--no-replay"]) == 0
