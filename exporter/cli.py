@@ -210,7 +210,6 @@ def cmd_lint(args) -> int:
 
 def cmd_parity(args) -> int:
     from exporter.parity import check_parity, format_parity
-    from exporter.parity.report import warn_of_large_replays
 
     results, e2e = check_parity(args.graphs, calib=args.calib, write_golden=not args.no_replay,
                                 end_to_end_check=not args.blocks_only,
@@ -226,7 +225,6 @@ def cmd_parity(args) -> int:
         size = sum(f.stat().st_size for f in replay.iterdir() if f.is_file())
         print(f"replay files for polygraphy run (inputs, golden outputs, data loaders, COMMANDS.txt): {replay}, "
               f"{size / 1e6:.1f} MB in all (--no-replay skips them)")
-        warn_of_large_replays(results)
     return 0 if all(r.passed for r in results) and (e2e is None or e2e["passed"]) else 1
 
 

@@ -42,7 +42,7 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     from exporter.export.lint import layer_counts, lint_folder, named_violations
     from exporter.export.manifest import deployed_bytes
     from exporter.parity import check_parity, format_parity
-    from exporter.parity.report import warn_of_large_replays, worst_runtime_sqnr, worst_sqnr
+    from exporter.parity.report import worst_runtime_sqnr, worst_sqnr
     from exporter.recipe import recipe_from_dict, resolve_recipe
     from exporter.runtime import Runtime
     from exporter.sampling.pytorch import sample_pytorch
@@ -122,7 +122,6 @@ def run_pipeline(model: str, out: str | Path, fmt: str | None = "int8", recipe_p
     for key, folder in graphs.items() if calib is not None else ():
         results, e2e = check_parity(folder, calib=calib, progress=progress)
         print(format_parity(results).splitlines()[-1])
-        warn_of_large_replays(results)
         parity[key] = {"graphs_passed": sum(r.passed for r in results), "graphs": len(results),
                        "worst_sqnr_db": worst_sqnr(results),
                        "runtime_rewritten": sum(bool(r.runtime_outputs) for r in results),

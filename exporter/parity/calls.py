@@ -69,7 +69,7 @@ def samples_per_call(graph: Path, largest: int | None, default: int) -> int:
     available = available_bytes()
     if largest is None or available is None:
         return default
-    fits = max(1, int(available * MEMORY_SHARE // (TENSORS_PER_SAMPLE * largest)))
+    fits = max(1, int(available * MEMORY_SHARE // call_bytes(largest, 1)))
     if fits >= default:
         return default
     log.info("%s: %d sample(s) per call instead of %d: its largest tensor takes %.2f GiB per sample and "

@@ -46,7 +46,7 @@ from exporter.export.manifest import check_latent, layer_formats, node_scope, re
 from exporter.parity.calls import call_bytes, largest_tensor_bytes, samples_per_call
 from exporter.parity.engines import check_engine_batch, engine_runners
 from exporter.parity.inputs import BATCH, SAMPLES, group_inputs, open_calibration, samples_per_group, split_batches
-from exporter.parity.report import save_golden
+from exporter.parity.report import save_golden, warn_of_large_replays
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,8 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
         del env, feed, feeds  # before the next group's inputs are made
     bar.close()
     results.sort(key=lambda r: order[r.graph])  # the manifest's order, as the table shows them
+    if write_golden:
+        warn_of_large_replays(results)
     log.info("compared %d graphs with PyTorch in %.1fs (%d below threshold)", len(results),
              time.perf_counter() - start, sum(not r.passed for r in results))
     if end_to_end_check and manifest.get("dtype") == "bf16":

@@ -204,7 +204,7 @@ def test_no_replay_writes_no_replay_files_and_the_default_reports_their_size(tin
 
 def test_a_replay_larger_than_the_available_memory_is_warned_of(tiny_int8_graphs, tmp_path, monkeypatch, caplog):
     """A replay command runs all of a graph's samples in one call: its estimate (twice the graph's
-    largest tensor per sample, as for parity's calls) is kept, and the CLI names a replay this
+    largest tensor per sample, as for parity's calls) is kept, and parity warns of a replay this
     machine could not run."""
     from exporter.cli import main
     from exporter.parity import calls
