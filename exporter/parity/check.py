@@ -176,7 +176,7 @@ def check_parity(folder: str | Path, calib: str | Path | None = None, write_gold
     groups = TimestepGroups.from_dict(manifest["groups"]) if manifest["groups"] else None
     group_of = groups.group_of if groups else (lambda t: 0)
     blocks = {b.name: b for b in loaded.adapter.blocks(loaded.model, split=loaded.adapter.cache_split(loaded.model))}
-    if [b["name"] for b in manifest["blocks"]] != list(blocks):
+    if names != list(blocks):
         raise UsageError(f"{folder}: the model's blocks no longer match the exported ones; re-export")
     data = open_calibration(calib, loaded)
     counts = samples_per_group(data, group_of, samples)
